@@ -1,0 +1,9 @@
+"""Masked Siamese Networks (Assran et al., 2022, arXiv:2204.07141) in PyTorch.
+
+Sub-packages own one concern each: ``msn.models`` (encoder, head, prototypes),
+``msn.masking`` (token drop), ``msn.losses`` (the MSN objective), ``msn.data``
+(datasets and multi-view augmentation), ``msn.train`` (optimisation loop),
+``msn.checkpoint`` (atomic save/resume) and ``msn.logging`` (metrics, wandb, progress).
+"""
+
+__version__ = "0.1.0"

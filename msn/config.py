@@ -1,0 +1,245 @@
+"""Typed configuration: the schema of ``configs/``, validated once before any work.
+
+Entry points hand the composed Hydra/OmegaConf object to :func:`load_config`, which merges
+it into the dataclasses below (unknown keys and wrong types are rejected) and checks the
+values; code below the entry points only sees these dataclasses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from msn.models.vit import ARCHITECTURES
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the key."""
+
+
+@dataclass
+class ModelConfig:
+    """Encoder architecture (``configs/model``)."""
+
+    name: str = "vit_small_16"
+    arch: str = "vit_small"
+    patch_size: int = 16
+    embed_dim: Optional[int] = None
+    depth: Optional[int] = None
+    num_heads: Optional[int] = None
+    mlp_ratio: float = 4.0
+    attention: str = "sdpa"
+    grad_checkpointing: bool = False
+
+
+@dataclass
+class HeadConfig:
+    """Projection head (reference doc Sec. 3)."""
+
+    hidden_dim: int = 2048
+    output_dim: int = 256
+    use_bn: bool = True
+
+
+@dataclass
+class ViewsConfig:
+    """Multi-view augmentation (reference doc Sec. 1)."""
+
+    rand_size: int = 224
+    focal_size: int = 96
+    num_focal: int = 10
+    rand_scale: tuple[float, float] = (0.3, 1.0)
+    focal_scale: tuple[float, float] = (0.05, 0.3)
+    hflip: float = 0.5
+    color_jitter: float = 0.5
+    color_jitter_prob: float = 0.8
+    grayscale_prob: float = 0.2
+    blur_prob: float = 0.5
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class DataConfig:
+    """Data set and loader (``configs/data``)."""
+
+    name: str = "imagenet"
+    root: Optional[str] = None
+    num_workers: int = 8
+    on_bad_image: str = "skip"
+    synthetic_size: int = 256
+    synthetic_classes: int = 10
+    synthetic_image_size: int = 64
+    pin_memory: bool = True
+    persistent_workers: bool = True
+    views: ViewsConfig = field(default_factory=ViewsConfig)
+
+
+@dataclass
+class MaskConfig:
+    """Anchor token drop (reference doc Sec. 2)."""
+
+    ratio: float = 0.15
+    shared: bool = False
+
+
+@dataclass
+class LossConfig:
+    """MSN loss and prototypes (reference doc Secs. 4-5)."""
+
+    num_prototypes: int = 1024
+    freeze_prototypes: bool = False
+    temperature: float = 0.1
+    sharpen_start: float = 0.25
+    sharpen_final: float = 0.25
+    use_sinkhorn: bool = True
+    sinkhorn_iters: int = 3
+    memax_weight: float = 1.0
+    entropy_weight: float = 0.0
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and its schedules (reference doc Sec. 6)."""
+
+    epochs: int = 800
+    batch_size: int = 1024
+    lr: float = 1e-3
+    start_lr: float = 2e-4
+    final_lr: float = 1e-6
+    warmup_epochs: float = 15
+    weight_decay: float = 0.04
+    final_weight_decay: float = 0.4
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    clip_grad: Optional[float] = 3.0
+    ema_start: float = 0.996
+    ema_end: float = 1.0
+    schedule_stretch: float = 1.25
+    decay_pos_embed: bool = True
+    fused: str = "auto"
+
+
+@dataclass
+class TrainLoopConfig:
+    """Loop length, logging and checkpoint cadence."""
+
+    max_steps: Optional[int] = None
+    log_every: int = 10
+    checkpoint_every_epochs: int = 50
+    progress: bool = True
+
+
+@dataclass
+class LoggingConfig:
+    """Experiment tracking."""
+
+    wandb: str = "disabled"
+    project: str = "msn"
+    run_name: Optional[str] = None
+
+
+@dataclass
+class MSNConfig:
+    """The whole pre-training configuration (``configs/config.yaml``)."""
+
+    name: str = "msn"
+    output_dir: str = "outputs/msn"
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "auto"
+    resume: str = "auto"
+    init_from: Optional[str] = None
+    model: ModelConfig = field(default_factory=ModelConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    mask: MaskConfig = field(default_factory=MaskConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+DATA_SETS = ("imagenet", "folder", "fashion_mnist", "synthetic")
+
+
+def _check(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"{key}: {message}")
+
+
+def validate(cfg: MSNConfig, world_size: int = 1) -> MSNConfig:
+    """Check values that the schema's types cannot; raise :class:`ConfigError` naming the key."""
+    m, d, v = cfg.model, cfg.data, cfg.data.views
+    _check(m.arch in ARCHITECTURES, "model.arch", f"unknown model {m.arch!r}; choose from {sorted(ARCHITECTURES)}")
+    _check(m.patch_size > 0, "model.patch_size", f"must be positive, got {m.patch_size}")
+    _check(m.attention in ("sdpa", "eager"), "model.attention", f"must be sdpa or eager, got {m.attention!r}")
+    for key, size in (("data.views.rand_size", v.rand_size), ("data.views.focal_size", v.focal_size)):
+        _check(size > 0 and size % m.patch_size == 0, key, f"{size} px is not a positive multiple of model.patch_size={m.patch_size}")
+    _check(v.num_focal >= 0, "data.views.num_focal", f"must be >= 0, got {v.num_focal}")
+    _check(0.0 <= cfg.mask.ratio < 1.0, "mask.ratio", f"must be in [0, 1), got {cfg.mask.ratio}")
+    _check(cfg.optim.batch_size > 0, "optim.batch_size", f"must be positive, got {cfg.optim.batch_size}")
+    _check(
+        cfg.optim.batch_size % world_size == 0,
+        "optim.batch_size",
+        f"global batch {cfg.optim.batch_size} is not divisible by the world size {world_size}",
+    )
+    _check(cfg.optim.epochs > 0, "optim.epochs", f"must be positive, got {cfg.optim.epochs}")
+    _check(cfg.optim.schedule_stretch >= 1.0, "optim.schedule_stretch", f"must be >= 1, got {cfg.optim.schedule_stretch}")
+    _check(cfg.train.max_steps is None or cfg.train.max_steps > 0, "train.max_steps", f"must be positive, got {cfg.train.max_steps}")
+    _check(cfg.train.log_every > 0, "train.log_every", f"must be positive, got {cfg.train.log_every}")
+    _check(cfg.loss.num_prototypes > 1, "loss.num_prototypes", f"must be > 1, got {cfg.loss.num_prototypes}")
+    _check(cfg.loss.temperature > 0, "loss.temperature", f"must be positive, got {cfg.loss.temperature}")
+    _check(cfg.loss.sharpen_start > 0 and cfg.loss.sharpen_final > 0, "loss.sharpen_start", "sharpen temperatures must be positive")
+    _check(d.name in DATA_SETS, "data.name", f"unknown data set {d.name!r}; choose from {list(DATA_SETS)}")
+    _check(d.on_bad_image in ("skip", "error"), "data.on_bad_image", f"must be skip or error, got {d.on_bad_image!r}")
+    _check(d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}")
+    if d.name in ("imagenet", "folder"):
+        _check(d.root is not None, "data.root", f"is required for data={d.name} (an ImageFolder root)")
+    if d.name != "synthetic" and d.root is not None:
+        _check(os.path.isdir(d.root), "data.root", f"directory not found: {d.root}")
+    _check(cfg.device == "auto" or cfg.device == "cpu" or cfg.device.startswith("cuda"), "device", f"must be auto, cpu or cuda[:N], got {cfg.device!r}")
+    _check(cfg.precision in ("auto", "fp32", "bf16"), "precision", f"must be auto, fp32 or bf16, got {cfg.precision!r}")
+    _check(cfg.logging.wandb in ("disabled", "offline", "online"), "logging.wandb", f"must be disabled, offline or online, got {cfg.logging.wandb!r}")
+    _check(cfg.optim.fused in ("auto", "true", "false"), "optim.fused", f"must be auto, true or false, got {cfg.optim.fused!r}")
+    _check(cfg.resume in ("auto", "never") or os.path.isfile(cfg.resume), "resume", f"must be auto, never or an existing checkpoint file, got {cfg.resume!r}")
+    return cfg
+
+
+def load_config(raw: DictConfig | dict[str, Any], world_size: int = 1) -> MSNConfig:
+    """Merge a composed config into :class:`MSNConfig` and validate it.
+
+    Raises:
+        ConfigError: one line naming the offending key.
+    """
+    try:
+        schema = OmegaConf.structured(MSNConfig)
+        merged = OmegaConf.merge(schema, raw)
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as error:
+        key = getattr(error, "full_key", None)
+        message = str(error).splitlines()[0]
+        raise ConfigError(f"{key}: {message}" if key else message) from None
+    return validate(cfg, world_size)
+
+
+def to_dict(cfg: MSNConfig) -> dict[str, Any]:
+    """Plain-container form (JSON/YAML friendly) of a typed config."""
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+
+
+def from_dict(values: dict[str, Any]) -> MSNConfig:
+    """Typed config from :func:`to_dict` output (no file-system validation)."""
+    merged = OmegaConf.merge(OmegaConf.structured(MSNConfig), values)
+    return OmegaConf.to_object(merged)
+
+
+def replace(cfg: Any, **changes: Any) -> Any:
+    """``dataclasses.replace`` re-exported for call sites that tweak a config."""
+    return dataclasses.replace(cfg, **changes)

@@ -1,0 +1,33 @@
+"""Data sets, multi-view augmentation and the resumable pre-training loader."""
+
+from msn.data.datasets import (
+    FashionMNISTDataset,
+    ImageFolderDataset,
+    SyntheticImages,
+    build_dataset,
+    prepare_fashion_mnist,
+)
+from msn.data.loader import (
+    MultiViewBatch,
+    MultiViewDataset,
+    ResumableSampler,
+    build_train_loader,
+    collate_views,
+)
+from msn.data.transforms import MultiViewTransform, eval_transform, view_transform
+
+__all__ = [
+    "FashionMNISTDataset",
+    "ImageFolderDataset",
+    "MultiViewBatch",
+    "MultiViewDataset",
+    "MultiViewTransform",
+    "ResumableSampler",
+    "SyntheticImages",
+    "build_dataset",
+    "build_train_loader",
+    "collate_views",
+    "eval_transform",
+    "prepare_fashion_mnist",
+    "view_transform",
+]

@@ -1,0 +1,203 @@
+"""Image data sets that yield ``(uint8 tensor [3, H, W] or None, label)``.
+
+* ``ImageFolderDataset``: any torchvision ImageFolder tree (ImageNet's ``train/`` or a user
+  folder); unreadable files are skipped with one warning per file (``on_bad_image: skip``).
+* ``FashionMNISTDataset``: the idx files of Fashion-MNIST, read by torchvision's reader.
+* ``SyntheticImages``: deterministic class-structured random images for tests.
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torchvision.datasets import FashionMNIST, ImageFolder
+from torchvision.io import ImageReadMode, decode_image, read_file
+from torchvision.transforms.v2 import functional as TF
+
+log = logging.getLogger(__name__)
+
+FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_FILES = (
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+)
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)
+
+
+class BadImageError(RuntimeError):
+    """An image file could not be decoded."""
+
+
+def decode_rgb(path: str) -> torch.Tensor:
+    """Decode an image file to a uint8 RGB tensor [3, H, W] (torchvision.io, PIL fallback)."""
+    try:
+        return decode_image(read_file(path), mode=ImageReadMode.RGB)
+    except Exception:  # noqa: BLE001 - formats torchvision.io does not decode go to PIL
+        pass
+    try:
+        with Image.open(path) as image:
+            return TF.pil_to_tensor(image.convert("RGB"))
+    except Exception as error:  # noqa: BLE001
+        raise BadImageError(f"{path}: cannot decode image ({type(error).__name__}: {error})") from None
+
+
+class ImageFolderDataset(ImageFolder):
+    """torchvision ``ImageFolder`` returning uint8 tensors, robust to unreadable files.
+
+    Args:
+        root: folder with one sub-folder per class.
+        on_bad_image: ``skip`` returns ``None`` for an unreadable file (warned once per file
+            and process; the collate function drops it and counts it) or ``error`` raises.
+    """
+
+    def __init__(self, root: str, on_bad_image: str = "skip"):
+        super().__init__(root, loader=decode_rgb)
+        self.on_bad_image = on_bad_image
+        self._warned: set[str] = set()
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor | None, int]:
+        path, label = self.samples[index]
+        try:
+            return decode_rgb(path), label
+        except BadImageError as error:
+            if self.on_bad_image == "error":
+                raise
+            if path not in self._warned:
+                self._warned.add(path)
+                log.warning("skipping unreadable image %s", error)
+            return None, label
+
+    def image_names(self) -> list[str]:
+        """File names (no folder), e.g. ``n01440764_10026.JPEG``, in dataset order."""
+        return [os.path.basename(path) for path, _ in self.samples]
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get("MSN_CACHE_DIR", Path.home() / ".cache" / "msn"))
+
+
+def prepare_fashion_mnist(root: str | None = None) -> Path:
+    """Return a folder laid out as torchvision expects (``FashionMNIST/raw/*-ubyte``).
+
+    ``root`` may already be in that layout, or hold the four idx files, plain or gzipped
+    (the Debian package ``dataset-fashion-mnist`` installs gzipped files in
+    ``/usr/share/datasets/fashion-mnist``); gzipped files are decompressed once into
+    ``$MSN_CACHE_DIR`` (default ``~/.cache/msn``).
+    """
+    root_path = Path(root or FASHION_MNIST_ROOT)
+    if all((root_path / "FashionMNIST" / "raw" / name).is_file() for name in FASHION_MNIST_FILES):
+        return root_path
+    if not root_path.is_dir():
+        raise FileNotFoundError(
+            f"data.root: Fashion-MNIST folder not found: {root_path} "
+            "(install it with `apt-get install dataset-fashion-mnist` or set data.root)"
+        )
+    target = _cache_root() / "fashion-mnist" / "FashionMNIST" / "raw"
+    for name in FASHION_MNIST_FILES:
+        out = target / name
+        if out.is_file():
+            continue
+        plain, packed = root_path / name, root_path / f"{name}.gz"
+        if not plain.is_file() and not packed.is_file():
+            raise FileNotFoundError(f"data.root: {root_path} has neither {name} nor {name}.gz")
+        target.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(".tmp")
+        with (gzip.open(packed, "rb") if packed.is_file() else open(plain, "rb")) as src, open(tmp, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        os.replace(tmp, out)
+    return target.parent.parent
+
+
+class FashionMNISTDataset(torch.utils.data.Dataset):
+    """Fashion-MNIST (60k train / 10k test, 28x28 grey) as 3-channel uint8 tensors.
+
+    Args:
+        root: see :func:`prepare_fashion_mnist`.
+        train: training split (else the test split).
+    """
+
+    classes = FASHION_MNIST_CLASSES
+
+    def __init__(self, root: str | None = None, train: bool = True):
+        reader = FashionMNIST(str(prepare_fashion_mnist(root)), train=train, download=False)
+        self.images = reader.data  # uint8 [N, 28, 28]
+        self.targets = [int(t) for t in reader.targets]
+        self.train = train
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.images[index].unsqueeze(0).expand(3, -1, -1).contiguous(), self.targets[index]
+
+    def image_names(self) -> list[str]:
+        """Reference-format names ``<class>_<split><index>`` (class before the underscore)."""
+        split = "train" if self.train else "test"
+        return [f"{label}_{split}{index:05d}" for index, label in enumerate(self.targets)]
+
+
+class SyntheticImages(torch.utils.data.Dataset):
+    """Deterministic synthetic images: a class-specific colour gradient plus noise.
+
+    Args:
+        size: number of images.
+        num_classes: number of classes (label = index % num_classes).
+        image_size: side in pixels.
+        seed: base seed; image ``i`` depends only on ``(seed, i)``.
+    """
+
+    def __init__(self, size: int = 256, num_classes: int = 10, image_size: int = 64, seed: int = 0):
+        self.size, self.num_classes, self.image_size, self.seed = size, num_classes, image_size, seed
+        self.targets = [i % num_classes for i in range(size)]
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        label = self.targets[index]
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+        side = self.image_size
+        ramp = torch.linspace(0, 1, side)
+        angle = torch.tensor(2 * torch.pi * label / self.num_classes)
+        field = torch.cos(angle) * ramp[None, :] + torch.sin(angle) * ramp[:, None]
+        phase = torch.arange(3).view(3, 1, 1) * (1 + label) / self.num_classes
+        image = 0.5 + 0.35 * torch.sin(2 * torch.pi * (field[None] * (1 + label % 3) + phase))
+        image = image + 0.1 * torch.randn(3, side, side, generator=generator)
+        return (image.clamp(0, 1) * 255).round().to(torch.uint8), label
+
+    def image_names(self) -> list[str]:
+        return [f"{label}_synthetic{index:05d}" for index, label in enumerate(self.targets)]
+
+
+def build_dataset(data_cfg, train: bool = True) -> torch.utils.data.Dataset:
+    """The data set named by ``data_cfg.name`` (a :class:`msn.config.DataConfig`).
+
+    ``imagenet`` reads ``<root>/train`` (or ``<root>/val`` when ``train`` is false);
+    ``folder`` reads ``<root>`` itself (or ``<root>/train`` / ``<root>/val`` when present).
+    """
+    name = data_cfg.name
+    if name in ("imagenet", "folder"):
+        root = Path(data_cfg.root)
+        split = "train" if train else "val"
+        if name == "imagenet" or (root / split).is_dir():
+            root = root / split
+        if not root.is_dir():
+            raise FileNotFoundError(f"data.root: image folder not found: {root}")
+        return ImageFolderDataset(str(root), data_cfg.on_bad_image)
+    if name == "fashion_mnist":
+        return FashionMNISTDataset(data_cfg.root, train=train)
+    if name == "synthetic":
+        size = data_cfg.synthetic_size if train else max(data_cfg.synthetic_size // 4, data_cfg.synthetic_classes)
+        return SyntheticImages(size, data_cfg.synthetic_classes, data_cfg.synthetic_image_size, seed=0 if train else 1)
+    raise ValueError(f"data.name: unknown data set {name!r}")

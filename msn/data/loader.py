@@ -1,0 +1,164 @@
+"""Pre-training data pipeline: seeded, resumable, rank-sharded multi-view batches.
+
+Determinism does not depend on worker count or on where a run was resumed: the epoch's order
+is a permutation seeded by ``(seed, epoch)``, and each sample's augmentation and anchor mask
+are drawn from a generator seeded by ``(seed, epoch, index)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from msn.data.transforms import MultiViewTransform
+from msn.masking import sample_keep_indices
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A 63-bit seed unique to ``(seed, epoch, index)``."""
+    return (seed * 0x9E3779B1 + epoch * 0x85EBCA77 + index * 0xC2B2AE3D + 0x27D4EB2F) % (2**63 - 1)
+
+
+class MultiViewDataset(Dataset):
+    """Wrap an image data set; item ``(epoch, index)`` -> ``(views, keep_indices | None, label)``.
+
+    Args:
+        base: data set of ``(uint8 image or None, label)``.
+        transform: a :class:`MultiViewTransform`.
+        seed: run seed.
+        num_patches: patch tokens N of an anchor view (for the per-image mask).
+        mask_ratio: anchor token-drop ratio; masks are drawn here, per image, unless
+            ``shared_mask`` (then the trainer draws one per batch).
+        shared_mask: the reference's one mask per batch.
+    """
+
+    def __init__(self, base: Dataset, transform: MultiViewTransform, seed: int, num_patches: int,
+                 mask_ratio: float, shared_mask: bool = False):
+        self.base, self.transform, self.seed = base, transform, seed
+        self.num_patches, self.mask_ratio, self.shared_mask = num_patches, mask_ratio, shared_mask
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, key: tuple[int, int]):
+        epoch, index = key
+        image, label = self.base[index]
+        if image is None:
+            return None
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(sample_seed(self.seed, epoch, index))
+            views = self.transform(image)
+            keep = None
+            if not self.shared_mask and self.mask_ratio > 0:
+                keep = sample_keep_indices(1, self.num_patches, self.mask_ratio)[0]
+        return views, keep, label
+
+
+@dataclass
+class MultiViewBatch:
+    """A collated batch: ``target`` [B,3,H,W], ``anchor`` [B,3,H,W], ``focal`` [V*B,3,h,w]
+    view-major, ``keep_indices`` [B, 1+K] or None, ``labels`` [B], ``skipped`` bad images."""
+
+    target: torch.Tensor
+    anchor: torch.Tensor
+    focal: torch.Tensor
+    keep_indices: torch.Tensor | None
+    labels: torch.Tensor
+    skipped: int
+
+    def pin_memory(self) -> "MultiViewBatch":
+        pin = lambda t: None if t is None else t.pin_memory()  # noqa: E731
+        return MultiViewBatch(pin(self.target), pin(self.anchor), pin(self.focal), pin(self.keep_indices),
+                              pin(self.labels), self.skipped)
+
+    def to(self, device: torch.device) -> "MultiViewBatch":
+        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+        return MultiViewBatch(move(self.target), move(self.anchor), move(self.focal), move(self.keep_indices),
+                              move(self.labels), self.skipped)
+
+    @property
+    def size(self) -> int:
+        return self.target.shape[0]
+
+
+def collate_views(samples: list) -> MultiViewBatch:
+    """Stack samples, dropping unreadable ones (``None``) and counting them."""
+    good = [s for s in samples if s is not None]
+    if not good:
+        raise RuntimeError(f"every image of a batch of {len(samples)} was unreadable")
+    num_focal = len(good[0][0]) - 2
+    target = torch.stack([s[0][0] for s in good])
+    anchor = torch.stack([s[0][1] for s in good])
+    if num_focal:
+        focal = torch.stack([s[0][2 + v] for v in range(num_focal) for s in good])
+    else:
+        focal = torch.empty(0, *anchor.shape[1:])
+    keep = torch.stack([s[1] for s in good]) if good[0][1] is not None else None
+    labels = torch.tensor([s[2] for s in good])
+    return MultiViewBatch(target, anchor, focal, keep, labels, len(samples) - len(good))
+
+
+class ResumableSampler(Sampler):
+    """Yields ``(epoch, index)`` keys of this rank's share of each global batch.
+
+    Every epoch is a permutation seeded by ``(seed, epoch)``, cut into ``len // global_batch``
+    full global batches (the remainder is dropped); rank ``r`` takes the ``r``-th contiguous
+    slice of each. ``set_position(epoch, batch)`` restarts mid-epoch.
+    """
+
+    def __init__(self, size: int, global_batch: int, seed: int, rank: int = 0, world_size: int = 1):
+        if size < global_batch:
+            raise ValueError(f"data set of {size} images is smaller than one global batch ({global_batch})")
+        self.size, self.global_batch, self.seed = size, global_batch, seed
+        self.rank, self.world_size = rank, world_size
+        self.local_batch = global_batch // world_size
+        self.batches_per_epoch = size // global_batch
+        self.epoch, self.start_batch = 0, 0
+
+    def set_position(self, epoch: int, batch: int = 0) -> None:
+        self.epoch, self.start_batch = epoch, batch
+
+    def __len__(self) -> int:
+        return (self.batches_per_epoch - self.start_batch) * self.local_batch
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = torch.randperm(self.size, generator=generator).tolist()
+        for batch in range(self.start_batch, self.batches_per_epoch):
+            first = batch * self.global_batch + self.rank * self.local_batch
+            for index in order[first:first + self.local_batch]:
+                yield self.epoch, index
+
+
+def build_train_loader(dataset: MultiViewDataset, sampler: ResumableSampler, num_workers: int,
+                       pin_memory: bool = False, persistent_workers: bool = False) -> DataLoader:
+    """A DataLoader over ``sampler`` yielding :class:`MultiViewBatch` of ``sampler.local_batch``."""
+    return DataLoader(
+        dataset,
+        batch_size=sampler.local_batch,
+        sampler=sampler,
+        num_workers=num_workers,
+        collate_fn=collate_views,
+        pin_memory=pin_memory,
+        drop_last=True,
+        persistent_workers=persistent_workers and num_workers > 0,
+        prefetch_factor=4 if num_workers > 0 else None,
+    )
+
+
+def steps_per_epoch(dataset_size: int, global_batch: int) -> int:
+    return max(dataset_size // global_batch, 0)
+
+
+__all__ = [
+    "MultiViewBatch",
+    "MultiViewDataset",
+    "ResumableSampler",
+    "build_train_loader",
+    "collate_views",
+    "sample_seed",
+    "steps_per_epoch",
+]

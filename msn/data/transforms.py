@@ -1,0 +1,81 @@
+"""MSN's multi-view augmentation (paper Sec. 3 / App. C; reference doc Sec. 1), torchvision v2.
+
+One call turns a uint8 image into 1 target + 1 anchor view at ``rand_size`` (RandomResizedCrop
+scale 0.3-1) and ``num_focal`` focal views at ``focal_size`` (scale 0.05-0.3), each with
+horizontal flip, colour jitter, grayscale and Gaussian blur, then normalisation.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torchvision.transforms import v2
+
+
+def _blur_kernel_size(sigma_max: float, image_size: int) -> int:
+    """Odd kernel covering +-3 sigma, no wider than the image (reflect padding needs that)."""
+    size = 2 * math.ceil(3 * sigma_max) + 1
+    largest_odd = image_size - 1 if image_size % 2 == 0 else image_size
+    return max(3, min(size, largest_odd))
+
+
+def view_transform(views_cfg, size: int, scale: tuple[float, float]) -> v2.Compose:
+    """Augmentation of one view on a uint8 tensor [3, H, W] -> normalised float32 [3, size, size].
+
+    Args:
+        views_cfg: a :class:`msn.config.ViewsConfig`.
+        size: output side in pixels.
+        scale: RandomResizedCrop area range.
+    """
+    s = views_cfg.color_jitter
+    return v2.Compose(
+        [
+            v2.RandomResizedCrop(size, scale=tuple(scale), antialias=True),
+            v2.RandomHorizontalFlip(views_cfg.hflip),
+            v2.RandomApply([v2.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)], p=views_cfg.color_jitter_prob),
+            v2.RandomGrayscale(views_cfg.grayscale_prob),
+            v2.RandomApply(
+                [v2.GaussianBlur(_blur_kernel_size(views_cfg.blur_sigma[1], size), sigma=tuple(views_cfg.blur_sigma))],
+                p=views_cfg.blur_prob,
+            ),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(list(views_cfg.mean), list(views_cfg.std)),
+        ]
+    )
+
+
+class MultiViewTransform:
+    """uint8 image -> ``[target, anchor, focal_1, ..., focal_V]`` float views.
+
+    Target and anchor share a distribution but are independent draws; each focal view is an
+    independent small crop of the image (not of the anchor).
+
+    Args:
+        views_cfg: a :class:`msn.config.ViewsConfig`.
+    """
+
+    def __init__(self, views_cfg):
+        self.num_focal = views_cfg.num_focal
+        self.rand = view_transform(views_cfg, views_cfg.rand_size, views_cfg.rand_scale)
+        self.focal = view_transform(views_cfg, views_cfg.focal_size, views_cfg.focal_scale)
+
+    def __call__(self, image: torch.Tensor) -> list[torch.Tensor]:
+        views = [self.rand(image), self.rand(image)]
+        views.extend(self.focal(image) for _ in range(self.num_focal))
+        return views
+
+
+def eval_transform(image_size: int, mean, std, resize_ratio: float = 256 / 224) -> v2.Compose:
+    """Evaluation transform: Resize(image_size * 256/224) -> CenterCrop(image_size) -> normalise.
+
+    At 224 px this is the reference's Resize(256) -> CenterCrop(224).
+    """
+    return v2.Compose(
+        [
+            v2.Resize(int(round(image_size * resize_ratio)), antialias=True),
+            v2.CenterCrop(image_size),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(list(mean), list(std)),
+        ]
+    )

@@ -1,0 +1,159 @@
+"""The MSN objective (Assran et al., 2022, Sec. 3): prototype cross-entropy + ME-MAX.
+
+Functional API::
+
+    out = msn_loss(anchor, target, prototypes)   # anchor [V*B, D] view-major, target [B, D]
+    out.loss.backward()
+
+Every quantity is computed in at least float32, whatever the autocast dtype of the inputs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from msn import distributed
+
+
+@dataclass
+class MSNLossOutput:
+    """Result of :func:`msn_loss`.
+
+    Attributes:
+        loss: ``ce + memax_weight * memax + entropy_weight * entropy`` (scalar, differentiable).
+        ce: mean cross-entropy between targets and anchor predictions (eq. 2).
+        memax: ME-MAX regulariser ``sum_k pbar_k log pbar_k + log K`` (>= 0, eq. 3).
+        entropy: mean per-prediction entropy (weight 0 in the paper; logged).
+        targets: the (sharpened, optionally Sinkhorn-balanced) targets repeated per view, [V*B, K].
+        num_targets_used: number of distinct argmax prototypes among the targets (``np``).
+        max_target: mean over images of the largest target probability (``max_t``).
+        min_target: smallest per-image largest target probability (``min_t``).
+    """
+
+    loss: torch.Tensor
+    ce: torch.Tensor
+    memax: torch.Tensor
+    entropy: torch.Tensor
+    targets: torch.Tensor
+    num_targets_used: torch.Tensor
+    max_target: torch.Tensor
+    min_target: torch.Tensor
+
+
+def prototype_logits(z: torch.Tensor, prototypes: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Cosine similarities to the L2-normalised prototypes, divided by ``temperature``."""
+    return F.normalize(z, dim=-1) @ F.normalize(prototypes, dim=-1).T / temperature
+
+
+def sharpen(probs: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``p_k^(1/T) / sum_j p_j^(1/T)`` along the last dimension (paper eq. 1)."""
+    sharp = probs ** (1.0 / temperature)
+    return sharp / sharp.sum(dim=-1, keepdim=True)
+
+
+@torch.no_grad()
+def sinkhorn(probs: torch.Tensor, num_iters: int = 3) -> torch.Tensor:
+    """Balance targets over prototypes with Sinkhorn-Knopp (SwAV-style, MSN reference).
+
+    Works on ``Q = probs.T`` [K, B]: divide by the global sum, then ``num_iters`` times make
+    every prototype row sum to ``1/K`` and every image column sum to ``1/B_global``; finally
+    scale by ``B_global`` so each image's row sums to one. Row sums and the total are
+    all-reduced over ranks; column sums are per image and stay local.
+
+    Args:
+        probs: [B, K] non-negative target probabilities of the local batch.
+        num_iters: number of row/column normalisation rounds.
+
+    Returns:
+        [B, K] balanced assignment, rows summing to one.
+    """
+    q = probs.T.clone()
+    num_prototypes = q.shape[0]
+    global_batch = q.shape[1] * distributed.world_size()
+    tiny = torch.finfo(q.dtype).tiny
+    total = distributed.all_reduce_sum_(q.sum())
+    q /= total
+    for _ in range(num_iters):
+        row_sums = distributed.all_reduce_sum_(q.sum(dim=1, keepdim=True))
+        q /= row_sums.clamp_min(tiny) * num_prototypes
+        q /= q.sum(dim=0, keepdim=True).clamp_min(tiny) * global_batch
+    q *= global_batch
+    return q.T
+
+
+def msn_loss(
+    anchor: torch.Tensor,
+    target: torch.Tensor,
+    prototypes: torch.Tensor,
+    *,
+    temperature: float = 0.1,
+    sharpen_temperature: float = 0.25,
+    use_sinkhorn: bool = True,
+    sinkhorn_iters: int = 3,
+    memax_weight: float = 1.0,
+    entropy_weight: float = 0.0,
+) -> MSNLossOutput:
+    """MSN loss for one batch (paper Sec. 3, eqs. 1-3; reference doc Sec. 5).
+
+    Args:
+        anchor: [V*B, D] projections of the anchor and focal views, view-major
+            (all B images of view 0, then view 1, ...).
+        target: [B, D] projections of the target view (no gradient flows into it).
+        prototypes: [K, D] learnable prototypes (normalised here, gradients flow).
+        temperature: softmax temperature tau of the anchor and target predictions.
+        sharpen_temperature: target sharpening temperature T.
+        use_sinkhorn: balance the targets with Sinkhorn-Knopp.
+        sinkhorn_iters: Sinkhorn rounds.
+        memax_weight: weight lambda of the ME-MAX regulariser.
+        entropy_weight: weight of the mean per-prediction entropy.
+
+    Returns:
+        A :class:`MSNLossOutput`.
+    """
+    if anchor.ndim != 2 or target.ndim != 2 or prototypes.ndim != 2:
+        raise ValueError("msn_loss expects 2-D anchor [V*B, D], target [B, D] and prototypes [K, D]")
+    batch = target.shape[0]
+    if batch == 0 or anchor.shape[0] % batch != 0:
+        raise ValueError(f"anchor rows ({anchor.shape[0]}) must be a multiple of target rows ({batch})")
+    num_views = anchor.shape[0] // batch
+    dtype = torch.promote_types(anchor.dtype, torch.float32)
+    anchor, target, prototypes = anchor.to(dtype), target.to(dtype), prototypes.to(dtype)
+
+    log_probs = F.log_softmax(prototype_logits(anchor, prototypes, temperature), dim=1)
+    probs = log_probs.exp()
+
+    with torch.no_grad():
+        target_probs = F.softmax(prototype_logits(target.detach(), prototypes.detach(), temperature), dim=1)
+        targets = sharpen(target_probs, sharpen_temperature)
+        if use_sinkhorn:
+            targets = sinkhorn(targets, sinkhorn_iters)
+        targets = targets.repeat(num_views, 1)
+
+    ce = torch.sum(-targets * log_probs, dim=1).mean()
+
+    mean_probs = distributed.all_reduce_mean(probs.mean(dim=0))
+    memax = torch.sum(mean_probs * torch.log(mean_probs)) + math.log(mean_probs.numel())
+
+    entropy = torch.sum(-probs * log_probs, dim=1).mean()
+
+    loss = ce + memax_weight * memax + entropy_weight * entropy
+
+    with torch.no_grad():
+        per_image = targets[:batch]
+        used = torch.zeros(per_image.shape[1], device=per_image.device)
+        used[per_image.argmax(dim=1)] = 1.0
+        max_per_image = per_image.max(dim=1).values
+    return MSNLossOutput(
+        loss=loss,
+        ce=ce,
+        memax=memax,
+        entropy=entropy,
+        targets=targets,
+        num_targets_used=used.sum(),
+        max_target=max_per_image.mean(),
+        min_target=max_per_image.min(),
+    )

@@ -1,0 +1,173 @@
+"""The MSN encoder: a timm ``VisionTransformer`` driven by MSN's token-drop forward.
+
+Blocks, attention and norms are timm's; this module only owns the order of operations
+(paper Sec. 3 and reference doc Sec. 2): patch embedding, CLS token, position embedding
+(bicubically resized for other input sizes, e.g. 96 px focal views), token drop, blocks,
+final LayerNorm.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from timm.models._manipulate import checkpoint_seq
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+from msn.masking import gather_tokens
+
+#: Widths, depths and heads of the standard ViT sizes (Dosovitskiy et al.; DeiT), plus a
+#: narrow 6-block ViT for 28-32 px images on CPUs.
+ARCHITECTURES: dict[str, dict[str, int]] = {
+    "vit_mini": dict(embed_dim=128, depth=6, num_heads=4),
+    "vit_tiny": dict(embed_dim=192, depth=12, num_heads=3),
+    "vit_small": dict(embed_dim=384, depth=12, num_heads=6),
+    "vit_base": dict(embed_dim=768, depth=12, num_heads=12),
+    "vit_large": dict(embed_dim=1024, depth=24, num_heads=16),
+}
+
+
+def resize_pos_embed(pos_embed: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Resize a [1, 1+N, D] position embedding to a new patch grid (CLS slot unchanged).
+
+    Bicubic, ``align_corners=False``, no antialias: the interpolation of the MSN reference
+    and of transformers' ``interpolate_pos_encoding``.
+    """
+    num_patches = pos_embed.shape[1] - 1
+    side = int(math.isqrt(num_patches))
+    if (side, side) == tuple(grid):
+        return pos_embed
+    cls_pos, patch_pos = pos_embed[:, :1], pos_embed[:, 1:]
+    dim = pos_embed.shape[-1]
+    patch_pos = patch_pos.reshape(1, side, side, dim).permute(0, 3, 1, 2)
+    patch_pos = F.interpolate(patch_pos.float(), size=grid, mode="bicubic", align_corners=False)
+    patch_pos = patch_pos.to(pos_embed.dtype).permute(0, 2, 3, 1).reshape(1, -1, dim)
+    return torch.cat([cls_pos, patch_pos], dim=1)
+
+
+class MSNViT(nn.Module):
+    """A timm ``VisionTransformer`` with MSN's token-drop forward.
+
+    Args:
+        vit: a timm ViT with a class token, no register tokens, ``num_classes=0``.
+    """
+
+    def __init__(self, vit: VisionTransformer):
+        super().__init__()
+        if vit.cls_token is None or getattr(vit, "num_reg_tokens", 0):
+            raise ValueError("MSN needs a timm ViT with a CLS token and no register tokens")
+        self.vit = vit
+        self.vit.patch_embed.strict_img_size = False
+
+    @property
+    def embed_dim(self) -> int:
+        return self.vit.embed_dim
+
+    @property
+    def patch_size(self) -> int:
+        return self.vit.patch_embed.patch_size[0]
+
+    def num_patches(self, image_size: int) -> int:
+        """Number of patch tokens of a square ``image_size`` input."""
+        return (image_size // self.patch_size) ** 2
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Patch tokens with CLS prepended and position embedding added: [B, 1+N, D]."""
+        height, width = images.shape[-2:]
+        patch = self.patch_size
+        if height % patch or width % patch:
+            raise ValueError(f"image size {height}x{width} is not divisible by the patch size {patch}")
+        tokens = self.vit.patch_embed(images)
+        cls = self.vit.cls_token.expand(tokens.shape[0], -1, -1)
+        tokens = torch.cat([cls, tokens], dim=1)
+        return tokens + resize_pos_embed(self.vit.pos_embed, (height // patch, width // patch))
+
+    def forward_blocks(
+        self, images: torch.Tensor, keep_indices: torch.Tensor | None = None, collect_last: int = 0
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Run the transformer.
+
+        Args:
+            images: [B, 3, H, W].
+            keep_indices: optional [B, T'] sequence positions to keep (CLS = 0 first), from
+                :func:`msn.masking.sample_keep_indices`; the other tokens are removed.
+            collect_last: also return the outputs of the last ``collect_last`` blocks
+                (before the final LayerNorm).
+
+        Returns:
+            (tokens after the final LayerNorm [B, T', D], list of collected block outputs).
+        """
+        tokens = self.embed(images)
+        if keep_indices is not None:
+            tokens = gather_tokens(tokens, keep_indices)
+        tokens = self.vit.norm_pre(tokens)
+        collected: list[torch.Tensor] = []
+        if collect_last:
+            first = len(self.vit.blocks) - collect_last
+            for index, block in enumerate(self.vit.blocks):
+                tokens = block(tokens)
+                if index >= first:
+                    collected.append(tokens)
+        elif self.vit.grad_checkpointing and torch.is_grad_enabled():
+            tokens = checkpoint_seq(self.vit.blocks, tokens)
+        else:
+            tokens = self.vit.blocks(tokens)
+        return self.vit.norm(tokens), collected
+
+    def forward(self, images: torch.Tensor, keep_indices: torch.Tensor | None = None) -> torch.Tensor:
+        """CLS token after the final LayerNorm, [B, D] (the representation fed to the head)."""
+        tokens, _ = self.forward_blocks(images, keep_indices)
+        return tokens[:, 0]
+
+
+def build_vit(
+    arch: str,
+    patch_size: int,
+    img_size: int,
+    *,
+    embed_dim: int | None = None,
+    depth: int | None = None,
+    num_heads: int | None = None,
+    mlp_ratio: float = 4.0,
+    attention: str = "sdpa",
+    grad_checkpointing: bool = False,
+) -> MSNViT:
+    """Build a timm ViT for MSN (pre-norm, qkv bias, LayerNorm eps 1e-6, no drop-path).
+
+    Args:
+        arch: a key of :data:`ARCHITECTURES`.
+        patch_size: patch side in pixels.
+        img_size: native (target/anchor) input size; the position embedding has one slot
+            per patch of this size plus CLS.
+        embed_dim, depth, num_heads: optional overrides of the architecture's values.
+        mlp_ratio: MLP hidden width over ``embed_dim``.
+        attention: ``sdpa`` (fused scaled-dot-product attention) or ``eager``.
+        grad_checkpointing: activation checkpointing of the blocks during training.
+    """
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {arch!r}; choose from {sorted(ARCHITECTURES)}")
+    if attention not in ("sdpa", "eager"):
+        raise ValueError(f"attention must be 'sdpa' or 'eager', got {attention!r}")
+    dims = dict(ARCHITECTURES[arch])
+    dims.update({k: v for k, v in dict(embed_dim=embed_dim, depth=depth, num_heads=num_heads).items() if v})
+    vit = VisionTransformer(
+        img_size=img_size,
+        patch_size=patch_size,
+        num_classes=0,
+        global_pool="token",
+        mlp_ratio=mlp_ratio,
+        qkv_bias=True,
+        class_token=True,
+        drop_rate=0.0,
+        drop_path_rate=0.0,
+        norm_layer=partial(nn.LayerNorm, eps=1e-6),
+        **dims,
+    )
+    nn.init.trunc_normal_(vit.cls_token, std=0.02)
+    for block in vit.blocks:
+        block.attn.fused_attn = attention == "sdpa"
+    vit.set_grad_checkpointing(grad_checkpointing)
+    return MSNViT(vit)
