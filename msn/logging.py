@@ -1,0 +1,63 @@
+"""Run outputs: ``metrics.jsonl``, optional wandb, console progress bar."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+METRICS_FILE = "metrics.jsonl"
+
+
+class MetricsLogger:
+    """Append one JSON object per log step to ``<output_dir>/metrics.jsonl`` and mirror it to
+    wandb when ``wandb_mode`` is ``offline`` or ``online`` (``disabled`` never imports wandb).
+
+    Args:
+        output_dir: run directory.
+        wandb_mode: ``disabled``, ``offline`` or ``online``.
+        config: the resolved config, recorded by wandb.
+        project, run_name: wandb project and run name.
+        enabled: ``False`` on non-zero ranks.
+    """
+
+    def __init__(self, output_dir: str | os.PathLike, wandb_mode: str = "disabled", config: dict | None = None,
+                 project: str = "msn", run_name: str | None = None, enabled: bool = True):
+        self.enabled = enabled
+        self.path = Path(output_dir) / METRICS_FILE
+        self._wandb_run = None
+        if enabled and wandb_mode != "disabled":
+            import wandb
+
+            self._wandb_run = wandb.init(project=project, name=run_name, mode=wandb_mode, dir=str(output_dir),
+                                         config=config, resume="allow")
+
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+        with open(self.path, "a", encoding="utf-8") as stream:
+            stream.write(json.dumps(clean) + "\n")
+        if self._wandb_run is not None:
+            self._wandb_run.log({k: v for k, v in record.items() if k != "step"}, step=record.get("step"))
+
+    def close(self) -> None:
+        if self._wandb_run is not None:
+            self._wandb_run.finish()
+            self._wandb_run = None
+
+
+def read_metrics(output_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """All records of a run's ``metrics.jsonl``."""
+    with open(Path(output_dir) / METRICS_FILE, encoding="utf-8") as stream:
+        return [json.loads(line) for line in stream if line.strip()]
+
+
+def progress_bar(total: int, initial: int, enabled: bool = True) -> tqdm:
+    """Step progress bar with ETA (tqdm)."""
+    return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True,
+                disable=not enabled, smoothing=0.1)

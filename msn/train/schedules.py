@@ -1,0 +1,87 @@
+"""Per-step schedules of the reference recipe (reference doc Sec. 6).
+
+All schedules run over ``T = int(schedule_stretch * total_steps)`` steps (stretch 1.25 in the
+reference), so the run ends before the schedule does: the LR never reaches its final value
+and the EMA momentum ends near 0.9992 instead of 1.
+
+Step conventions (matching the reference's iterator/``step()`` calls): the optimiser update
+number ``s`` (0-based) uses ``lr(s + 1)`` and ``weight_decay(s + 1)`` (the reference's
+schedulers advance before returning) and ``momentum(s)`` / ``sharpen(s)`` (its generators
+yield index 0 first).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Schedules:
+    """Learning rate, weight decay, EMA momentum and sharpening temperature per step.
+
+    Args:
+        total_steps: ``epochs * steps_per_epoch``.
+        steps_per_epoch: optimiser steps in one epoch.
+        lr, start_lr, final_lr, warmup_epochs: linear warm-up ``start_lr -> lr`` over
+            ``warmup_epochs``, then cosine ``lr -> final_lr`` until step ``T``.
+        weight_decay, final_weight_decay: cosine from the first to the second over ``T``.
+        ema_start, ema_end: momentum linear from the first toward the second over ``T``.
+        sharpen_start, sharpen_final: target temperature linear over ``T``.
+        schedule_stretch: ``T / total_steps``.
+    """
+
+    total_steps: int
+    steps_per_epoch: int
+    lr: float = 1e-3
+    start_lr: float = 2e-4
+    final_lr: float = 1e-6
+    warmup_epochs: float = 15
+    weight_decay: float = 0.04
+    final_weight_decay: float = 0.4
+    ema_start: float = 0.996
+    ema_end: float = 1.0
+    sharpen_start: float = 0.25
+    sharpen_final: float = 0.25
+    schedule_stretch: float = 1.25
+
+    @property
+    def stretched_steps(self) -> int:
+        return int(self.schedule_stretch * self.total_steps)
+
+    @property
+    def warmup_steps(self) -> int:
+        return int(self.warmup_epochs * self.steps_per_epoch)
+
+    def learning_rate(self, step: int) -> float:
+        """Warm-up then cosine (reference ``WarmupCosineSchedule``) at scheduler step ``step``."""
+        warmup = self.warmup_steps
+        if step < warmup:
+            return self.start_lr + step / max(1, warmup) * (self.lr - self.start_lr)
+        progress = (step - warmup) / max(1, self.stretched_steps - warmup)
+        cosine = self.final_lr + (self.lr - self.final_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+        return max(self.final_lr, cosine) if self.final_lr <= self.lr else min(self.final_lr, cosine)
+
+    def weight_decay_at(self, step: int) -> float:
+        """Cosine from ``weight_decay`` to ``final_weight_decay`` (reference ``CosineWDSchedule``)."""
+        progress = step / max(1, self.stretched_steps)
+        value = self.final_weight_decay + (self.weight_decay - self.final_weight_decay) * 0.5 * (1.0 + math.cos(math.pi * progress))
+        low, high = sorted((self.weight_decay, self.final_weight_decay))
+        return min(max(value, low), high)
+
+    def momentum(self, step: int) -> float:
+        """EMA momentum ``ema_start + step * (ema_end - ema_start) / T``."""
+        return self.ema_start + step * (self.ema_end - self.ema_start) / max(1, self.stretched_steps)
+
+    def sharpen_temperature(self, step: int) -> float:
+        """Target sharpening temperature ``sharpen_start + step * (final - start) / T``."""
+        return self.sharpen_start + step * (self.sharpen_final - self.sharpen_start) / max(1, self.stretched_steps)
+
+    def at_update(self, update: int) -> dict[str, float]:
+        """All values used by 0-based optimiser update ``update`` (see module docstring)."""
+        return {
+            "lr": self.learning_rate(update + 1),
+            "wd": self.weight_decay_at(update + 1),
+            "momentum": self.momentum(update),
+            "sharpen_T": self.sharpen_temperature(update),
+        }

@@ -1,0 +1,336 @@
+"""The MSN pre-training loop (paper Sec. 3; reference doc Sec. 6 for the step order).
+
+One optimiser step: anchor views (masked) and focal views through the online encoder, one
+forward per resolution group; target view through the EMA target encoder without gradient;
+MSN loss in fp32; set LR/WD; backward; clip the encoder's gradient norm; AdamW step; EMA.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import os
+import random
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+from msn import checkpoint, distributed
+from msn.config import MSNConfig, to_dict
+from msn.data import MultiViewDataset, MultiViewTransform, ResumableSampler, build_dataset, build_train_loader
+from msn.logging import METRICS_FILE, MetricsLogger, progress_bar
+from msn.losses import msn_loss
+from msn.masking import sample_keep_indices
+from msn.models import MSNNetwork, Prototypes, build_network
+from msn.train.ema import ema_update
+from msn.train.optim import build_optimizer, parameter_groups, set_lr_and_wd
+from msn.train.schedules import Schedules
+
+log = logging.getLogger(__name__)
+
+#: Order of the per-step statistics accumulated between log steps.
+STAT_NAMES = ("loss", "ce", "memax", "entropy", "np", "max_t", "min_t")
+
+
+class TrainingDivergedError(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is left untouched."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device: {name!r} requested but CUDA is not available")
+    return device
+
+
+def resolve_autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """``auto``: bf16 autocast on CUDA, fp32 elsewhere (bf16 matmuls are very slow on most CPUs)."""
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+def mask_generator(seed: int, step: int, rank: int) -> torch.Generator:
+    """Generator for the shared (one per batch) mask of ``step`` on ``rank``."""
+    return torch.Generator().manual_seed((seed * 7_919 + step * 104_729 + rank * 1_299_709 + 17) % (2**63 - 1))
+
+
+class Trainer:
+    """Builds every component from a validated :class:`MSNConfig` and runs pre-training.
+
+    Args:
+        cfg: validated configuration.
+        init_state: optional callable ``(network, target, prototypes) -> None`` applied before
+            the optimiser is built (``init_from``).
+    """
+
+    def __init__(self, cfg: MSNConfig, init_state=None):
+        self.cfg = cfg
+        self.rank, self.world_size = distributed.rank(), distributed.world_size()
+        self.is_main = self.rank == 0
+        self.device = resolve_device(cfg.device)
+        self.autocast_dtype = resolve_autocast_dtype(cfg.precision, self.device)
+        self.output_dir = Path(cfg.output_dir)
+        views = cfg.data.views
+
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed % 2**32)
+        self.network: MSNNetwork = build_network(cfg.model, cfg.head, views.rand_size).to(self.device)
+        self.prototypes = Prototypes(cfg.loss.num_prototypes, cfg.head.output_dim, cfg.loss.freeze_prototypes).to(self.device)
+        self.target: MSNNetwork = copy.deepcopy(self.network)
+        if init_state is not None:
+            init_state(self.network, self.target, self.prototypes)
+        self.target.requires_grad_(False)
+
+        self.dataset = build_dataset(cfg.data, train=True)
+        if cfg.data.subset is not None and cfg.data.subset < len(self.dataset):
+            self.dataset = torch.utils.data.Subset(self.dataset, range(cfg.data.subset))
+        self.num_patches = self.network.backbone.num_patches(views.rand_size)
+        global_batch = cfg.optim.batch_size
+        self.steps_per_epoch = len(self.dataset) // global_batch
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"optim.batch_size: {global_batch} is larger than the data set ({len(self.dataset)} images)")
+        self.total_steps = cfg.optim.epochs * self.steps_per_epoch
+        self.max_steps = min(self.total_steps, cfg.train.max_steps or self.total_steps)
+        o, l = cfg.optim, cfg.loss
+        self.schedules = Schedules(
+            total_steps=self.total_steps, steps_per_epoch=self.steps_per_epoch, lr=o.lr, start_lr=o.start_lr,
+            final_lr=o.final_lr, warmup_epochs=o.warmup_epochs, weight_decay=o.weight_decay,
+            final_weight_decay=o.final_weight_decay, ema_start=o.ema_start, ema_end=o.ema_end,
+            sharpen_start=l.sharpen_start, sharpen_final=l.sharpen_final, schedule_stretch=o.schedule_stretch,
+        )
+        fused = o.fused == "true" or (o.fused == "auto" and self.device.type == "cuda")
+        self.optimizer = build_optimizer(
+            parameter_groups(self.network, self.prototypes.weight, o.decay_pos_embed), o.betas, o.eps, fused
+        )
+
+        transform = MultiViewTransform(views)
+        self.train_data = MultiViewDataset(self.dataset, transform, cfg.seed, self.num_patches, cfg.mask.ratio, cfg.mask.shared)
+        self.sampler = ResumableSampler(len(self.dataset), global_batch, cfg.seed, self.rank, self.world_size)
+        self.loader = build_train_loader(
+            self.train_data, self.sampler, cfg.data.num_workers,
+            pin_memory=cfg.data.pin_memory and self.device.type == "cuda",
+            persistent_workers=cfg.data.persistent_workers,
+        )
+        self.step = 0
+        self.skipped_images = 0
+        self.train_seconds = 0.0
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "config": to_dict(self.cfg),
+            "step": self.step,
+            "epoch": self.step // self.steps_per_epoch,
+            "encoder": self.network.state_dict(),
+            "target_encoder": self.target.state_dict(),
+            "prototypes": self.prototypes.weight.detach().clone(),
+            "optimizer": self.optimizer.state_dict(),
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                "numpy": np.random.get_state(),
+                "python": random.getstate(),
+            },
+            "data": {"seed": self.cfg.seed, "epoch": self.step // self.steps_per_epoch,
+                     "batch_in_epoch": self.step % self.steps_per_epoch, "global_batch": self.cfg.optim.batch_size},
+            "extra": {"skipped_images": self.skipped_images, "train_seconds": self.train_seconds,
+                      "world_size": self.world_size},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.network.load_state_dict(state["encoder"])
+        self.target.load_state_dict(state["target_encoder"])
+        with torch.no_grad():
+            self.prototypes.weight.copy_(state["prototypes"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        rng = state.get("rng", {})
+        if "torch" in rng:
+            torch.set_rng_state(rng["torch"])
+        if rng.get("cuda") and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        if "numpy" in rng:
+            np.random.set_state(rng["numpy"])
+        if "python" in rng:
+            random.setstate(rng["python"])
+        self.step = int(state["step"])
+        extra = state.get("extra", {})
+        self.skipped_images = int(extra.get("skipped_images", 0))
+        self.train_seconds = float(extra.get("train_seconds", 0.0))
+
+    def maybe_resume(self) -> Path | None:
+        """Apply ``resume`` (``auto``: ``checkpoints/latest.pt`` if present; ``never``; or a path)."""
+        resume = self.cfg.resume
+        if resume == "never":
+            return None
+        path = checkpoint.find_latest(self.output_dir) if resume == "auto" else Path(resume)
+        if path is None:
+            return None
+        state = checkpoint.load_checkpoint(path, map_location=self.device)
+        changed = _changed_keys(state.get("config", {}), to_dict(self.cfg))
+        if changed:
+            log.warning("resuming from %s with a changed config: %s", path, ", ".join(changed))
+        self.load_state_dict(state)
+        if self.is_main:
+            _truncate_metrics(self.output_dir / METRICS_FILE, self.step)
+        log.info("resumed from %s at step %d", path, self.step)
+        return path
+
+    def save(self, epoch_copy: int | None = None) -> None:
+        if self.is_main:
+            checkpoint.save_training_checkpoint(self.state_dict(), self.output_dir, epoch_copy)
+
+    # ------------------------------------------------------------------ step
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def train_step(self, batch) -> torch.Tensor:
+        """One optimiser update on a :class:`msn.data.MultiViewBatch`; returns stacked stats
+        (:data:`STAT_NAMES`) as a tensor, without synchronising with the device."""
+        cfg = self.cfg
+        values = self.schedules.at_update(self.step)
+        batch = batch.to(self.device)
+        keep = batch.keep_indices
+        if cfg.mask.ratio > 0 and cfg.mask.shared:
+            keep = sample_keep_indices(batch.size, self.num_patches, cfg.mask.ratio, shared=True,
+                                       generator=mask_generator(cfg.seed, self.step, self.rank), device=self.device)
+        with self._autocast():
+            projections = [self.network(batch.anchor, keep)]
+            if batch.focal.numel():
+                projections.append(self.network(batch.focal))
+            with torch.no_grad():
+                target = self.target(batch.target)
+        anchor = torch.cat([p.float() for p in projections])
+        out = msn_loss(
+            anchor, target.float(), self.prototypes.weight,
+            temperature=cfg.loss.temperature, sharpen_temperature=values["sharpen_T"],
+            use_sinkhorn=cfg.loss.use_sinkhorn, sinkhorn_iters=cfg.loss.sinkhorn_iters,
+            memax_weight=cfg.loss.memax_weight, entropy_weight=cfg.loss.entropy_weight,
+        )
+        set_lr_and_wd(self.optimizer, values["lr"], values["wd"])
+        self.optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        if cfg.optim.clip_grad:
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), cfg.optim.clip_grad)
+        self.optimizer.step()
+        ema_update(self.target, self.network, values["momentum"])
+        self.step += 1
+        self.skipped_images += batch.skipped
+        return torch.stack([out.loss.detach(), out.ce.detach(), out.memax.detach(), out.entropy.detach(),
+                            out.num_targets_used.float(), out.max_target, out.min_target])
+
+    # ------------------------------------------------------------------ loop
+    def fit(self) -> dict[str, Any]:
+        """Train until ``train.max_steps`` (or the end of ``optim.epochs``); returns the last
+        logged record."""
+        cfg = self.cfg
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        if self.is_main:
+            OmegaConf.save(OmegaConf.create(to_dict(cfg)), self.output_dir / "config.yaml")
+        logger = MetricsLogger(self.output_dir, cfg.logging.wandb, to_dict(cfg), cfg.logging.project,
+                               cfg.logging.run_name or cfg.name, enabled=self.is_main)
+        self.maybe_resume()
+        self.network.train()
+        self.target.train()
+        bar = progress_bar(self.max_steps, self.step, enabled=cfg.train.progress and self.is_main)
+        record: dict[str, Any] = {}
+        sums = torch.zeros(len(STAT_NAMES), device=self.device)
+        minimum = torch.full((), math.inf, device=self.device)
+        window_steps, window_start = 0, time.perf_counter()
+        last_good_step = self.step
+        try:
+            while self.step < self.max_steps:
+                self.sampler.set_position(self.step // self.steps_per_epoch, self.step % self.steps_per_epoch)
+                for batch in self.loader:
+                    stats = self.train_step(batch)
+                    sums += stats
+                    minimum = torch.minimum(minimum, stats[-1])
+                    window_steps += 1
+                    bar.update(1)
+                    epoch_done = self.step % self.steps_per_epoch == 0
+                    finished = self.step >= self.max_steps
+                    if self.step % cfg.train.log_every == 0 or finished or epoch_done:
+                        elapsed = time.perf_counter() - window_start
+                        self.train_seconds += elapsed
+                        record = self._make_record(sums / window_steps, minimum, window_steps, elapsed)
+                        if not math.isfinite(record["loss"]):
+                            raise TrainingDivergedError(
+                                f"non-finite loss between steps {last_good_step + 1} and {self.step}; stopping. "
+                                f"{self._latest_note()}"
+                            )
+                        last_good_step = self.step
+                        logger.log(record)
+                        bar.set_postfix(loss=f"{record['loss']:.3f}", np=int(record["np"]),
+                                        img_s=f"{record['img_per_s']:.0f}")
+                        sums.zero_()
+                        minimum.fill_(math.inf)
+                        window_steps, window_start = 0, time.perf_counter()
+                    if epoch_done or finished:
+                        epoch = self.step // self.steps_per_epoch
+                        every = cfg.train.checkpoint_every_epochs
+                        copy_epoch = epoch if epoch_done and every and epoch % every == 0 else None
+                        self.save(copy_epoch)
+                    if finished:
+                        break
+        finally:
+            bar.close()
+            logger.close()
+        return record
+
+    def _make_record(self, means: torch.Tensor, minimum: torch.Tensor, steps: int, elapsed: float) -> dict[str, Any]:
+        values = dict(zip(STAT_NAMES, means.tolist()))
+        values["min_t"] = float(minimum)
+        schedule = self.schedules.at_update(self.step - 1)
+        return {
+            "step": self.step,
+            "epoch": (self.step - 1) // self.steps_per_epoch,
+            **values,
+            **schedule,
+            "img_per_s": steps * self.cfg.optim.batch_size / max(elapsed, 1e-9),
+            "skipped_images": self.skipped_images,
+            "time_s": round(self.train_seconds, 3),
+        }
+
+    def _latest_note(self) -> str:
+        latest = checkpoint.find_latest(self.output_dir)
+        if latest is None:
+            return "No checkpoint was written."
+        return f"The last good checkpoint is {latest}."
+
+
+def _changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
+    ignored = {"train.max_steps", "train.progress", "train.log_every", "resume", "logging.wandb", "data.num_workers"}
+    changed = []
+    for key in sorted(set(old) | set(new)):
+        full = f"{prefix}{key}"
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            changed.extend(_changed_keys(a, b, full + "."))
+        elif a != b and full not in ignored:
+            changed.append(f"{full}: {a!r} -> {b!r}")
+    return changed
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop records logged after ``step`` (written after the checkpoint we resume from)."""
+    if not path.is_file():
+        return
+    import json
+
+    with open(path, encoding="utf-8") as stream:
+        lines = [line for line in stream if line.strip() and json.loads(line).get("step", 0) <= step]
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w", encoding="utf-8") as stream:
+        stream.writelines(lines)
+    os.replace(tmp, path)
