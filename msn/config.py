@@ -245,3 +245,14 @@ def from_dict(values: dict[str, Any]) -> MSNConfig:
 def replace(cfg: Any, **changes: Any) -> Any:
     """``dataclasses.replace`` re-exported for call sites that tweak a config."""
     return dataclasses.replace(cfg, **changes)
+
+
+def register_schema() -> None:
+    """Register :class:`MSNConfig` as ``msn_schema`` in Hydra's ConfigStore, the base of
+    ``configs/config.yaml``, so every key exists (and is typed) at composition time."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="msn_schema", node=MSNConfig)
+
+
+register_schema()

@@ -17,7 +17,6 @@ from pathlib import Path
 import torch
 from PIL import Image
 from torchvision.datasets import FashionMNIST, ImageFolder
-from torchvision.io import ImageReadMode, decode_image, read_file
 from torchvision.transforms.v2 import functional as TF
 
 log = logging.getLogger(__name__)
@@ -40,15 +39,11 @@ class BadImageError(RuntimeError):
 
 
 def decode_rgb(path: str) -> torch.Tensor:
-    """Decode an image file to a uint8 RGB tensor [3, H, W] (torchvision.io, PIL fallback)."""
-    try:
-        return decode_image(read_file(path), mode=ImageReadMode.RGB)
-    except Exception:  # noqa: BLE001 - formats torchvision.io does not decode go to PIL
-        pass
+    """Decode an image file with PIL into a uint8 RGB tensor [3, H, W]."""
     try:
         with Image.open(path) as image:
             return TF.pil_to_tensor(image.convert("RGB"))
-    except Exception as error:  # noqa: BLE001
+    except Exception as error:  # noqa: BLE001 - any decoder failure means an unreadable file
         raise BadImageError(f"{path}: cannot decode image ({type(error).__name__}: {error})") from None
 
 

@@ -1,0 +1,75 @@
+"""Shared fixtures: tiny configs that build and train in seconds on a CPU."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from msn.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+
+#: Overrides that make a run of a few steps take about a second.
+TINY_OVERRIDES = [
+    "data=synthetic",
+    "model=vit_mini_4",
+    "model.depth=2",
+    "model.embed_dim=32",
+    "model.num_heads=2",
+    "model.patch_size=8",
+    "head.hidden_dim=32",
+    "head.output_dim=16",
+    "loss.num_prototypes=8",
+    "optim.batch_size=8",
+    "optim.epochs=2",
+    "optim.warmup_epochs=1",
+    "mask.ratio=0.5",
+    "train.log_every=2",
+    "train.progress=false",
+    "device=cpu",
+]
+
+
+def tiny_config_dict(output_dir: str | os.PathLike, **sections) -> dict:
+    """The plain-dict equivalent of :data:`TINY_OVERRIDES` (merged with ``sections``)."""
+    cfg = {
+        "output_dir": str(output_dir),
+        "device": "cpu",
+        "data": {"name": "synthetic", "num_workers": 0, "synthetic_size": 32, "synthetic_classes": 4,
+                 "synthetic_image_size": 32, "views": {"rand_size": 32, "focal_size": 16, "num_focal": 2}},
+        "model": {"name": "tiny", "arch": "vit_mini", "depth": 2, "embed_dim": 32, "num_heads": 2, "patch_size": 8},
+        "head": {"hidden_dim": 32, "output_dim": 16},
+        "loss": {"num_prototypes": 8},
+        "mask": {"ratio": 0.5},
+        "optim": {"batch_size": 8, "epochs": 2, "warmup_epochs": 1},
+        "train": {"log_every": 2, "progress": False},
+    }
+    for section, values in sections.items():
+        if isinstance(values, dict):
+            cfg.setdefault(section, {}).update(values)
+        else:
+            cfg[section] = values
+    return cfg
+
+
+@pytest.fixture
+def tiny_config(tmp_path):
+    """Factory: ``tiny_config(**sections)`` -> validated MSNConfig writing under tmp_path."""
+
+    def make(output_dir=None, **sections):
+        return load_config(tiny_config_dict(output_dir or tmp_path / "run", **sections))
+
+    return make
+
+
+def run_script(script: str, *overrides: str, cwd: Path = ROOT, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run ``python <script> overrides...`` from the repo root and capture its output."""
+    env = dict(os.environ, HYDRA_FULL_ERROR="0", WANDB_MODE="disabled")
+    return subprocess.run([sys.executable, str(ROOT / script), *overrides], cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout, env=env)

@@ -1,0 +1,34 @@
+"""End-to-end runs of ``train.py`` through Hydra, as a user types them."""
+
+import json
+
+from msn import checkpoint
+
+from conftest import TINY_OVERRIDES, run_script
+
+
+def test_cli_run_writes_metrics_checkpoint_and_config(tmp_path):
+    out = tmp_path / "run"
+    result = run_script("train.py", *TINY_OVERRIDES, "train.max_steps=3", f"output_dir={out}")
+    assert result.returncode == 0, result.stderr
+    records = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [r["step"] for r in records] == [2, 3]
+    assert records[-1]["lr"] > 0 and records[-1]["np"] >= 1
+    state = checkpoint.load_checkpoint(out / "checkpoints" / "latest.pt")
+    assert state["step"] == 3 and "optimizer" in state and "rng" in state
+    assert (out / "config.yaml").is_file() and (out / ".hydra" / "config.yaml").is_file()
+    # running the same command again resumes from latest and stops at the same step
+    again = run_script("train.py", *TINY_OVERRIDES, "train.max_steps=4", f"output_dir={out}")
+    assert again.returncode == 0, again.stderr
+    assert checkpoint.load_checkpoint(out / "checkpoints" / "latest.pt")["step"] == 4
+
+
+def test_bad_config_and_missing_data_fail_with_one_line(tmp_path):
+    bad = run_script("train.py", *TINY_OVERRIDES, "mask.ratio=1.5", f"output_dir={tmp_path / 'a'}")
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines()[-1] == "error: mask.ratio: must be in [0, 1), got 1.5"
+    missing = run_script("train.py", *TINY_OVERRIDES, "data=folder", f"data.root={tmp_path / 'nope'}",
+                         f"output_dir={tmp_path / 'b'}")
+    assert missing.returncode == 2
+    assert missing.stderr.strip().splitlines()[-1].startswith("error: data.root: directory not found")
+    assert not (tmp_path / "b" / "checkpoints").exists()

@@ -1,0 +1,105 @@
+"""Config presets compose, overrides win, and bad values fail with one line naming the key."""
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from msn.config import ConfigError, load_config, validate
+
+from conftest import ROOT, tiny_config_dict
+
+EXPERIMENTS = sorted(p.stem for p in (ROOT / "configs" / "experiment").glob("*.yaml"))
+MODELS = sorted(p.stem for p in (ROOT / "configs" / "model").glob("*.yaml"))
+
+
+def _compose(*overrides):
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+PAPER = {  # preset: (model group, mask ratio, epochs)
+    "vits16_in1k": ("vit_small_16", 0.15, 800),
+    "vitb16_in1k": ("vit_base_16", 0.3, 600),
+    "vitl16_in1k": ("vit_large_16", 0.5, 600),
+    "vitb4_in1k": ("vit_base_4", 0.7, 300),
+    "vitl7_in1k": ("vit_large_7", 0.7, 200),
+}
+
+
+def test_all_presets_exist():
+    assert set(PAPER) | {"fmnist_demo"} <= set(EXPERIMENTS)
+    assert {"vit_tiny_16", "vit_small_16", "vit_base_16", "vit_large_16", "vit_base_4", "vit_large_7", "vit_mini_4"} <= set(MODELS)
+
+
+@pytest.mark.parametrize("name", sorted(PAPER))
+def test_paper_presets_compose_and_validate(name, tmp_path):
+    raw = _compose(f"experiment={name}", f"data.root={tmp_path}")
+    cfg = load_config(raw)
+    model, ratio, epochs = PAPER[name]
+    assert cfg.model.name == model and cfg.mask.ratio == ratio and cfg.optim.epochs == epochs
+    assert cfg.data.name == "imagenet" and cfg.output_dir == f"outputs/{name}"
+    assert cfg.data.views.rand_size == 224 and cfg.data.views.num_focal == 10
+    assert cfg.optim.lr == 1e-3 and cfg.optim.start_lr == 2e-4 and cfg.optim.warmup_epochs == 15
+    assert cfg.loss.num_prototypes == 1024 and cfg.head.hidden_dim == 2048 and cfg.head.output_dim == 256
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_every_model_composes(model, tmp_path):
+    size = 28 if model.endswith("_4") else 224
+    focal = 12 if size == 28 else (98 if model.endswith("_7") else 96)
+    cfg = load_config(_compose(f"model={model}", f"data.root={tmp_path}", f"data.views.rand_size={size}",
+                               f"data.views.focal_size={focal}"))
+    assert cfg.model.name == model
+
+
+def test_command_line_overrides_beat_the_preset(tmp_path):
+    cfg = load_config(_compose("experiment=fmnist_demo", "data=folder", f"data.root={tmp_path}", "mask.ratio=0.3"))
+    assert cfg.data.name == "folder" and cfg.data.root == str(tmp_path)
+    assert cfg.model.arch == "vit_mini" and cfg.mask.ratio == 0.3
+    cfg = load_config(_compose("experiment=vits16_in1k", "model=vit_tiny_16", f"data.root={tmp_path}"))
+    assert cfg.model.arch == "vit_tiny" and cfg.mask.ratio == 0.15
+
+
+def test_demo_preset_targets_fashion_mnist():
+    raw = _compose("experiment=fmnist_demo")
+    assert raw.data.name == "fashion_mnist" and raw.model.patch_size == 4
+    assert raw.data.views.rand_size == 28 and raw.data.views.focal_size == 12
+
+
+@pytest.mark.parametrize(
+    "change, key",
+    [
+        ({"mask": {"ratio": 1.0}}, "mask.ratio"),
+        ({"mask": {"ratio": -0.1}}, "mask.ratio"),
+        ({"model": {"arch": "vit_huge"}}, "model.arch"),
+        ({"model": {"patch_size": 5}}, "data.views.rand_size"),
+        ({"data": {"name": "folder", "root": "/nonexistent/images"}}, "data.root"),
+        ({"data": {"name": "imagenet", "root": None}}, "data.root"),
+        ({"data": {"name": "mnist"}}, "data.name"),
+        ({"optim": {"batch_size": 0}}, "optim.batch_size"),
+        ({"optim": {"batch_size": "many"}}, "optim.batch_size"),
+        ({"mask": {"ratioo": 0.1}}, "mask.ratioo"),
+        ({"precision": "fp8"}, "precision"),
+        ({"logging": {"wandb": "cloud"}}, "logging.wandb"),
+        ({"resume": "/nonexistent/latest.pt"}, "resume"),
+    ],
+)
+def test_bad_values_name_the_key(change, key, tmp_path):
+    with pytest.raises(ConfigError) as info:
+        load_config(tiny_config_dict(tmp_path, **change))
+    message = str(info.value)
+    assert message.startswith(key + ":") and "\n" not in message
+
+
+def test_batch_must_divide_world_size(tmp_path):
+    cfg = load_config(tiny_config_dict(tmp_path))
+    validate(cfg, world_size=4)
+    with pytest.raises(ConfigError, match=r"^optim.batch_size: global batch 8 is not divisible by the world size 3"):
+        validate(cfg, world_size=3)
+
+
+def test_missing_fashion_mnist_root_is_reported(tmp_path):
+    with pytest.raises(ConfigError, match="^data.root: directory not found"):
+        load_config(tiny_config_dict(tmp_path, data={"name": "fashion_mnist", "root": str(tmp_path / "nope")}))
+    assert Path(tmp_path).is_dir()

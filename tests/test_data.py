@@ -1,0 +1,133 @@
+"""msn.data: views, determinism, sharding/resume of the sampler, bad images, Fashion-MNIST."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from msn.config import ViewsConfig
+from msn.data import (
+    FashionMNISTDataset,
+    ImageFolderDataset,
+    MultiViewDataset,
+    MultiViewTransform,
+    ResumableSampler,
+    SyntheticImages,
+    build_train_loader,
+    collate_views,
+)
+
+from conftest import FASHION_MNIST
+
+VIEWS = ViewsConfig(rand_size=32, focal_size=16, num_focal=3)
+
+
+def _dataset(ratio=0.5, shared=False, size=16):
+    return MultiViewDataset(SyntheticImages(size, 4, 40), MultiViewTransform(VIEWS), seed=0, num_patches=16,
+                            mask_ratio=ratio, shared_mask=shared)
+
+
+def test_views_shapes_and_order():
+    views, keep, label = _dataset()[(0, 3)]
+    assert len(views) == 2 + 3
+    assert [v.shape[-1] for v in views] == [32, 32, 16, 16, 16]
+    assert all(v.dtype == torch.float32 for v in views)
+    assert keep.shape == (1 + 8,) and keep[0] == 0
+    assert label == 3
+    assert not torch.equal(views[0], views[1])  # target and anchor are independent draws
+
+
+def test_same_key_same_sample_other_key_differs():
+    ds = _dataset()
+    a, b, c = ds[(0, 5)], ds[(0, 5)], ds[(1, 5)]
+    for x, y in zip(a[0], b[0]):
+        assert torch.equal(x, y)
+    assert torch.equal(a[1], b[1])
+    assert not torch.equal(a[0][0], c[0][0])
+    torch.manual_seed(123)
+    before = torch.rand(1)
+    torch.manual_seed(123)
+    ds[(0, 1)]
+    assert torch.equal(torch.rand(1), before)  # the global RNG is untouched
+
+
+def test_no_mask_drawn_when_shared_or_zero():
+    assert _dataset(shared=True)[(0, 0)][1] is None
+    assert _dataset(ratio=0.0)[(0, 0)][1] is None
+
+
+def test_collate_is_view_major_and_counts_skips():
+    ds = _dataset()
+    samples = [ds[(0, i)] for i in range(4)]
+    batch = collate_views(samples[:2] + [None] + samples[2:])
+    assert batch.size == 4 and batch.skipped == 1
+    assert batch.focal.shape == (3 * 4, 3, 16, 16)
+    # focal row v*B + i is view v of image i
+    assert torch.equal(batch.focal[1 * 4 + 2], samples[2][0][2 + 1])
+    assert torch.equal(batch.anchor[3], samples[3][0][1])
+    assert batch.keep_indices.shape == (4, 9)
+    with pytest.raises(RuntimeError, match="unreadable"):
+        collate_views([None, None])
+
+
+def test_sampler_shards_disjoint_and_resumes():
+    full = list(ResumableSampler(40, 8, seed=1))
+    assert len(full) == 40 and sorted(i for _, i in full) == list(range(40))
+    ranks = [list(ResumableSampler(40, 8, seed=1, rank=r, world_size=2)) for r in range(2)]
+    assert not set(ranks[0]) & set(ranks[1])
+    # rank r takes the r-th half of each global batch
+    assert ranks[0][:4] == full[:4] and ranks[1][:4] == full[4:8]
+    resumed = ResumableSampler(40, 8, seed=1)
+    resumed.set_position(0, 3)
+    assert list(resumed) == full[24:]
+    nxt = ResumableSampler(40, 8, seed=1)
+    nxt.set_position(1)
+    assert [i for _, i in nxt] != [i for _, i in full] and all(e == 1 for e, _ in nxt)
+    with pytest.raises(ValueError):
+        ResumableSampler(4, 8, seed=0)
+
+
+def test_loader_yields_batches_independent_of_workers():
+    ds = _dataset()
+    batches = []
+    for workers in (0, 2):
+        loader = build_train_loader(ds, ResumableSampler(16, 8, seed=0), num_workers=workers)
+        batches.append(list(loader))
+    assert len(batches[0]) == 2
+    for b0, b2 in zip(*batches):
+        assert torch.equal(b0.anchor, b2.anchor) and torch.equal(b0.keep_indices, b2.keep_indices)
+
+
+def test_image_folder_skips_bad_image_once(tmp_path, caplog):
+    from PIL import Image
+
+    for cls in ("a", "b"):
+        (tmp_path / cls).mkdir()
+        Image.new("RGB", (20, 16), color=(10, 200, 30)).save(tmp_path / cls / "good.png")
+    (tmp_path / "b" / "broken.jpg").write_bytes(b"not a jpeg at all")
+    ds = ImageFolderDataset(str(tmp_path))
+    broken = [i for i, (p, _) in enumerate(ds.samples) if p.endswith("broken.jpg")][0]
+    image, label = ds[0]
+    assert image.shape == (3, 16, 20) and image.dtype == torch.uint8
+    with caplog.at_level("WARNING"):
+        assert ds[broken][0] is None
+        assert ds[broken][0] is None
+    assert sum("broken.jpg" in r.getMessage() for r in caplog.records) == 1
+    strict = ImageFolderDataset(str(tmp_path), on_bad_image="error")
+    with pytest.raises(RuntimeError, match="broken.jpg"):
+        strict[broken]
+
+
+@pytest.mark.skipif(not FASHION_MNIST.is_dir(), reason="Debian package dataset-fashion-mnist is not installed")
+def test_fashion_mnist_reader(tmp_path, monkeypatch):
+    monkeypatch.setenv("MSN_CACHE_DIR", str(tmp_path))
+    train = FashionMNISTDataset(str(FASHION_MNIST), train=True)
+    test = FashionMNISTDataset(str(FASHION_MNIST), train=False)
+    assert len(train) == 60000 and len(test) == 10000
+    image, label = train[0]
+    assert image.shape == (3, 28, 28) and image.dtype == torch.uint8
+    assert torch.equal(image[0], image[2]) and label == 9  # first training image is an ankle boot
+    assert sorted(set(test.targets)) == list(range(10))
+    assert (Path(tmp_path) / "fashion-mnist" / "FashionMNIST" / "raw" / "train-images-idx3-ubyte").is_file()
+    with pytest.raises(FileNotFoundError, match="data.root"):
+        FashionMNISTDataset(str(tmp_path / "missing"))

@@ -1,0 +1,119 @@
+"""msn.models: timm ViT with token drop, position-embedding resize, head, prototypes."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from msn.masking import sample_keep_indices
+from msn.models import ProjectionHead, Prototypes, build_vit, resize_pos_embed
+
+
+@pytest.fixture(scope="module")
+def vit():
+    torch.manual_seed(0)
+    return build_vit("vit_mini", 8, 32, depth=2, embed_dim=32, num_heads=2).eval()
+
+
+def test_unmasked_forward_equals_timm_forward_features(vit):
+    x = torch.randn(3, 3, 32, 32)
+    ours = vit(x)
+    timm_tokens = vit.vit.forward_features(x)
+    torch.testing.assert_close(ours, timm_tokens[:, 0], rtol=1e-5, atol=1e-5)
+
+
+def test_keeping_every_token_is_the_full_forward(vit):
+    x = torch.randn(2, 3, 32, 32)
+    keep_all = torch.arange(17).expand(2, 17)
+    torch.testing.assert_close(vit(x, keep_all), vit(x), rtol=1e-5, atol=1e-6)
+
+
+def test_token_drop_equals_running_the_kept_tokens_alone(vit):
+    """Dropping = removing: equal to embedding, selecting, then running the blocks by hand."""
+    x = torch.randn(4, 3, 32, 32)
+    keep = sample_keep_indices(4, 16, 0.5, generator=torch.Generator().manual_seed(1))
+    tokens = vit.embed(x)
+    manual = torch.stack([vit.vit.norm(vit.vit.blocks(tokens[i:i + 1, keep[i]]))[0, 0] for i in range(4)])
+    torch.testing.assert_close(vit(x, keep), manual, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(vit(x, keep), vit(x), atol=1e-3)
+
+
+def test_token_drop_shrinks_compute():
+    model = build_vit("vit_mini", 4, 32, depth=2)
+    x = torch.randn(2, 3, 32, 32)
+
+    def flops(keep):
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            model(x, keep)
+        return counter.get_total_flops()
+
+    full = flops(None)
+    masked = flops(sample_keep_indices(2, 64, 0.7))
+    assert masked < 0.45 * full
+
+
+def test_block_outputs_before_final_norm(vit):
+    x = torch.randn(2, 3, 32, 32)
+    tokens, collected = vit.forward_blocks(x, collect_last=2)
+    assert len(collected) == 2
+    torch.testing.assert_close(vit.vit.norm(collected[-1]), tokens)
+
+
+def test_pos_embed_resize_is_bicubic_without_antialias():
+    pos = torch.randn(1, 1 + 14 * 14, 8)
+    out = resize_pos_embed(pos, (6, 6))
+    grid = pos[:, 1:].reshape(1, 14, 14, 8).permute(0, 3, 1, 2)
+    expected = F.interpolate(grid, size=(6, 6), mode="bicubic", align_corners=False).permute(0, 2, 3, 1).reshape(1, 36, 8)
+    assert out.shape == (1, 37, 8)
+    torch.testing.assert_close(out[:, 0], pos[:, 0])
+    torch.testing.assert_close(out[:, 1:], expected)
+    assert resize_pos_embed(pos, (14, 14)) is pos
+
+
+def test_focal_size_input_uses_resized_embedding(vit):
+    x = torch.randn(2, 3, 16, 16)
+    tokens = vit.embed(x)
+    assert tokens.shape == (2, 5, 32)
+    assert vit(x).shape == (2, 32)
+    with pytest.raises(ValueError, match="divisible"):
+        vit(torch.randn(1, 3, 20, 20))
+
+
+def test_reference_architecture_details():
+    model = build_vit("vit_small", 16, 224)
+    assert sum(p.numel() for p in model.parameters()) == pytest.approx(21.67e6, rel=2e-3)
+    block = model.vit.blocks[0]
+    assert block.norm1.eps == 1e-6 and block.attn.qkv.bias is not None
+    assert model.vit.pos_embed.shape == (1, 197, 384)
+    eager = build_vit("vit_mini", 8, 32, depth=1, attention="eager")
+    assert not eager.vit.blocks[0].attn.fused_attn
+    with pytest.raises(ValueError, match="unknown architecture"):
+        build_vit("vit_huge", 16, 224)
+
+
+def test_sdpa_and_eager_agree():
+    torch.manual_seed(0)
+    a = build_vit("vit_mini", 8, 32, depth=2, attention="sdpa").eval()
+    b = build_vit("vit_mini", 8, 32, depth=2, attention="eager").eval()
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(a(x), b(x), rtol=1e-4, atol=1e-5)
+
+
+def test_projection_head_layout_and_init():
+    head = ProjectionHead(32, 64, 16)
+    names = [n for n, _ in head.named_children()]
+    assert names == ["fc1", "bn1", "gelu1", "fc2", "bn2", "gelu2", "fc3"]
+    assert isinstance(head.bn1, torch.nn.BatchNorm1d)
+    assert head.fc3.out_features == 16 and head.fc1.bias.abs().sum() == 0
+    assert head(torch.randn(4, 32)).shape == (4, 16)
+
+
+def test_prototypes_init_and_freeze():
+    protos = Prototypes(64, 16)
+    bound = 1 / math.sqrt(16)
+    assert protos.weight.abs().max() <= bound and protos.weight.requires_grad
+    torch.testing.assert_close(protos().norm(dim=1), torch.ones(64))
+    assert not Prototypes(4, 16, frozen=True).weight.requires_grad

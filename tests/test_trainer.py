@@ -1,0 +1,126 @@
+"""msn.train.Trainer: forwards per resolution group, step order, resume, divergence."""
+
+import json
+
+import pytest
+import torch
+
+from msn import checkpoint
+from msn.models import MSNViT
+from msn.train import Trainer, TrainingDivergedError
+from msn.train import trainer as trainer_module
+
+
+def _first_batch(trainer):
+    trainer.sampler.set_position(0, 0)
+    return next(iter(trainer.loader))
+
+
+def test_one_forward_per_resolution_group_and_only_anchor_masked(tiny_config, monkeypatch):
+    trainer = Trainer(tiny_config())
+    calls = []
+    original = MSNViT.forward_blocks
+
+    def spy(self, images, keep_indices=None, collect_last=0):
+        role = "target" if self is trainer.target.backbone else "online"
+        calls.append((role, tuple(images.shape), None if keep_indices is None else tuple(keep_indices.shape)))
+        return original(self, images, keep_indices, collect_last)
+
+    monkeypatch.setattr(MSNViT, "forward_blocks", spy)
+    trainer.train_step(_first_batch(trainer))
+    # 32 px views with patch 8 -> 16 patches; ratio 0.5 keeps 8 + CLS
+    assert calls == [
+        ("online", (8, 3, 32, 32), (8, 9)),      # anchors, masked, one call
+        ("online", (2 * 8, 3, 16, 16), None),    # all focal views, one call, unmasked
+        ("target", (8, 3, 32, 32), None),        # target view, unmasked
+    ]
+
+
+def test_step_order_lr_clip_and_ema(tiny_config):
+    trainer = Trainer(tiny_config(optim={"clip_grad": 1e-3}))
+    online_before = [p.detach().clone() for p in trainer.network.parameters()]
+    target_before = [p.detach().clone() for p in trainer.target.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(online_before, target_before))
+    trainer.train_step(_first_batch(trainer))
+    s = trainer.schedules
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(s.learning_rate(1))
+    assert trainer.optimizer.param_groups[0]["weight_decay"] == pytest.approx(s.weight_decay_at(1))
+    grads = [p.grad for p in trainer.network.parameters() if p.grad is not None]
+    assert torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])) <= 1e-3 * (1 + 1e-4)
+    assert trainer.prototypes.weight.grad.norm() > 1e-3  # prototypes are not clipped
+    m = s.momentum(0)
+    for t0, o1, t1 in zip(target_before, trainer.network.parameters(), trainer.target.parameters()):
+        torch.testing.assert_close(t1, m * t0 + (1 - m) * o1.detach())
+    assert not torch.equal(trainer.prototypes.weight, trainer.prototypes.weight.detach() * 0)
+    assert trainer.step == 1
+
+
+def test_shared_mask_is_one_subset_per_batch(tiny_config, monkeypatch):
+    trainer = Trainer(tiny_config(mask={"ratio": 0.5, "shared": True}))
+    seen = []
+    original = MSNViT.forward_blocks
+
+    def spy(self, images, keep_indices=None, collect_last=0):
+        if keep_indices is not None:
+            seen.append(keep_indices.clone())
+        return original(self, images, keep_indices, collect_last)
+
+    monkeypatch.setattr(MSNViT, "forward_blocks", spy)
+    batch = _first_batch(trainer)
+    assert batch.keep_indices is None
+    trainer.train_step(batch)
+    assert len(seen) == 1 and (seen[0] == seen[0][0]).all()
+
+
+def test_fit_writes_metrics_config_and_checkpoints(tiny_config):
+    cfg = tiny_config(train={"checkpoint_every_epochs": 1})
+    record = Trainer(cfg).fit()
+    out = checkpoint.checkpoint_dir(cfg.output_dir)
+    assert record["step"] == 8  # 32 images / batch 8 = 4 steps x 2 epochs
+    assert (out / "latest.pt").is_file() and (out / "epoch_0001.pt").is_file() and (out / "epoch_0002.pt").is_file()
+    lines = [json.loads(line) for line in open(f"{cfg.output_dir}/metrics.jsonl")]
+    assert [r["step"] for r in lines] == [2, 4, 6, 8]
+    for key in ("loss", "ce", "memax", "entropy", "np", "max_t", "min_t", "lr", "wd", "momentum", "img_per_s"):
+        assert key in lines[-1]
+    assert 1 <= lines[-1]["np"] <= 8
+    state = checkpoint.load_checkpoint(out / "latest.pt")
+    assert state["step"] == 8 and state["config"]["mask"]["ratio"] == 0.5
+    assert (checkpoint.Path(cfg.output_dir) / "config.yaml").is_file()
+
+
+def test_resume_is_bitwise_identical(tiny_config, tmp_path):
+    straight = tiny_config(output_dir=str(tmp_path / "straight"))
+    Trainer(straight).fit()
+    split = tiny_config(output_dir=str(tmp_path / "split"), train={"max_steps": 3})
+    Trainer(split).fit()
+    assert checkpoint.load_checkpoint(tmp_path / "split/checkpoints/latest.pt")["step"] == 3
+    resumed = tiny_config(output_dir=str(tmp_path / "split"))
+    Trainer(resumed).fit()
+    a = checkpoint.load_checkpoint(tmp_path / "straight/checkpoints/latest.pt")
+    b = checkpoint.load_checkpoint(tmp_path / "split/checkpoints/latest.pt")
+    assert a["step"] == b["step"] == 8
+    for key in ("encoder", "target_encoder"):
+        for name, tensor in a[key].items():
+            assert torch.equal(tensor, b[key][name]), f"{key}.{name} differs after resume"
+    assert torch.equal(a["prototypes"], b["prototypes"])
+    steps = [json.loads(line)["step"] for line in open(tmp_path / "split/metrics.jsonl")]
+    assert steps == [2, 3, 4, 6, 8]
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_config, monkeypatch):
+    cfg = tiny_config()
+    trainer = Trainer(cfg)
+    real_loss = trainer_module.msn_loss
+
+    def poisoned(*args, **kwargs):
+        out = real_loss(*args, **kwargs)
+        if trainer.step >= 5:
+            out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(trainer_module, "msn_loss", poisoned)
+    with pytest.raises(TrainingDivergedError, match="non-finite loss between steps 5 and 6"):
+        trainer.fit()
+    state = checkpoint.load_checkpoint(checkpoint.find_latest(cfg.output_dir))
+    assert state["step"] == 4  # end of epoch 1, before the NaN
+    assert all(torch.isfinite(t).all() for t in state["encoder"].values() if t.is_floating_point())
