@@ -20,7 +20,7 @@ def run_training(raw: DictConfig) -> dict:
     try:
         cfg = load_config(raw, world_size=distributed.world_size())
         trainer = Trainer(cfg, init_state=_init_state(cfg.init_from))
-    except (ConfigError, FileNotFoundError) as error:
+    except (ConfigError, FileNotFoundError, ValueError) as error:
         _fail(error)
     try:
         record = trainer.fit()
@@ -36,14 +36,15 @@ def _init_state(path: str | None):
     """``init_from``: a callable loading weights into (network, target, prototypes)."""
     if path is None:
         return None
-    from msn.export import loading
-
-    if not hasattr(loading, "load_init_weights"):
-        raise ConfigError("init_from: importing weights is not available in this version")
+    from msn.export import apply_init, load_init_weights
 
     def apply(network, target, prototypes):
-        weights = loading.load_init_weights(path)
-        loading.apply_init(network, target, prototypes, weights)
+        try:
+            weights = load_init_weights(path)
+        except FileNotFoundError as error:
+            raise ConfigError(f"init_from: {error}") from None
+        for line in apply_init(network, target, prototypes, weights):
+            log.info("init_from: %s", line)
 
     return apply
 

@@ -167,9 +167,10 @@ def load_strict(module: nn.Module, state: dict[str, Tensor], origin: dict[str, s
                 continue
             raise WeightsMismatchError(f"{prefix}missing key {key} (the model expects shape {_shape(tensor)})")
         if _shape(state[key]) != _shape(tensor):
+            name = origin.get(key, key)
+            ours = f" ({key})" if name != key else ""
             raise WeightsMismatchError(
-                f"{prefix}{origin.get(key, key)}: shape {_shape(state[key])} in the file, "
-                f"{_shape(tensor)} in the model ({key})"
+                f"{prefix}{name}: shape {_shape(state[key])} in the file, {_shape(tensor)} in the model{ours}"
             )
     unexpected = [key for key in state if key not in expected]
     if unexpected:
@@ -239,9 +240,22 @@ def _split_head(state: dict[str, Tensor], prefixes: tuple[str, ...]) -> tuple[di
 def _parse_state_dict(state: dict[str, Any], path: str) -> _Encoder:
     """Recognise the naming scheme of one encoder's state dict and convert it to ours."""
     state = {k: _as_tensor(v) for k, v in state.items()}
-    for wrapper in ("module.", "_orig_mod."):
-        state = names.strip_common_prefix(state, wrapper)
+    wrapper = ""
+    for prefix in ("module.", "_orig_mod."):
+        stripped = names.strip_common_prefix(state, prefix)
+        if stripped is not state:
+            wrapper += prefix
+            state = stripped
+    encoder = _parse_unwrapped(state, path)
+    if wrapper:  # name tensors in messages as the file does
+        encoder.origin = {k: " + ".join(wrapper + part for part in v.split(" + ")) for k, v in encoder.origin.items()}
+        for key in encoder.backbone:
+            encoder.origin.setdefault(key, wrapper + key)
+    return encoder
 
+
+def _parse_unwrapped(state: dict[str, Tensor], path: str) -> _Encoder:
+    """:func:`_parse_state_dict` after wrapper prefixes (``module.``) are removed."""
     if "backbone.vit.cls_token" in state:  # msn.models.MSNNetwork
         backbone, rest = names.split_by_prefix(state, "backbone.vit.")
         head, rest, _ = _split_head(rest, ("head.",))
@@ -266,11 +280,12 @@ def _parse_state_dict(state: dict[str, Any], path: str) -> _Encoder:
         if leftover:
             more, more_origin, leftover = names.HF_VIT_MSN_V5_MEMORY.import_(leftover)
             if more:
-                scheme = "transformers (5.x in-memory names)" if not origin else "transformers (mixed names)"
+                classic = any(name.startswith("encoder.layer.") for name in origin.values())
+                scheme = "transformers (mixed names)" if classic else "transformers (5.x in-memory names)"
             backbone.update(more)
             origin.update(more_origin)
         pre = names.HF_BASE_PREFIX if prefixed else ""
-        origin = {k: (pre + v if " + " not in v else " + ".join(pre + p for p in v.split(" + "))) for k, v in origin.items()}
+        origin = {k: " + ".join(pre + part for part in v.split(" + ")) for k, v in origin.items()}
         for key, tensor in {**leftover, **rest}.items():  # reported by the strict load
             backbone[key] = tensor
             origin[key] = (pre + key) if key in leftover else key
@@ -367,7 +382,7 @@ def _hf_source(folder: Path, config: dict[str, Any]) -> _Source:
         mean = tuple(values.get("image_mean", mean))
         std = tuple(values.get("image_std", std))
     encoder = _parse_state_dict(_hf_weights(folder), path)
-    return _Source(path, f"transformers ({encoder.scheme})", {"single": encoder}, arch=arch,
+    return _Source(path, encoder.scheme, {"single": encoder}, arch=arch,
                    image_size=image_size, mean=mean, std=std)
 
 
@@ -387,7 +402,7 @@ def _timm_source(folder: Path, config: dict[str, Any]) -> _Source:
                    info={"timm_architecture": config.get("architecture")})
 
 
-def _native_source(folder: Path, info: dict[str, Any]) -> _Source:
+def _native_source(folder: Path) -> _Source:
     path = os.fspath(folder)
     state = _read_tensors(os.fspath(folder / NATIVE_WEIGHTS))
     prototypes = state.get(names.NATIVE_PROTOTYPES)
@@ -433,11 +448,12 @@ def read_source(path: str | os.PathLike) -> _Source:
     folder = Path(path)
     if folder.is_dir():
         latest = checkpoint.find_latest(folder)
+        if latest is None and (folder / checkpoint.LATEST).is_file():  # the checkpoints/ folder itself
+            latest = folder / checkpoint.LATEST
         if latest is not None:
             return read_source(latest)
-        info = _read_json(folder / EXPORT_INFO) if (folder / EXPORT_INFO).is_file() else {}
         if (folder / NATIVE_WEIGHTS).is_file():
-            return _apply_export_info(_native_source(folder, info), folder)
+            return _apply_export_info(_native_source(folder), folder)
         if (folder / "config.json").is_file():
             config = _read_json(folder / "config.json")
             if config.get("model_type") in ("vit_msn", "vit"):

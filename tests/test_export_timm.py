@@ -1,0 +1,147 @@
+"""timm export/import: timm folders and bare timm state dicts (msn.export.timm_format, loading)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import timm
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+import msn.checkpoint
+import msn.config
+import msn.models
+from msn.export import WeightsMismatchError, export, load_backbone
+
+DEPTH, WIDTH, HEADS, PATCH, SIZE = 2, 64, 4, 8, 32
+
+
+def tiny_cfg():
+    return msn.config.load_config({
+        "data": {"name": "synthetic", "views": {"rand_size": SIZE, "focal_size": 16}},
+        "model": {"arch": "vit_mini", "depth": DEPTH, "embed_dim": WIDTH, "num_heads": HEADS, "patch_size": PATCH},
+        "head": {"hidden_dim": 64, "output_dim": 32},
+        "loss": {"num_prototypes": 16},
+    })
+
+
+def randomize(network: torch.nn.Module, seed: int) -> torch.nn.Module:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, tensor in network.state_dict().items():
+            if tensor.is_floating_point():
+                tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.2 + (0.5 if tensor.ndim == 1 else 0.0))
+                if name.endswith("running_var"):
+                    tensor.abs_().add_(0.1)
+    return network
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    cfg = tiny_cfg()
+    online = randomize(msn.models.build_network(cfg.model, cfg.head, SIZE), 3)
+    target = randomize(msn.models.build_network(cfg.model, cfg.head, SIZE), 4)
+    path = msn.checkpoint.save_training_checkpoint(
+        {"config": msn.config.to_dict(cfg), "step": 5, "epoch": 1, "encoder": online.state_dict(),
+         "target_encoder": target.state_dict(), "prototypes": torch.randn(16, 32), "optimizer": {}, "rng": {}},
+        tmp_path_factory.mktemp("run"),
+    )
+    return {"path": path, "online": online.eval(), "target": target.eval()}
+
+
+@pytest.fixture(scope="module")
+def timm_dir(run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("exports") / "timm"
+    export(run["path"], out, "timm")
+    return out
+
+
+def images(batch: int = 3, seed: int = 0) -> torch.Tensor:
+    return torch.randn(batch, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(seed))
+
+
+def our_features(network, x):
+    with torch.no_grad():
+        tokens, last = network.backbone.forward_blocks(x, collect_last=1)
+    return tokens, last[-1][:, 0]
+
+
+def test_timm_export_strict_load_gives_the_same_features(run, timm_dir):
+    config = json.loads((timm_dir / "config.json").read_text())
+    assert config["num_classes"] == 0
+    args = config["model_args"]
+    assert (args["patch_size"], args["img_size"], args["embed_dim"], args["depth"], args["num_heads"]) == (PATCH, SIZE, WIDTH, DEPTH, HEADS)
+    assert config["pretrained_cfg"]["input_size"] == [3, SIZE, SIZE]
+    assert config["pretrained_cfg"]["mean"] == pytest.approx([0.485, 0.456, 0.406])
+    assert config["pretrained_cfg"]["std"] == pytest.approx([0.229, 0.224, 0.225])
+    with safe_open(timm_dir / "model.safetensors", "pt") as handle:
+        assert handle.metadata() == {"format": "pt"}
+    model = timm.create_model(config["architecture"], pretrained=False, num_classes=0, **args)
+    model.load_state_dict(load_file(timm_dir / "model.safetensors"), strict=True)
+    model.eval()
+    x = images()
+    tokens, pre_ln_cls = our_features(run["target"], x)
+    with torch.no_grad():
+        torch.testing.assert_close(model.forward_features(x), tokens, atol=1e-5, rtol=0)
+        intermediates = model.forward_intermediates(x, indices=1, norm=False, output_fmt="NLC",
+                                                    return_prefix_tokens=True, intermediates_only=True)
+        torch.testing.assert_close(intermediates[0][1][:, 0], pre_ln_cls, atol=1e-5, rtol=0)
+        torch.testing.assert_close(model(x), tokens[:, 0], atol=1e-5, rtol=0)  # num_classes=0: post-LN CLS
+    info = json.loads((timm_dir / "msn_export.json").read_text())
+    assert info["format"] == "timm" and info["source"]["step"] == 5 and info["feature"]["recommended"] == "pre-LN CLS"
+
+
+def test_timm_local_dir_route(run, timm_dir):
+    model = timm.create_model(f"local-dir:{timm_dir}", pretrained=True).eval()
+    assert model.num_classes == 0
+    x = images()
+    with torch.no_grad():
+        torch.testing.assert_close(model.forward_features(x), our_features(run["target"], x)[0], atol=1e-5, rtol=0)
+
+
+def test_timm_round_trip_and_online(run, timm_dir, tmp_path):
+    loaded = load_backbone(timm_dir)
+    for key, tensor in run["target"].backbone.vit.state_dict().items():
+        assert torch.equal(loaded.backbone.vit.state_dict()[key], tensor), key
+    export(run["path"], tmp_path / "online", "timm", which="online")
+    x = images()
+    torch.testing.assert_close(our_features(load_backbone(tmp_path / "online", "online"), x)[0],
+                               our_features(run["online"], x)[0], atol=0, rtol=0)
+
+
+def test_bare_timm_state_dicts_with_and_without_module_prefix(run, tmp_path):
+    state = run["target"].backbone.vit.state_dict()
+    torch.save({"module." + key: value for key, value in state.items()}, tmp_path / "ddp.pth")
+    save_file({key: value.contiguous() for key, value in state.items()}, tmp_path / "plain.safetensors")
+    x = images()
+    expected = our_features(run["target"], x)[0]
+    for name in ("ddp.pth", "plain.safetensors"):
+        with pytest.raises(ValueError, match="num_heads"):  # width 64 is not in the table
+            load_backbone(tmp_path / name)
+        loaded = load_backbone(tmp_path / name, num_heads=HEADS)
+        assert loaded.source["architecture"] == {"embed_dim": WIDTH, "depth": DEPTH, "num_heads": HEADS, "mlp_ratio": 4.0,
+                                                 "patch_size": PATCH, "image_size": SIZE}
+        assert loaded.network is None and loaded.prototypes is None
+        assert torch.equal(our_features(loaded, x)[0], expected)
+
+
+def test_timm_model_with_classifier_and_heads_table(tmp_path):
+    """A real timm ViT-Ti-width model (num_classes=10): heads from the width table, classifier ignored."""
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10, img_size=SIZE, patch_size=PATCH, depth=1).eval()
+    torch.save({"state_dict": model.state_dict()}, tmp_path / "timm_ckpt.pth.tar")
+    loaded = load_backbone(tmp_path / "timm_ckpt.pth.tar")
+    assert loaded.source["architecture"]["num_heads"] == 3  # 192 -> 3
+    assert loaded.source["ignored"] == ["head.bias", "head.weight"]
+    x = images()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.backbone.forward_blocks(x)[0], model.forward_features(x), atol=1e-5, rtol=0)
+
+
+def test_unexpected_timm_tensor_is_reported(run, tmp_path):
+    state = dict(run["target"].backbone.vit.state_dict())
+    state["fc_norm.weight"] = torch.ones(WIDTH)
+    torch.save(state, tmp_path / "extra.pth")
+    with pytest.raises(WeightsMismatchError, match=r"unexpected key fc_norm.weight with shape \(64,\)"):
+        load_backbone(tmp_path / "extra.pth", num_heads=HEADS)
