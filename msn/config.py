@@ -73,6 +73,7 @@ class DataConfig:
     root: Optional[str] = None
     num_workers: int = 8
     on_bad_image: str = "skip"
+    augment: str = "batched"
     subset: Optional[int] = None
     synthetic_size: int = 256
     synthetic_classes: int = 10
@@ -201,6 +202,7 @@ def validate(cfg: MSNConfig, world_size: int = 1) -> MSNConfig:
     _check(d.name in DATA_SETS, "data.name", f"unknown data set {d.name!r}; choose from {list(DATA_SETS)}")
     _check(d.on_bad_image in ("skip", "error"), "data.on_bad_image", f"must be skip or error, got {d.on_bad_image!r}")
     _check(d.subset is None or d.subset > 0, "data.subset", f"must be positive, got {d.subset}")
+    _check(d.augment in ("batched", "per_sample"), "data.augment", f"must be batched or per_sample, got {d.augment!r}")
     _check(d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}")
     if d.name in ("imagenet", "folder"):
         _check(d.root is not None, "data.root", f"is required for data={d.name} (an ImageFolder root)")

@@ -28,7 +28,7 @@ def _dataset(ratio=0.5, shared=False, size=16):
 
 
 def test_views_shapes_and_order():
-    views, keep, label = _dataset()[(0, 3)]
+    views, keep, label, key = _dataset()[(0, 3)]
     assert len(views) == 2 + 3
     assert [v.shape[-1] for v in views] == [32, 32, 16, 16, 16]
     assert all(v.dtype == torch.float32 for v in views)

@@ -7,16 +7,20 @@ from msn.data.datasets import (
     build_dataset,
     prepare_fashion_mnist,
 )
+from msn.data.batch_augment import BatchPhotometric
 from msn.data.loader import (
     MultiViewBatch,
+    MultiViewCollate,
     MultiViewDataset,
     ResumableSampler,
     build_train_loader,
     collate_views,
 )
-from msn.data.transforms import MultiViewTransform, eval_transform, view_transform
+from msn.data.transforms import MultiViewTransform, eval_transform, geometric_transform, view_transform
 
 __all__ = [
+    "BatchPhotometric",
+    "MultiViewCollate",
     "FashionMNISTDataset",
     "ImageFolderDataset",
     "MultiViewBatch",
@@ -29,5 +33,6 @@ __all__ = [
     "collate_views",
     "eval_transform",
     "prepare_fashion_mnist",
+    "geometric_transform",
     "view_transform",
 ]

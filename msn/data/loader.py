@@ -23,7 +23,7 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
 
 
 class MultiViewDataset(Dataset):
-    """Wrap an image data set; item ``(epoch, index)`` -> ``(views, keep_indices | None, label)``.
+    """Wrap an image data set; item ``(epoch, index)`` -> ``(views, keep_indices | None, label, key)``.
 
     Args:
         base: data set of ``(uint8 image or None, label)``.
@@ -49,12 +49,12 @@ class MultiViewDataset(Dataset):
         if image is None:
             return None
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(sample_seed(self.seed, epoch, index))
+            torch.default_generator.manual_seed(sample_seed(self.seed, epoch, index))
             views = self.transform(image)
             keep = None
             if not self.shared_mask and self.mask_ratio > 0:
                 keep = sample_keep_indices(1, self.num_patches, self.mask_ratio)[0]
-        return views, keep, label
+        return views, keep, label, key
 
 
 @dataclass
@@ -84,8 +84,16 @@ class MultiViewBatch:
         return self.target.shape[0]
 
 
-def collate_views(samples: list) -> MultiViewBatch:
-    """Stack samples, dropping unreadable ones (``None``) and counting them."""
+def collate_views(samples: list, photometric=None, seed: int = 0) -> MultiViewBatch:
+    """Stack samples view-major, dropping unreadable ones (``None``) and counting them.
+
+    Args:
+        samples: items of :class:`MultiViewDataset`.
+        photometric: optional ``(rand, focal)`` pair of
+            :class:`msn.data.batch_augment.BatchPhotometric` applied to the uint8 crops, with
+            a generator seeded by the batch's first ``(epoch, index)`` key.
+        seed: run seed.
+    """
     good = [s for s in samples if s is not None]
     if not good:
         raise RuntimeError(f"every image of a batch of {len(samples)} was unreadable")
@@ -95,10 +103,27 @@ def collate_views(samples: list) -> MultiViewBatch:
     if num_focal:
         focal = torch.stack([s[0][2 + v] for v in range(num_focal) for s in good])
     else:
-        focal = torch.empty(0, *anchor.shape[1:])
+        focal = torch.empty(0, *anchor.shape[1:], dtype=anchor.dtype)
+    if photometric is not None:
+        epoch, index = good[0][3]
+        generator = torch.Generator().manual_seed(sample_seed(seed + 1, epoch, index))
+        rand, small = photometric
+        both = rand(torch.cat([target, anchor]), generator)
+        target, anchor = both[: len(good)], both[len(good):]
+        focal = small(focal, generator) if num_focal else focal.float()
     keep = torch.stack([s[1] for s in good]) if good[0][1] is not None else None
     labels = torch.tensor([s[2] for s in good])
     return MultiViewBatch(target, anchor, focal, keep, labels, len(samples) - len(good))
+
+
+class MultiViewCollate:
+    """Picklable ``collate_fn`` for DataLoader workers (see :func:`collate_views`)."""
+
+    def __init__(self, photometric=None, seed: int = 0):
+        self.photometric, self.seed = photometric, seed
+
+    def __call__(self, samples: list) -> MultiViewBatch:
+        return collate_views(samples, self.photometric, self.seed)
 
 
 class ResumableSampler(Sampler):
@@ -134,14 +159,15 @@ class ResumableSampler(Sampler):
 
 
 def build_train_loader(dataset: MultiViewDataset, sampler: ResumableSampler, num_workers: int,
-                       pin_memory: bool = False, persistent_workers: bool = False) -> DataLoader:
+                       pin_memory: bool = False, persistent_workers: bool = False,
+                       collate: MultiViewCollate | None = None) -> DataLoader:
     """A DataLoader over ``sampler`` yielding :class:`MultiViewBatch` of ``sampler.local_batch``."""
     return DataLoader(
         dataset,
         batch_size=sampler.local_batch,
         sampler=sampler,
         num_workers=num_workers,
-        collate_fn=collate_views,
+        collate_fn=collate or MultiViewCollate(),
         pin_memory=pin_memory,
         drop_last=True,
         persistent_workers=persistent_workers and num_workers > 0,
@@ -155,6 +181,7 @@ def steps_per_epoch(dataset_size: int, global_batch: int) -> int:
 
 __all__ = [
     "MultiViewBatch",
+    "MultiViewCollate",
     "MultiViewDataset",
     "ResumableSampler",
     "build_train_loader",

@@ -13,7 +13,7 @@ import torch
 from torchvision.transforms import v2
 
 
-def _blur_kernel_size(sigma_max: float, image_size: int) -> int:
+def blur_kernel_size(sigma_max: float, image_size: int) -> int:
     """Odd kernel covering +-3 sigma, no wider than the image (reflect padding needs that)."""
     size = 2 * math.ceil(3 * sigma_max) + 1
     largest_odd = image_size - 1 if image_size % 2 == 0 else image_size
@@ -36,7 +36,7 @@ def view_transform(views_cfg, size: int, scale: tuple[float, float]) -> v2.Compo
             v2.RandomApply([v2.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)], p=views_cfg.color_jitter_prob),
             v2.RandomGrayscale(views_cfg.grayscale_prob),
             v2.RandomApply(
-                [v2.GaussianBlur(_blur_kernel_size(views_cfg.blur_sigma[1], size), sigma=tuple(views_cfg.blur_sigma))],
+                [v2.GaussianBlur(blur_kernel_size(views_cfg.blur_sigma[1], size), sigma=tuple(views_cfg.blur_sigma))],
                 p=views_cfg.blur_prob,
             ),
             v2.ToDtype(torch.float32, scale=True),
@@ -45,20 +45,35 @@ def view_transform(views_cfg, size: int, scale: tuple[float, float]) -> v2.Compo
     )
 
 
+def geometric_transform(views_cfg, size: int, scale: tuple[float, float]) -> v2.Compose:
+    """RandomResizedCrop + horizontal flip only, uint8 in and out (the per-image part of the
+    ``batched`` augmentation; colour and blur follow in :mod:`msn.data.batch_augment`)."""
+    return v2.Compose(
+        [
+            v2.RandomResizedCrop(size, scale=tuple(scale), antialias=True),
+            v2.RandomHorizontalFlip(views_cfg.hflip),
+        ]
+    )
+
+
 class MultiViewTransform:
-    """uint8 image -> ``[target, anchor, focal_1, ..., focal_V]`` float views.
+    """uint8 image -> ``[target, anchor, focal_1, ..., focal_V]`` views.
 
     Target and anchor share a distribution but are independent draws; each focal view is an
     independent small crop of the image (not of the anchor).
 
     Args:
         views_cfg: a :class:`msn.config.ViewsConfig`.
+        photometric: apply colour jitter, grayscale, blur and normalisation here, image by
+            image (float32 views); ``False`` returns uint8 crops for batched photometric
+            augmentation (:class:`msn.data.batch_augment.BatchPhotometric`).
     """
 
-    def __init__(self, views_cfg):
+    def __init__(self, views_cfg, photometric: bool = True):
         self.num_focal = views_cfg.num_focal
-        self.rand = view_transform(views_cfg, views_cfg.rand_size, views_cfg.rand_scale)
-        self.focal = view_transform(views_cfg, views_cfg.focal_size, views_cfg.focal_scale)
+        build = view_transform if photometric else geometric_transform
+        self.rand = build(views_cfg, views_cfg.rand_size, views_cfg.rand_scale)
+        self.focal = build(views_cfg, views_cfg.focal_size, views_cfg.focal_scale)
 
     def __call__(self, image: torch.Tensor) -> list[torch.Tensor]:
         views = [self.rand(image), self.rand(image)]

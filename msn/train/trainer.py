@@ -23,7 +23,15 @@ from omegaconf import OmegaConf
 
 from msn import checkpoint, distributed
 from msn.config import MSNConfig, to_dict
-from msn.data import MultiViewDataset, MultiViewTransform, ResumableSampler, build_dataset, build_train_loader
+from msn.data import (
+    BatchPhotometric,
+    MultiViewCollate,
+    MultiViewDataset,
+    MultiViewTransform,
+    ResumableSampler,
+    build_dataset,
+    build_train_loader,
+)
 from msn.logging import METRICS_FILE, MetricsLogger, progress_bar
 from msn.losses import msn_loss
 from msn.masking import sample_keep_indices
@@ -113,13 +121,16 @@ class Trainer:
             parameter_groups(self.network, self.prototypes.weight, o.decay_pos_embed), o.betas, o.eps, fused
         )
 
-        transform = MultiViewTransform(views)
+        batched = cfg.data.augment == "batched"
+        transform = MultiViewTransform(views, photometric=not batched)
+        photometric = (BatchPhotometric(views, views.rand_size), BatchPhotometric(views, views.focal_size)) if batched else None
         self.train_data = MultiViewDataset(self.dataset, transform, cfg.seed, self.num_patches, cfg.mask.ratio, cfg.mask.shared)
         self.sampler = ResumableSampler(len(self.dataset), global_batch, cfg.seed, self.rank, self.world_size)
         self.loader = build_train_loader(
             self.train_data, self.sampler, cfg.data.num_workers,
             pin_memory=cfg.data.pin_memory and self.device.type == "cuda",
             persistent_workers=cfg.data.persistent_workers,
+            collate=MultiViewCollate(photometric, cfg.seed),
         )
         self.step = 0
         self.skipped_images = 0

@@ -1,0 +1,176 @@
+"""Photometric augmentation of a whole batch with per-sample random parameters.
+
+The reference applies colour jitter, grayscale and blur image by image with PIL, which costs
+more than the model step on small images. Here each operation runs once over the batch
+(on uint8->float tensors, on the CPU in the loader or on the GPU), with every image drawing
+its own parameters, including the random order of the four colour-jitter operations, so the
+distribution is the one of torchvision's ``ColorJitter``/``RandomGrayscale``/``GaussianBlur``
+applied per image (reference doc Sec. 1). Each operation matches the torchvision functional
+of the same name on float images (tests/test_data_batch_augment.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from msn.data.transforms import blur_kernel_size
+
+LUMA = (0.2989, 0.587, 0.114)
+
+
+def grayscale(images: torch.Tensor) -> torch.Tensor:
+    """ITU-R 601 luma of [N, 3, H, W] images, [N, 1, H, W]."""
+    r, g, b = images.unbind(dim=1)
+    return (LUMA[0] * r + LUMA[1] * g + LUMA[2] * b).unsqueeze(1)
+
+
+def _blend(images: torch.Tensor, other: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    factor = factor.view(-1, 1, 1, 1)
+    return (factor * images + (1.0 - factor) * other).clamp_(0.0, 1.0)
+
+
+def adjust_brightness(images: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    return (images * factor.view(-1, 1, 1, 1)).clamp_(0.0, 1.0)
+
+
+def adjust_contrast(images: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    mean = grayscale(images).mean(dim=(1, 2, 3), keepdim=True)
+    return _blend(images, mean, factor)
+
+
+def adjust_saturation(images: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    return _blend(images, grayscale(images), factor)
+
+
+def rgb_to_hsv(images: torch.Tensor) -> torch.Tensor:
+    """[N, 3, H, W] RGB in [0, 1] -> HSV with hue in [0, 1)."""
+    r, g, b = images.unbind(dim=1)
+    maxc, _ = images.max(dim=1)
+    minc, _ = images.min(dim=1)
+    delta = maxc - minc
+    flat = delta == 0
+    safe_delta = torch.where(flat, torch.ones_like(delta), delta)
+    saturation = torch.where(maxc > 0, delta / torch.where(maxc > 0, maxc, torch.ones_like(maxc)), torch.zeros_like(maxc))
+    hue_r = ((g - b) / safe_delta) % 6.0
+    hue_g = (b - r) / safe_delta + 2.0
+    hue_b = (r - g) / safe_delta + 4.0
+    hue = torch.where(maxc == r, hue_r, torch.where(maxc == g, hue_g, hue_b))
+    hue = torch.where(flat, torch.zeros_like(hue), hue) / 6.0
+    return torch.stack([hue % 1.0, saturation, maxc], dim=1)
+
+
+def hsv_to_rgb(images: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`rgb_to_hsv`."""
+    hue, saturation, value = images.unbind(dim=1)
+    sector = hue * 6.0
+    # each channel n in (5, 3, 1) for (r, g, b): v - v*s*max(0, min(k, 4-k, 1)), k = (n + 6h) mod 6
+    channels = []
+    for n in (5.0, 3.0, 1.0):
+        k = (n + sector) % 6.0
+        weight = torch.clamp(torch.minimum(k, 4.0 - k), 0.0, 1.0)
+        channels.append(value - value * saturation * weight)
+    return torch.stack(channels, dim=1)
+
+
+def adjust_hue(images: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    hsv = rgb_to_hsv(images)
+    hue = (hsv[:, 0] + shift.view(-1, 1, 1)) % 1.0
+    return hsv_to_rgb(torch.stack([hue, hsv[:, 1], hsv[:, 2]], dim=1)).clamp_(0.0, 1.0)
+
+
+def gaussian_kernels(sigma: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """Normalised 1-D Gaussian kernels [N, kernel_size], one per sigma."""
+    half = (kernel_size - 1) / 2.0
+    offsets = torch.linspace(-half, half, kernel_size, device=sigma.device, dtype=sigma.dtype)
+    weights = torch.exp(-0.5 * (offsets[None, :] / sigma[:, None]) ** 2)
+    return weights / weights.sum(dim=1, keepdim=True)
+
+
+def gaussian_blur(images: torch.Tensor, sigma: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """Separable Gaussian blur with a per-image sigma and reflect padding."""
+    n, c, h, w = images.shape
+    kernels = gaussian_kernels(sigma.to(images.dtype), kernel_size).repeat_interleave(c, dim=0)
+    pad = kernel_size // 2
+    x = images.reshape(1, n * c, h, w)
+    x = F.pad(x, (pad, pad, pad, pad), mode="reflect")
+    x = F.conv2d(x, kernels.view(n * c, 1, 1, kernel_size), groups=n * c)
+    x = F.conv2d(x, kernels.view(n * c, 1, kernel_size, 1), groups=n * c)
+    return x.view(n, c, h, w)
+
+
+JITTER_OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
+
+
+@dataclass
+class PhotometricParams:
+    """Per-image parameters of one batch (see :meth:`BatchPhotometric.sample`)."""
+
+    jitter: torch.Tensor     # [N] bool, colour jitter applied
+    factors: torch.Tensor    # [N, 4] brightness, contrast, saturation factors and hue shift
+    order: torch.Tensor      # [N, 4] permutation of the four jitter operations
+    gray: torch.Tensor       # [N] bool
+    blur: torch.Tensor       # [N] bool
+    sigma: torch.Tensor      # [N]
+
+
+class BatchPhotometric:
+    """Colour jitter (p), grayscale (p), Gaussian blur (p) and normalisation of a batch.
+
+    Args:
+        views_cfg: a :class:`msn.config.ViewsConfig` (jitter strength and probabilities,
+            blur sigma range, mean/std).
+        size: side of the views this instance handles (sets the blur kernel size).
+    """
+
+    def __init__(self, views_cfg, size: int):
+        s = views_cfg.color_jitter
+        self.strength = (0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)
+        self.jitter_p = views_cfg.color_jitter_prob
+        self.gray_p = views_cfg.grayscale_prob
+        self.blur_p = views_cfg.blur_prob
+        self.sigma_range = tuple(views_cfg.blur_sigma)
+        self.kernel_size = blur_kernel_size(self.sigma_range[1], size)
+        self.mean = torch.tensor(views_cfg.mean).view(1, 3, 1, 1)
+        self.std = torch.tensor(views_cfg.std).view(1, 3, 1, 1)
+
+    def sample(self, n: int, generator: torch.Generator) -> PhotometricParams:
+        """Draw every image's parameters on the CPU (identical on every device)."""
+        b, c, s, h = self.strength
+        low = torch.tensor([max(0.0, 1 - b), max(0.0, 1 - c), max(0.0, 1 - s), -h])
+        high = torch.tensor([1 + b, 1 + c, 1 + s, h])
+        factors = low + (high - low) * torch.rand(n, 4, generator=generator)
+        lo, hi = self.sigma_range
+        return PhotometricParams(
+            jitter=torch.rand(n, generator=generator) < self.jitter_p,
+            factors=factors,
+            order=torch.rand(n, 4, generator=generator).argsort(dim=1),
+            gray=torch.rand(n, generator=generator) < self.gray_p,
+            blur=torch.rand(n, generator=generator) < self.blur_p,
+            sigma=lo + (hi - lo) * torch.rand(n, generator=generator),
+        )
+
+    def apply(self, images: torch.Tensor, params: PhotometricParams) -> torch.Tensor:
+        """uint8 or float [N, 3, H, W] -> normalised float32 views."""
+        device = images.device
+        x = images.float().div_(255.0) if images.dtype == torch.uint8 else images.float().clone()
+        jitter = params.jitter.to(device)
+        factors = params.factors.to(device)
+        order = params.order.to(device)
+        for position in range(4):
+            for op_index, op in enumerate(JITTER_OPS):
+                chosen = (jitter & (order[:, position] == op_index)).nonzero().flatten()
+                if chosen.numel():
+                    x[chosen] = op(x[chosen], factors[chosen, op_index])
+        gray = params.gray.to(device).nonzero().flatten()
+        if gray.numel():
+            x[gray] = grayscale(x[gray]).expand(-1, 3, -1, -1)
+        blur = params.blur.to(device).nonzero().flatten()
+        if blur.numel():
+            x[blur] = gaussian_blur(x[blur], params.sigma.to(device)[blur], self.kernel_size)
+        return (x - self.mean.to(device)) / self.std.to(device)
+
+    def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        return self.apply(images, self.sample(images.shape[0], generator))
