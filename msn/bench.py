@@ -1,0 +1,529 @@
+"""Benchmark harness: ``python -m msn.bench`` prints Markdown tables and writes JSON.
+
+What it measures (each number is the median of ``--repeats`` timed runs after warm-up):
+
+1. ``step``: one full MSN training step (all 12 views, forward + backward + AdamW + EMA) in
+   images/s, its FLOPs (``torch.utils.flop_counter``), achieved FLOP/s and MFU against the
+   machine's measured fp32 (or bf16 on CUDA) matmul peak, and peak memory.
+2. ``levers``: one change at a time from our default step: mask ratio 0 / 0.15 / 0.5 / 0.7,
+   per-view forwards instead of one forward per resolution group, eager instead of SDPA
+   attention, ``torch.compile`` on, channels_last; and the anchor branch (forward + backward
+   of the masked anchors alone) at each mask ratio.
+3. ``data``: decoded + augmented 12-view samples/s on ONE core, for our pipeline (uint8 crops
+   per image, batched photometric augmentation) and for a plain per-image PIL pipeline that
+   follows the reference recipe, on an ImageFolder of JPEGs written by the harness, and on
+   Fashion-MNIST-sized 28 px images.
+4. ``e2e``: end-to-end training throughput (loader + step) of our trainer against a
+   straightforward baseline that follows the reference recipe (per-image PIL augmentation,
+   per-view forwards, eager attention, dropped tokens replaced by zeroed tokens).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import tempfile
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from msn.config import MSNConfig, load_config
+from msn.data import MultiViewBatch
+from msn.losses import msn_loss
+from msn.masking import sample_keep_indices
+from msn.models import MSNNetwork
+
+# ---------------------------------------------------------------------------- configs
+
+MODELS = {
+    # name: (model overrides, rand size, focal size, mask ratio)
+    "vit_tiny_16@224": ({"name": "vit_tiny_16", "arch": "vit_tiny", "patch_size": 16}, 224, 96, 0.15),
+    "vit_small_16@224": ({"name": "vit_small_16", "arch": "vit_small", "patch_size": 16}, 224, 96, 0.15),
+    "vit_base_16@224": ({"name": "vit_base_16", "arch": "vit_base", "patch_size": 16}, 224, 96, 0.3),
+    "fmnist_demo": ({"name": "vit_mini_4", "arch": "vit_mini", "patch_size": 4}, 28, 12, 0.15),
+}
+
+
+def bench_config(model: str, batch: int, *, ratio: float | None = None, attention: str = "sdpa",
+                 device: str = "cpu", precision: str = "fp32", **sections) -> MSNConfig:
+    """A config with the named model on synthetic data (no files needed)."""
+    overrides, rand, focal, default_ratio = MODELS[model]
+    head = {"hidden_dim": 512, "output_dim": 128} if model == "fmnist_demo" else {}
+    loss = {"num_prototypes": 256} if model == "fmnist_demo" else {}
+    raw = {
+        "output_dir": tempfile.mkdtemp(prefix="msn-bench-"),
+        "device": device,
+        "precision": precision,
+        "model": {**overrides, "attention": attention},
+        "head": head,
+        "loss": loss,
+        "mask": {"ratio": default_ratio if ratio is None else ratio},
+        "data": {"name": "synthetic", "num_workers": 0, "synthetic_size": batch, "synthetic_image_size": rand,
+                 "views": {"rand_size": rand, "focal_size": focal}},
+        "optim": {"batch_size": batch, "epochs": 1},
+        "train": {"progress": False},
+    }
+    for key, value in sections.items():
+        raw.setdefault(key, {}).update(value)
+    return load_config(raw)
+
+
+def random_batch(cfg: MSNConfig, num_patches: int, device: torch.device, seed: int = 0) -> MultiViewBatch:
+    """A pre-augmented batch of the right shapes (to time the model step alone)."""
+    g = torch.Generator().manual_seed(seed)
+    b, v = cfg.optim.batch_size, cfg.data.views
+    keep = None
+    if cfg.mask.ratio > 0:
+        keep = sample_keep_indices(b, num_patches, cfg.mask.ratio, generator=g)
+    batch = MultiViewBatch(
+        target=torch.randn(b, 3, v.rand_size, v.rand_size, generator=g),
+        anchor=torch.randn(b, 3, v.rand_size, v.rand_size, generator=g),
+        focal=torch.randn(v.num_focal * b, 3, v.focal_size, v.focal_size, generator=g),
+        keep_indices=keep,
+        labels=torch.zeros(b, dtype=torch.long),
+        skipped=0,
+    )
+    return batch.to(device)
+
+
+# ---------------------------------------------------------------------------- timing
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], Any], device: torch.device, warmup: int, repeats: int) -> float:
+    """Median wall time of ``fn`` over ``repeats`` runs after ``warmup`` runs."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype = torch.float32, size: int = 2048, repeats: int = 10) -> float:
+    """Measured FLOP/s of a large square matmul (the MFU denominator)."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    seconds = timed(lambda: a @ b, device, warmup=3, repeats=repeats)
+    return 2 * size**3 / seconds
+
+
+def count_flops(fn: Callable[[], Any]) -> int:
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+# ---------------------------------------------------------------------------- steps
+
+class StepRunner:
+    """Our training step on a fixed batch (the Trainer's own ``train_step``)."""
+
+    def __init__(self, cfg: MSNConfig, compile_model: bool = False, channels_last: bool = False):
+        from msn.train import Trainer
+
+        self.trainer = Trainer(cfg)
+        self.device = self.trainer.device
+        if compile_model:
+            self.trainer.network.compile(dynamic=True)
+            self.trainer.target.compile(dynamic=True)
+        self.channels_last = channels_last
+        self.batch = random_batch(cfg, self.trainer.num_patches, self.device)
+        if channels_last:
+            self.batch = MultiViewBatch(*(t.contiguous(memory_format=torch.channels_last) if t is not None and t.ndim == 4 else t
+                                          for t in (self.batch.target, self.batch.anchor, self.batch.focal)),
+                                        self.batch.keep_indices, self.batch.labels, 0)
+            self.trainer.network.to(memory_format=torch.channels_last)
+        self.trainer.network.train()
+        self.trainer.target.train()
+
+    def __call__(self) -> None:
+        self.trainer.train_step(self.batch)
+
+
+def per_view_step(trainer, batch: MultiViewBatch, zero_tokens: bool = False) -> None:
+    """The straightforward step: every view through the encoder on its own; optionally the
+    masked tokens zeroed (sequence kept full length) instead of removed."""
+    cfg = trainer.cfg
+    values = trainer.schedules.at_update(trainer.step)
+    network: MSNNetwork = trainer.network
+    b = batch.size
+    with trainer._autocast():
+        if zero_tokens and batch.keep_indices is not None:
+            tokens = network.backbone.embed(batch.anchor)
+            keep_mask = torch.zeros(tokens.shape[:2], device=tokens.device, dtype=tokens.dtype)
+            keep_mask.scatter_(1, batch.keep_indices, 1.0)
+            tokens = tokens * keep_mask.unsqueeze(-1)
+            tokens = network.backbone.vit.blocks(tokens)
+            anchor = network.head(network.backbone.vit.norm(tokens)[:, 0])
+        else:
+            anchor = network(batch.anchor, batch.keep_indices)
+        outputs = [anchor]
+        for view in batch.focal.split(b):
+            outputs.append(network(view))
+        with torch.no_grad():
+            target = trainer.target(batch.target)
+    out = msn_loss(torch.cat([o.float() for o in outputs]), target.float(), trainer.prototypes.weight,
+                   temperature=cfg.loss.temperature, sharpen_temperature=values["sharpen_T"],
+                   use_sinkhorn=cfg.loss.use_sinkhorn, memax_weight=cfg.loss.memax_weight)
+    from msn.train import ema_update, set_lr_and_wd
+
+    set_lr_and_wd(trainer.optimizer, values["lr"], values["wd"])
+    trainer.optimizer.zero_grad(set_to_none=True)
+    out.loss.backward()
+    torch.nn.utils.clip_grad_norm_(network.parameters(), cfg.optim.clip_grad)
+    trainer.optimizer.step()
+    ema_update(trainer.target, network, values["momentum"])
+    trainer.step += 1
+
+
+def anchor_branch(trainer, batch: MultiViewBatch) -> Callable[[], None]:
+    """Forward + backward of the masked anchors alone (the cost the mask ratio shrinks)."""
+
+    def run() -> None:
+        with trainer._autocast():
+            z = trainer.network(batch.anchor, batch.keep_indices)
+        z.float().square().mean().backward()
+
+    return run
+
+
+# ---------------------------------------------------------------------------- sections
+
+def bench_step(models: list[str], batch: int, device: torch.device, precision: str, warmup: int, repeats: int,
+               peak: float) -> list[dict]:
+    rows = []
+    for model in models:
+        cfg = bench_config(model, batch, device=str(device), precision=precision)
+        runner = StepRunner(cfg)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        seconds = timed(runner, device, warmup, repeats)
+        flops = count_flops(runner)
+        memory = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+        rows.append({"model": model, "batch": batch, "precision": precision, "step_s": seconds,
+                     "img_per_s": batch / seconds, "gflop_per_step": flops / 1e9,
+                     "achieved_gflops": flops / seconds / 1e9, "mfu": flops / seconds / peak,
+                     "peak_mem_gb": None if memory is None else memory / 2**30})
+    return rows
+
+
+def bench_levers(model: str, batch: int, device: torch.device, precision: str, warmup: int, repeats: int,
+                 with_compile: bool) -> list[dict]:
+    rows = []
+
+    def add(lever: str, setting: str, seconds: float) -> None:
+        rows.append({"model": model, "lever": lever, "setting": setting, "step_s": seconds, "img_per_s": batch / seconds})
+
+    for ratio in (0.0, 0.15, 0.5, 0.7):
+        runner = StepRunner(bench_config(model, batch, ratio=ratio, device=str(device), precision=precision))
+        add("mask ratio", f"{ratio}", timed(runner, device, warmup, repeats))
+        branch = anchor_branch(runner.trainer, runner.batch)
+        rows.append({"model": model, "lever": "anchor branch (fwd+bwd)", "setting": f"mask {ratio}",
+                     "step_s": timed(branch, device, warmup, repeats), "img_per_s": None})
+    base = StepRunner(bench_config(model, batch, device=str(device), precision=precision))
+    add("views", "one forward per resolution group (ours)", timed(base, device, warmup, repeats))
+    add("views", "one forward per view", timed(lambda: per_view_step(base.trainer, base.batch), device, warmup, repeats))
+    add("attention", "sdpa (ours)", timed(base, device, warmup, repeats))
+    eager = StepRunner(bench_config(model, batch, attention="eager", device=str(device), precision=precision))
+    add("attention", "eager", timed(eager, device, warmup, repeats))
+    add("tokens", "dropped (ours)", timed(base, device, warmup, repeats))
+    add("tokens", "zeroed (sequence kept)", timed(lambda: _zeroed_grouped(base), device, warmup, repeats))
+    last = StepRunner(bench_config(model, batch, device=str(device), precision=precision), channels_last=True)
+    add("memory format", "channels_last", timed(last, device, warmup, repeats))
+    if with_compile:
+        compiled = StepRunner(bench_config(model, batch, device=str(device), precision=precision), compile_model=True)
+        add("torch.compile", "on", timed(compiled, device, max(warmup, 2), repeats))
+    return rows
+
+
+def _zeroed_grouped(runner: StepRunner) -> None:
+    """Our grouped step, but with the anchor's masked tokens zeroed instead of removed."""
+    batch = runner.batch
+    trainer = runner.trainer
+    original = trainer.network.backbone.forward_blocks
+
+    def zeroed(images, keep_indices=None, collect_last=0):
+        if keep_indices is None:
+            return original(images, None, collect_last)
+        tokens = trainer.network.backbone.embed(images)
+        mask = torch.zeros(tokens.shape[:2], device=tokens.device, dtype=tokens.dtype).scatter_(1, keep_indices, 1.0)
+        tokens = trainer.network.backbone.vit.blocks(tokens * mask.unsqueeze(-1))
+        return trainer.network.backbone.vit.norm(tokens), []
+
+    trainer.network.backbone.forward_blocks = zeroed
+    try:
+        trainer.train_step(batch)
+    finally:
+        del trainer.network.backbone.forward_blocks
+
+
+# ---------------------------------------------------------------------------- data
+
+def write_jpeg_folder(root: Path, count: int, size: tuple[int, int] = (375, 500)) -> Path:
+    """An ImageFolder of ``count`` smooth random JPEGs (ImageNet-like size) in 2 classes."""
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    for i in range(count):
+        folder = root / f"class{i % 2}"
+        folder.mkdir(parents=True, exist_ok=True)
+        low = torch.rand(3, size[0] // 16, size[1] // 16, generator=g)
+        image = F.interpolate(low[None], size=size, mode="bicubic", align_corners=False)[0].clamp(0, 1)
+        image = (image * 255).to(torch.uint8).permute(1, 2, 0).numpy()
+        Image.fromarray(image).save(folder / f"img{i:04d}.jpg", quality=90)
+    return root
+
+
+class ReferencePILViews:
+    """Per-image PIL pipeline following the reference recipe (torchvision v1 on PIL)."""
+
+    def __init__(self, views_cfg):
+        from PIL import ImageFilter
+        from torchvision import transforms as T
+
+        class Blur:
+            def __init__(self, p, lo, hi):
+                self.p, self.lo, self.hi = p, lo, hi
+
+            def __call__(self, image):
+                if torch.rand(()) > self.p:
+                    return image
+                radius = self.lo + (self.hi - self.lo) * float(torch.rand(()))
+                return image.filter(ImageFilter.GaussianBlur(radius=radius))
+
+        s = views_cfg.color_jitter
+
+        def build(size, scale):
+            return T.Compose([
+                T.RandomResizedCrop(size, scale=tuple(scale)),
+                T.RandomHorizontalFlip(),
+                T.RandomApply([T.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)], p=0.8),
+                T.RandomGrayscale(p=0.2),
+                Blur(views_cfg.blur_prob, *views_cfg.blur_sigma),
+                T.ToTensor(),
+                T.Normalize(views_cfg.mean, views_cfg.std),
+            ])
+
+        self.rand = build(views_cfg.rand_size, views_cfg.rand_scale)
+        self.focal = build(views_cfg.focal_size, views_cfg.focal_scale)
+        self.num_focal = views_cfg.num_focal
+
+    def __call__(self, image):
+        return [self.rand(image), self.rand(image)] + [self.focal(image) for _ in range(self.num_focal)]
+
+
+class ReferencePILDataset(torch.utils.data.Dataset):
+    """ImageFolder read with PIL and augmented image by image (the baseline loader)."""
+
+    def __init__(self, base, views_cfg, pil_images: bool):
+        self.base, self.views = base, ReferencePILViews(views_cfg)
+        self.pil_images = pil_images
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, key):
+        from PIL import Image
+        from torchvision.transforms.v2 import functional as TF
+
+        _, index = key
+        if self.pil_images:
+            path, label = self.base.samples[index]
+            with Image.open(path) as image:
+                pil = image.convert("RGB")
+        else:
+            tensor, label = self.base[index]
+            pil = TF.to_pil_image(tensor)
+        return self.views(pil), None, label, key
+
+
+def _loader(cfg: MSNConfig, dataset, batched: bool, workers: int, num_patches: int, plain: bool):
+    from msn.data import (BatchPhotometric, MultiViewCollate, MultiViewDataset, MultiViewTransform, ResumableSampler,
+                          build_train_loader)
+
+    views = cfg.data.views
+    if plain:
+        data = ReferencePILDataset(dataset, views, pil_images=hasattr(dataset, "samples"))
+        collate = MultiViewCollate()
+    else:
+        transform = MultiViewTransform(views, photometric=not batched)
+        data = MultiViewDataset(dataset, transform, cfg.seed, num_patches, cfg.mask.ratio)
+        photometric = (BatchPhotometric(views, views.rand_size), BatchPhotometric(views, views.focal_size)) if batched else None
+        collate = MultiViewCollate(photometric, cfg.seed)
+    sampler = ResumableSampler(len(dataset), cfg.optim.batch_size, cfg.seed)
+    return build_train_loader(data, sampler, workers, collate=collate)
+
+
+def bench_data(batch: int, repeats: int, workdir: Path, images: int) -> list[dict]:
+    """Samples/s on one core (num_workers=0, one thread) for each pipeline."""
+    from msn.data import ImageFolderDataset, SyntheticImages
+
+    rows = []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        folder = ImageFolderDataset(str(write_jpeg_folder(workdir / "jpegs", images)))
+        small = SyntheticImages(images, 10, 28)
+        for name, dataset, model in (("ImageFolder JPEG 375x500 -> 224/96", folder, "vit_small_16@224"),
+                                     ("28 px images -> 28/12", small, "fmnist_demo")):
+            cfg = bench_config(model, batch)
+            patches = (cfg.data.views.rand_size // cfg.model.patch_size) ** 2
+            for pipeline, batched, plain in (("ours: uint8 crops + batched photometric", True, False),
+                                             ("torchvision v2 per image", False, False),
+                                             ("plain PIL per image (reference recipe)", False, True)):
+                loader = _loader(cfg, dataset, batched, 0, patches, plain)
+                runs = []
+                for _ in range(repeats):
+                    start = time.perf_counter()
+                    count = sum(b.size for b in loader)
+                    runs.append(count / (time.perf_counter() - start))
+                rows.append({"data": name, "pipeline": pipeline, "samples_per_s_per_core": statistics.median(runs)})
+    finally:
+        torch.set_num_threads(threads)
+    return rows
+
+
+def bench_e2e(model: str, batch: int, steps: int, workdir: Path, workers: int) -> list[dict]:
+    """Loader + step throughput of our trainer vs the reference-recipe baseline."""
+    from msn.data import ImageFolderDataset, SyntheticImages
+
+    rows = []
+    if model == "fmnist_demo":
+        dataset, data_name = SyntheticImages(batch * (steps + 1), 10, 28), "28 px images"
+    else:
+        folder = workdir / "jpegs"
+        if not folder.is_dir():
+            write_jpeg_folder(folder, max(64, batch * 2))
+        dataset, data_name = ImageFolderDataset(str(folder)), "ImageFolder JPEG"
+    for variant in ("ours", "baseline"):
+        ours = variant == "ours"
+        cfg = bench_config(model, batch, attention="sdpa" if ours else "eager")
+        runner = StepRunner(cfg)
+        trainer = runner.trainer
+        loader = _loader(cfg, dataset, batched=ours, workers=workers, num_patches=trainer.num_patches, plain=not ours)
+        done, start = 0, None
+        for epoch in range(10**6):
+            loader.sampler.set_position(epoch)
+            for b in loader:
+                if done == 1:
+                    start = time.perf_counter()  # the first step warms up
+                b = b.to(trainer.device)
+                if ours:
+                    trainer.train_step(b)
+                else:
+                    _baseline_step(trainer, b)
+                done += 1
+                if done > steps:
+                    break
+            if done > steps:
+                break
+        seconds = time.perf_counter() - start
+        rows.append({"model": model, "data": data_name, "variant": variant, "img_per_s": steps * batch / seconds})
+    return rows
+
+
+def _baseline_step(trainer, batch: MultiViewBatch) -> None:
+    keep = sample_keep_indices(batch.size, trainer.num_patches, trainer.cfg.mask.ratio, shared=True)
+    batch = MultiViewBatch(batch.target, batch.anchor, batch.focal, keep, batch.labels, 0)
+    per_view_step(trainer, batch, zero_tokens=True)
+
+
+# ---------------------------------------------------------------------------- report
+
+def markdown_table(rows: list[dict], columns: list[str]) -> str:
+    def fmt(value):
+        if value is None:
+            return "-"
+        if isinstance(value, float):
+            return f"{value:.3g}" if abs(value) < 1000 else f"{value:,.0f}"
+        return str(value)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(row.get(c)) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m msn.bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sections", default="step,levers,data,e2e", help="comma-separated: step,levers,data,e2e")
+    parser.add_argument("--models", default="vit_tiny_16@224,vit_small_16@224,fmnist_demo")
+    parser.add_argument("--lever-model", default="vit_tiny_16@224")
+    parser.add_argument("--batch", type=int, default=8, help="batch for the 224 px models")
+    parser.add_argument("--small-batch", type=int, default=128, help="batch for fmnist_demo")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--e2e-steps", type=int, default=4)
+    parser.add_argument("--data-images", type=int, default=32)
+    parser.add_argument("--workers", type=int, default=1, help="loader workers in the e2e section")
+    parser.add_argument("--compile", action="store_true", help="include torch.compile (slow to compile on CPU)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--output", default="benchmarks/results.json")
+    args = parser.parse_args(argv)
+
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    precision = "bf16" if device.type == "cuda" else "fp32"
+    sections = set(args.sections.split(","))
+    peak = matmul_peak(device, torch.bfloat16 if precision == "bf16" else torch.float32)
+    report: dict[str, Any] = {
+        "machine": {"device": str(device), "name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
+                    "threads": torch.get_num_threads(), "cpus": os.cpu_count(), "torch": torch.__version__,
+                    "precision": precision, "matmul_peak_gflops": peak / 1e9},
+    }
+    print(f"# MSN benchmarks ({report['machine']['name']}, {device}, {precision}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads; measured matmul peak {peak / 1e9:.1f} GFLOP/s)\n")
+    batch_of = lambda m: args.small_batch if m == "fmnist_demo" else args.batch  # noqa: E731
+    with tempfile.TemporaryDirectory(prefix="msn-bench-") as tmp:
+        work = Path(tmp)
+        if "step" in sections:
+            rows = []
+            for model in args.models.split(","):
+                rows += bench_step([model], batch_of(model), device, precision, args.warmup, args.repeats, peak)
+            report["step"] = rows
+            print("## Train step (12 views, fwd + bwd + AdamW + EMA)\n")
+            print(markdown_table(rows, ["model", "batch", "precision", "step_s", "img_per_s", "gflop_per_step",
+                                        "achieved_gflops", "mfu", "peak_mem_gb"]) + "\n")
+        if "levers" in sections:
+            model = args.lever_model
+            rows = bench_levers(model, batch_of(model), device, precision, args.warmup, args.repeats, args.compile)
+            report["levers"] = rows
+            print(f"## Levers, one at a time ({model})\n")
+            print(markdown_table(rows, ["lever", "setting", "step_s", "img_per_s"]) + "\n")
+        if "data" in sections:
+            rows = bench_data(args.small_batch // 4, args.repeats, work, args.data_images)
+            report["data"] = rows
+            print("## Data pipeline (12-view samples per second on one core)\n")
+            print(markdown_table(rows, ["data", "pipeline", "samples_per_s_per_core"]) + "\n")
+        if "e2e" in sections:
+            rows = []
+            for model in ("fmnist_demo", args.models.split(",")[0]):
+                rows += bench_e2e(model, batch_of(model), args.e2e_steps, work, args.workers)
+            report["e2e"] = rows
+            print("## End to end (loader + step)\n")
+            print(markdown_table(rows, ["model", "data", "variant", "img_per_s"]) + "\n")
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(json.dumps(report, indent=2))
+        print(f"wrote {args.output}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
