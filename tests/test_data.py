@@ -131,3 +131,18 @@ def test_fashion_mnist_reader(tmp_path, monkeypatch):
     assert (Path(tmp_path) / "fashion-mnist" / "FashionMNIST" / "raw" / "train-images-idx3-ubyte").is_file()
     with pytest.raises(FileNotFoundError, match="data.root"):
         FashionMNISTDataset(str(tmp_path / "missing"))
+
+
+def test_trainer_pipeline_is_independent_of_workers(tiny_config):
+    from msn.data import build_dataset, build_multiview_data, fixed_image_size
+
+    cfg = tiny_config()
+    dataset = build_dataset(cfg.data)
+    assert fixed_image_size(dataset) == (32, 32)
+    data, collate = build_multiview_data(dataset, cfg.data, cfg.seed, 16, 0.5, False)
+    assert collate.batch_views is not None
+    runs = [list(build_train_loader(data, ResumableSampler(16, 8, seed=0), num_workers=w, collate=collate)) for w in (0, 2)]
+    for a, b in zip(*runs):
+        assert torch.equal(a.target, b.target) and torch.equal(a.focal, b.focal)
+        assert torch.equal(a.keep_indices, b.keep_indices)
+    assert runs[0][0].focal.shape == (2 * 8, 3, 16, 16)

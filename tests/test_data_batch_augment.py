@@ -89,3 +89,50 @@ def test_apply_follows_parameters_and_normalises():
     torch.testing.assert_close(out[0], gray, rtol=1e-5, atol=1e-5)
     again = aug(images, torch.Generator().manual_seed(5))
     torch.testing.assert_close(again, aug(images, torch.Generator().manual_seed(5)))
+
+
+def test_crop_boxes_follow_random_resized_crop():
+    from torchvision.transforms.v2 import RandomResizedCrop
+
+    from msn.data.batch_augment import sample_crop_boxes
+
+    boxes = sample_crop_boxes(20000, 28, 28, (0.3, 1.0), torch.Generator().manual_seed(0))
+    w, h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    assert (boxes[:, :2] >= 0).all() and (boxes[:, 2] <= 28).all() and (boxes[:, 3] <= 28).all()
+    assert (w == w.round()).all() and (w > 0).all()
+    rrc = RandomResizedCrop(28, scale=(0.3, 1.0))
+    torch.manual_seed(0)
+    theirs = torch.tensor([(lambda p: p["height"] * p["width"])(rrc.make_params([torch.zeros(3, 28, 28)]))
+                           for _ in range(4000)], dtype=torch.float) / 784
+    ours = w * h / 784
+    assert ours.mean() == pytest.approx(theirs.mean().item(), abs=0.01)
+    assert ours.std() == pytest.approx(theirs.std().item(), abs=0.01)
+
+
+def test_resized_crops_sample_the_box_and_flip():
+    from msn.data.batch_augment import resized_crops
+
+    ramp = torch.arange(32.0).expand(1, 3, 32, 32).clone()  # value = column index
+    boxes = torch.tensor([[4.0, 4.0, 20.0, 20.0], [8.0, 2.0, 16.0, 10.0]])
+    out = resized_crops(ramp, boxes, torch.tensor([0, 0]), 8, flip=torch.tensor([False, True]))
+    # output column j samples x = x0 + (j + 0.5) * w / 8 in continuous coordinates = pixel value - 0.5
+    expected0 = 4 + (torch.arange(8) + 0.5) * 16 / 8 - 0.5
+    expected1 = (8 + (torch.arange(8) + 0.5) * 8 / 8 - 0.5).flip(0)
+    torch.testing.assert_close(out[0, 0, 3], expected0)
+    torch.testing.assert_close(out[1, 2, 5], expected1)
+
+
+def test_batch_multiview_shapes_order_and_determinism():
+    from msn.data.batch_augment import BatchMultiView
+
+    cfg = ViewsConfig(rand_size=28, focal_size=12, num_focal=3)
+    make = BatchMultiView(cfg)
+    images = (torch.rand(5, 3, 28, 28) * 255).to(torch.uint8)
+    images[2] = 0  # a black image stays constant (normalised black) in every view
+    target, anchor, focal = make(images, torch.Generator().manual_seed(0))
+    assert target.shape == (5, 3, 28, 28) and anchor.shape == (5, 3, 28, 28) and focal.shape == (15, 3, 12, 12)
+    black = (0 - torch.tensor(cfg.mean)) / torch.tensor(cfg.std)
+    for view in (target[2], anchor[2], focal[2], focal[5 + 2], focal[10 + 2]):  # view-major rows of image 2
+        torch.testing.assert_close(view.mean(dim=(1, 2)), black, rtol=1e-4, atol=1e-4)
+    again = make(images, torch.Generator().manual_seed(0))
+    assert all(torch.equal(a, b) for a, b in zip((target, anchor, focal), again))

@@ -5,20 +5,23 @@ from msn.data.datasets import (
     ImageFolderDataset,
     SyntheticImages,
     build_dataset,
+    fixed_image_size,
     prepare_fashion_mnist,
 )
-from msn.data.batch_augment import BatchPhotometric
+from msn.data.batch_augment import BatchMultiView, BatchPhotometric
 from msn.data.loader import (
     MultiViewBatch,
     MultiViewCollate,
     MultiViewDataset,
     ResumableSampler,
+    build_multiview_data,
     build_train_loader,
     collate_views,
 )
 from msn.data.transforms import MultiViewTransform, eval_transform, geometric_transform, view_transform
 
 __all__ = [
+    "BatchMultiView",
     "BatchPhotometric",
     "MultiViewCollate",
     "FashionMNISTDataset",
@@ -29,9 +32,11 @@ __all__ = [
     "ResumableSampler",
     "SyntheticImages",
     "build_dataset",
+    "build_multiview_data",
     "build_train_loader",
     "collate_views",
     "eval_transform",
+    "fixed_image_size",
     "prepare_fashion_mnist",
     "geometric_transform",
     "view_transform",

@@ -11,6 +11,7 @@ of the same name on float images (tests/test_data_batch_augment.py).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -174,3 +175,93 @@ class BatchPhotometric:
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         return self.apply(images, self.sample(images.shape[0], generator))
+
+
+def sample_crop_boxes(count: int, height: int, width: int, scale: tuple[float, float],
+                      generator: torch.Generator, ratio: tuple[float, float] = (3 / 4, 4 / 3),
+                      attempts: int = 10) -> torch.Tensor:
+    """RandomResizedCrop boxes for ``count`` crops of an ``height x width`` image, vectorised.
+
+    Same algorithm as torchvision's ``RandomResizedCrop``: up to ``attempts`` draws of an area
+    fraction in ``scale`` and a log-uniform aspect ratio, the first that fits wins, else a
+    central crop. Returns float [count, 4] boxes ``(x0, y0, x1, y1)`` in pixels.
+    """
+    area = height * width
+    target = area * (scale[0] + (scale[1] - scale[0]) * torch.rand(count, attempts, generator=generator))
+    low, high = math.log(ratio[0]), math.log(ratio[1])
+    aspect = torch.exp(low + (high - low) * torch.rand(count, attempts, generator=generator))
+    w = torch.round(torch.sqrt(target * aspect))
+    h = torch.round(torch.sqrt(target / aspect))
+    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first = torch.where(fits.any(dim=1), fits.float().argmax(dim=1), torch.full((count,), -1))
+    rows = torch.arange(count)
+    w, h = w[rows, first.clamp_min(0)], h[rows, first.clamp_min(0)]
+    u_top, u_left = torch.rand(count, generator=generator), torch.rand(count, generator=generator)
+    top = torch.floor(u_top * (height - h + 1))
+    left = torch.floor(u_left * (width - w + 1))
+    fallback = first < 0
+    if fallback.any():
+        in_ratio = width / height
+        if in_ratio < ratio[0]:
+            fw, fh = width, round(width / ratio[0])
+        elif in_ratio > ratio[1]:
+            fw, fh = round(height * ratio[1]), height
+        else:
+            fw, fh = width, height
+        w[fallback], h[fallback] = float(fw), float(fh)
+        top[fallback], left[fallback] = float((height - fh) // 2), float((width - fw) // 2)
+    return torch.stack([left, top, left + w, top + h], dim=1)
+
+
+def resized_crops(images: torch.Tensor, boxes: torch.Tensor, image_index: torch.Tensor, size: int,
+                  flip: torch.Tensor | None = None) -> torch.Tensor:
+    """Crop ``boxes`` out of ``images[image_index]`` and resize each to ``size x size``.
+
+    Bilinear sampling with 2x2 samples averaged per output pixel (``roi_align``), so shrinking
+    crops are smoothed; optional horizontal flip per crop. Float in, float out.
+    """
+    from torchvision.ops import roi_align
+
+    rois = torch.cat([image_index.to(boxes.dtype).unsqueeze(1), boxes], dim=1).to(images.device, images.dtype)
+    crops = roi_align(images, rois, output_size=(size, size), spatial_scale=1.0, sampling_ratio=2, aligned=True)
+    if flip is not None:
+        flipped = flip.to(crops.device).nonzero().flatten()
+        if flipped.numel():
+            crops[flipped] = crops[flipped].flip(-1)
+    return crops
+
+
+class BatchMultiView:
+    """All views of a batch of equal-size uint8 images at once: crops, flips, photometric.
+
+    Used by ``data.augment=batched`` when the data set has a fixed image size (Fashion-MNIST,
+    synthetic): every crop box, flip and photometric parameter is drawn per view and image,
+    as torchvision would image by image, but each operation runs once over the batch.
+
+    Args:
+        views_cfg: a :class:`msn.config.ViewsConfig`.
+    """
+
+    def __init__(self, views_cfg):
+        self.cfg = views_cfg
+        self.rand = BatchPhotometric(views_cfg, views_cfg.rand_size)
+        self.focal = BatchPhotometric(views_cfg, views_cfg.focal_size)
+
+    def __call__(self, images: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """uint8 [B, 3, H, W] -> (target [B], anchor [B], focal [V*B] view-major), normalised."""
+        cfg = self.cfg
+        b, _, height, width = images.shape
+        x = images.float().div_(255.0)
+        index = torch.arange(b)
+
+        def views(count: int, size: int, scale) -> torch.Tensor:
+            image_index = index.repeat(count)  # view-major: view 0 of every image, then view 1...
+            boxes = sample_crop_boxes(count * b, height, width, tuple(scale), generator)
+            flip = torch.rand(count * b, generator=generator) < cfg.hflip
+            return resized_crops(x, boxes, image_index, size, flip)
+
+        pair = self.rand(views(2, cfg.rand_size, cfg.rand_scale), generator)
+        focal = views(cfg.num_focal, cfg.focal_size, cfg.focal_scale) if cfg.num_focal else x.new_zeros(0, 3, cfg.focal_size, cfg.focal_size)
+        if cfg.num_focal:
+            focal = self.focal(focal, generator)
+        return pair[:b], pair[b:], focal

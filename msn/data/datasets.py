@@ -4,6 +4,9 @@
   folder); unreadable files are skipped with one warning per file (``on_bad_image: skip``).
 * ``FashionMNISTDataset``: the idx files of Fashion-MNIST, read by torchvision's reader.
 * ``SyntheticImages``: deterministic class-structured random images for tests.
+
+Data sets whose images all have one size expose ``image_size = (H, W)``; the batched
+augmentation then crops whole batches at once.
 """
 
 from __future__ import annotations
@@ -127,6 +130,7 @@ class FashionMNISTDataset(torch.utils.data.Dataset):
     def __init__(self, root: str | None = None, train: bool = True):
         reader = FashionMNIST(str(prepare_fashion_mnist(root)), train=train, download=False)
         self.images = reader.data  # uint8 [N, 28, 28]
+        self.image_size = (self.images.shape[1], self.images.shape[2])
         self.targets = [int(t) for t in reader.targets]
         self.train = train
 
@@ -153,8 +157,9 @@ class SyntheticImages(torch.utils.data.Dataset):
     """
 
     def __init__(self, size: int = 256, num_classes: int = 10, image_size: int = 64, seed: int = 0):
-        self.size, self.num_classes, self.image_size, self.seed = size, num_classes, image_size, seed
+        self.size, self.num_classes, self.side, self.seed = size, num_classes, image_size, seed
         self.targets = [i % num_classes for i in range(size)]
+        self.image_size = (image_size, image_size)
 
     def __len__(self) -> int:
         return self.size
@@ -162,7 +167,7 @@ class SyntheticImages(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         label = self.targets[index]
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
-        side = self.image_size
+        side = self.side
         ramp = torch.linspace(0, 1, side)
         angle = torch.tensor(2 * torch.pi * label / self.num_classes)
         field = torch.cos(angle) * ramp[None, :] + torch.sin(angle) * ramp[:, None]
@@ -196,3 +201,10 @@ def build_dataset(data_cfg, train: bool = True) -> torch.utils.data.Dataset:
         size = data_cfg.synthetic_size if train else max(data_cfg.synthetic_size // 4, data_cfg.synthetic_classes)
         return SyntheticImages(size, data_cfg.synthetic_classes, data_cfg.synthetic_image_size, seed=0 if train else 1)
     raise ValueError(f"data.name: unknown data set {name!r}")
+
+
+def fixed_image_size(dataset) -> tuple[int, int] | None:
+    """``(H, W)`` when every image of ``dataset`` (or of the data set a Subset wraps) has that size."""
+    while isinstance(dataset, torch.utils.data.Subset):
+        dataset = dataset.dataset
+    return getattr(dataset, "image_size", None)

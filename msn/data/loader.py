@@ -27,7 +27,8 @@ class MultiViewDataset(Dataset):
 
     Args:
         base: data set of ``(uint8 image or None, label)``.
-        transform: a :class:`MultiViewTransform`.
+        transform: a :class:`MultiViewTransform`, or ``None`` to pass the uint8 image on
+            (``views = [image]``) for :class:`msn.data.batch_augment.BatchMultiView`.
         seed: run seed.
         num_patches: patch tokens N of an anchor view (for the per-image mask).
         mask_ratio: anchor token-drop ratio; masks are drawn here, per image, unless
@@ -50,7 +51,7 @@ class MultiViewDataset(Dataset):
             return None
         with torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(sample_seed(self.seed, epoch, index))
-            views = self.transform(image)
+            views = [image] if self.transform is None else self.transform(image)
             keep = None
             if not self.shared_mask and self.mask_ratio > 0:
                 keep = sample_keep_indices(1, self.num_patches, self.mask_ratio)[0]
@@ -84,7 +85,7 @@ class MultiViewBatch:
         return self.target.shape[0]
 
 
-def collate_views(samples: list, photometric=None, seed: int = 0) -> MultiViewBatch:
+def collate_views(samples: list, photometric=None, seed: int = 0, batch_views=None) -> MultiViewBatch:
     """Stack samples view-major, dropping unreadable ones (``None``) and counting them.
 
     Args:
@@ -93,10 +94,18 @@ def collate_views(samples: list, photometric=None, seed: int = 0) -> MultiViewBa
             :class:`msn.data.batch_augment.BatchPhotometric` applied to the uint8 crops, with
             a generator seeded by the batch's first ``(epoch, index)`` key.
         seed: run seed.
+        batch_views: optional :class:`msn.data.batch_augment.BatchMultiView` that makes every
+            view of the batch from the raw uint8 images (samples carry ``views = [image]``).
     """
     good = [s for s in samples if s is not None]
     if not good:
         raise RuntimeError(f"every image of a batch of {len(samples)} was unreadable")
+    keep = torch.stack([s[1] for s in good]) if good[0][1] is not None else None
+    labels = torch.tensor([s[2] for s in good])
+    if batch_views is not None:
+        generator = torch.Generator().manual_seed(sample_seed(seed + 1, *good[0][3]))
+        target, anchor, focal = batch_views(torch.stack([s[0][0] for s in good]), generator)
+        return MultiViewBatch(target, anchor, focal, keep, labels, len(samples) - len(good))
     num_focal = len(good[0][0]) - 2
     target = torch.stack([s[0][0] for s in good])
     anchor = torch.stack([s[0][1] for s in good])
@@ -111,19 +120,17 @@ def collate_views(samples: list, photometric=None, seed: int = 0) -> MultiViewBa
         both = rand(torch.cat([target, anchor]), generator)
         target, anchor = both[: len(good)], both[len(good):]
         focal = small(focal, generator) if num_focal else focal.float()
-    keep = torch.stack([s[1] for s in good]) if good[0][1] is not None else None
-    labels = torch.tensor([s[2] for s in good])
     return MultiViewBatch(target, anchor, focal, keep, labels, len(samples) - len(good))
 
 
 class MultiViewCollate:
     """Picklable ``collate_fn`` for DataLoader workers (see :func:`collate_views`)."""
 
-    def __init__(self, photometric=None, seed: int = 0):
-        self.photometric, self.seed = photometric, seed
+    def __init__(self, photometric=None, seed: int = 0, batch_views=None):
+        self.photometric, self.seed, self.batch_views = photometric, seed, batch_views
 
     def __call__(self, samples: list) -> MultiViewBatch:
-        return collate_views(samples, self.photometric, self.seed)
+        return collate_views(samples, self.photometric, self.seed, self.batch_views)
 
 
 class ResumableSampler(Sampler):
@@ -184,8 +191,32 @@ __all__ = [
     "MultiViewCollate",
     "MultiViewDataset",
     "ResumableSampler",
+    "build_multiview_data",
     "build_train_loader",
     "collate_views",
     "sample_seed",
     "steps_per_epoch",
 ]
+
+
+def build_multiview_data(dataset: Dataset, data_cfg, seed: int, num_patches: int, mask_ratio: float,
+                         shared_mask: bool) -> tuple[MultiViewDataset, MultiViewCollate]:
+    """The pre-training data set wrapper and collate function for ``data_cfg.augment``.
+
+    * ``per_sample``: the whole torchvision v2 pipeline image by image.
+    * ``batched`` on a data set of fixed image size: every view of the batch made at once
+      (:class:`~msn.data.batch_augment.BatchMultiView`).
+    * ``batched`` otherwise: uint8 crops image by image, photometric ops per batch.
+    """
+    from msn.data.batch_augment import BatchMultiView, BatchPhotometric
+    from msn.data.datasets import fixed_image_size
+
+    views = data_cfg.views
+    if data_cfg.augment == "per_sample":
+        transform, collate = MultiViewTransform(views, photometric=True), MultiViewCollate(seed=seed)
+    elif fixed_image_size(dataset) is not None:
+        transform, collate = None, MultiViewCollate(seed=seed, batch_views=BatchMultiView(views))
+    else:
+        photometric = (BatchPhotometric(views, views.rand_size), BatchPhotometric(views, views.focal_size))
+        transform, collate = MultiViewTransform(views, photometric=False), MultiViewCollate(photometric, seed)
+    return MultiViewDataset(dataset, transform, seed, num_patches, mask_ratio, shared_mask), collate
