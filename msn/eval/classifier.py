@@ -38,6 +38,7 @@ weighted k-NN of Wu et al. 2018 / DINO), the class with the largest total weight
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
@@ -46,6 +47,25 @@ import torch
 
 #: Rows of the test set scored per chunk (bounds memory of the [chunk, N] similarity matrix).
 CHUNK = 4096
+
+#: CPU solves with fewer multiply-adds per iteration (N * D * C) run on one thread: the
+#: OpenMP fork/join of tiny matrix products costs more than it saves, and on busy cores
+#: it can make a solve 50x slower.
+SINGLE_THREAD_WORK = 5e7
+
+
+@contextlib.contextmanager
+def cpu_threads(device: torch.device, work: float):
+    """Use one intra-op thread for small CPU problems; restore the setting afterwards."""
+    if device.type != "cpu" or work >= SINGLE_THREAD_WORK or torch.get_num_threads() == 1:
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def normalize_rows(features: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
@@ -103,6 +123,7 @@ class LogRegResult:
         objective: final ``J(W)``.
         grad_max: final max-abs gradient.
         iterations: L-BFGS iterations done.
+        evaluations: objective + gradient evaluations (line search included).
         converged: ``grad_max <= tol``.
     """
 
@@ -111,6 +132,7 @@ class LogRegResult:
     objective: float
     grad_max: float
     iterations: int
+    evaluations: int
     converged: bool
 
     def predict(self, features: torch.Tensor) -> torch.Tensor:
@@ -160,17 +182,22 @@ def fit_logistic_regression(
     state = {}
 
     def closure() -> torch.Tensor:
+        # one pass of exp: probs = softmax(logits) in place, loss from its normaliser
         with torch.no_grad():
-            logits = x @ weight.T
-            lse = torch.logsumexp(logits, dim=1)
-            loss = (lse - logits[rows, y]).sum() / n + lambd / (2 * n) * weight.pow(2).sum()
-            probs = torch.exp(logits - lse[:, None])
-            probs[rows, y] -= 1.0
-            grad = probs.T @ x
+            logits = torch.mm(x, weight.T)
+            logits.sub_(logits.amax(dim=1, keepdim=True))
+            picked = logits[rows, y].sum()
+            logits.exp_()
+            norm = logits.sum(dim=1, keepdim=True)
+            loss = (torch.log(norm).sum() - picked) / n + lambd / (2 * n) * weight.pow(2).sum()
+            logits.div_(norm)
+            logits[rows, y] -= 1.0
+            grad = torch.mm(logits.T, x)
             grad.div_(n).add_(weight, alpha=lambd / n)
             weight.grad = grad
             state["grad_max"] = float(grad.abs().max())
             state["loss"] = float(loss)
+            state["evaluations"] = state.get("evaluations", 0) + 1
         return loss
 
     eps = torch.finfo(options.dtype).eps
@@ -184,9 +211,10 @@ def fit_logistic_regression(
         history_size=options.history_size,
         line_search_fn="strong_wolfe",
     )
-    optimizer.step(closure)
+    with cpu_threads(device, float(n) * x.shape[1] * num_classes):
+        optimizer.step(closure)
+        closure()  # objective and gradient at the returned point
     iterations = int(optimizer.state[optimizer._params[0]].get("n_iter", 0))
-    closure()  # objective and gradient at the returned point
     weight = weight.detach()
     return LogRegResult(
         weight=weight.cpu(),
@@ -194,6 +222,7 @@ def fit_logistic_regression(
         objective=state["loss"],
         grad_max=state["grad_max"],
         iterations=iterations,
+        evaluations=state["evaluations"] - 1,
         converged=state["grad_max"] <= options.tol,
     )
 

@@ -293,9 +293,11 @@ def class_orders(labels: Sequence[int], seed: int, split: int) -> dict[int, np.n
     on which images the class has.
     """
     labels = np.asarray(labels)
+    by_label = np.argsort(labels, kind="stable")  # indices grouped by class, ascending within
+    classes, starts, counts = np.unique(labels[by_label], return_index=True, return_counts=True)
     orders = {}
-    for label in np.unique(labels):
-        members = np.flatnonzero(labels == label)
+    for label, start, count in zip(classes, starts, counts):
+        members = by_label[start : start + count]
         rng = np.random.default_rng([int(seed), int(split), int(label)])
         orders[int(label)] = members[rng.permutation(len(members))]
     return orders

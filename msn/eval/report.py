@@ -1,0 +1,164 @@
+"""Reporting of low-shot results: the printed table, ``results.json`` and the PNG chart.
+
+The MSN paper (Assran et al., 2022, Table 1 / Fig. 1; reference doc Sec. 8) reports top-1
+accuracy on the validation set as mean +- std over three labelled splits, per number of
+labelled images per class, plus the single 1% split. Here the std is the sample standard
+deviation over splits (``ddof=1``; 0 for a single split). The ``results.json`` schema is
+documented in ``docs/eval.md`` and in :func:`msn.eval.lowshot.run_lowshot`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+SCHEMA = "msn-lowshot-results"
+SCHEMA_VERSION = 1
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (``ddof=1``; 0.0 for one value)."""
+    values = [float(v) for v in values]
+    if not values:
+        return math.nan, math.nan
+    mean = sum(values) / len(values)
+    if len(values) == 1:
+        return mean, 0.0
+    var = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
+    return mean, math.sqrt(var)
+
+
+def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Aggregate the per-split records of one subset size into the ``results.json`` entry."""
+    acc = [r["accuracy"] for r in records]
+    knn = [r["knn_accuracy"] for r in records]
+    mean, std = mean_std(acc)
+    knn_mean, knn_std = mean_std(knn)
+    per_class = [r["images_per_class"] for r in records]
+    return {
+        "accuracy": acc,
+        "mean": mean,
+        "std": std,
+        "lambda": [r["lambda"] for r in records],
+        "lambda_selection": [r["lambda_selection"] for r in records],
+        "knn_accuracy": knn,
+        "knn_mean": knn_mean,
+        "knn_std": knn_std,
+        "train_size": [r["train_size"] for r in records],
+        "images_per_class": sum(p["mean"] for p in per_class) / len(per_class),
+        "splits": records,
+    }
+
+
+def _fmt(mean: float, std: float) -> str:
+    return f"{mean:6.2f} +- {std:4.2f}"
+
+
+def _lambda_cell(entry: dict[str, Any]) -> str:
+    methods = set(entry["lambda_selection"])
+    method = methods.pop() if len(methods) == 1 else "mixed"
+    return f"{method}: " + ", ".join(f"{v:g}" for v in entry["lambda"])
+
+
+def format_table(results: dict[str, Any]) -> str:
+    """Plain-text table: one row per subset size (k-shot rows, then percent rows)."""
+    knn_k = results["knn"]["k"]
+    header = ["labelled/class", "splits", "logreg top-1", f"k-NN top-1 (k={knn_k})", "lambda"]
+    rows = []
+    for key, entry in results["shots"].items():
+        rows.append([key, str(len(entry["accuracy"])), _fmt(entry["mean"], entry["std"]),
+                     _fmt(entry["knn_mean"], entry["knn_std"]), _lambda_cell(entry)])
+    for key, entry in results["percent"].items():
+        rows.append([f"{key}% ({entry['images_per_class']:.1f})", str(len(entry["accuracy"])),
+                     _fmt(entry["mean"], entry["std"]), _fmt(entry["knn_mean"], entry["knn_std"]),
+                     _lambda_cell(entry)])
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
+    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    title = (
+        f"Low-shot top-1 accuracy (%) on {results['data']['name']} "
+        f"({results['data']['test_images_used']} test images, mean +- std over splits)\n"
+        f"encoder: {describe_encoder(results)}; feature: {results['feature']['kind']} "
+        f"(dim {results['feature']['dim']}); wall time {results['wall_time_s']:.1f} s"
+    )
+    return "\n".join([title, line(header), rule, *(line(r) for r in rows)])
+
+
+def describe_encoder(results: dict[str, Any]) -> str:
+    """One phrase naming what was evaluated."""
+    baseline = results.get("baseline")
+    backbone = results.get("backbone") or {}
+    path = backbone.get("path")
+    if baseline == "pixels":
+        return "raw pixels (baseline)"
+    if baseline == "random":
+        return f"random init of the architecture of {path} (baseline)"
+    return f"{path} [{backbone.get('which')}]"
+
+
+def write_json(results: dict[str, Any], path: str | os.PathLike) -> Path:
+    """Write ``results.json`` (NaN written as ``null``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def clean(value):
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {str(k): clean(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [clean(v) for v in value]
+        return value
+
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(clean(results), indent=2) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def plot(results: dict[str, Any], path: str | os.PathLike) -> Path:
+    """PNG chart: top-1 accuracy vs labelled images per class (log x), mean +- std error bars.
+
+    Logistic regression and k-NN are two series over the k-shot sizes; percent subsets are
+    separate markers at their mean number of images per class, labelled with the percentage.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    shots = sorted(results["shots"].values(), key=lambda e: e["images_per_class"])
+    percents = sorted(results["percent"].items(), key=lambda item: item[1]["images_per_class"])
+    xs = sorted({e["images_per_class"] for e in shots} | {e["images_per_class"] for _, e in percents})
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
+    for name, mean_key, std_key, style, marker in (
+        ("logistic regression", "mean", "std", "o-", "*"),
+        (f"k-NN (k={results['knn']['k']})", "knn_mean", "knn_std", "s--", "X"),
+    ):
+        line = ax.errorbar([e["images_per_class"] for e in shots], [e[mean_key] for e in shots],
+                           yerr=[e[std_key] for e in shots], fmt=style, capsize=4, label=name)
+        color = line[0].get_color()
+        for key, entry in percents:
+            ax.errorbar([entry["images_per_class"]], [entry[mean_key]], yerr=[entry[std_key]], fmt=marker,
+                        color=color, markersize=10, capsize=4, label=f"{name}, {key}% of each class")
+            ax.annotate(f"{key}%", (entry["images_per_class"], entry[mean_key]), textcoords="offset points",
+                        xytext=(7, -4), fontsize=8, color=color)
+    if xs and min(xs) > 0:
+        ax.set_xscale("log")
+        ax.set_xticks(xs)
+        ax.set_xticklabels([f"{x:g}" for x in xs])
+        ax.minorticks_off()
+    ax.set_xlabel("labelled images per class")
+    ax.set_ylabel("top-1 accuracy (%)")
+    ax.set_title(f"{results['data']['name']}: {describe_encoder(results)}"[:90], fontsize=9)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
