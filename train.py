@@ -1,9 +1,27 @@
-"""MSN pre-training entry point: ``python train.py experiment=fmnist_demo`` (see README)."""
+"""MSN pre-training entry point: ``python train.py experiment=fmnist_demo`` (see README).
+
+Several processes: ``torchrun --nproc_per_node N train.py ...``, ``srun`` with one task per
+GPU, or ``python train.py -m hydra/launcher=slurm ...`` (docs/scaling.md).
+"""
+
+import os
+import sys
 
 import hydra
 from omegaconf import DictConfig
 
 from msn.cli import run_training
+
+
+def _quiet_non_main_ranks(argv: list[str]) -> None:
+    """Ranks > 0 of torchrun/srun neither write ``.hydra/`` nor the log file (rank 0 does)."""
+    rank = os.environ.get("RANK") or (os.environ.get("SLURM_PROCID") if "SLURM_STEP_ID" in os.environ else None)
+    if not rank or int(rank) == 0:
+        return
+    if not any(arg.startswith(("hydra.output_subdir=", "++hydra.output_subdir=")) for arg in argv):
+        argv.append("hydra.output_subdir=null")
+    if not any(arg.startswith("hydra/job_logging=") for arg in argv):
+        argv.append("hydra/job_logging=stdout")
 
 
 @hydra.main(config_path="configs", config_name="config", version_base="1.3")
@@ -12,4 +30,6 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    if "-m" not in sys.argv and "--multirun" not in sys.argv:
+        _quiet_non_main_ranks(sys.argv)
     main()

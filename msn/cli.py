@@ -1,11 +1,20 @@
-"""Command-line glue shared by the Hydra entry points: config errors become one line."""
+"""Command-line glue shared by the Hydra entry points: config errors become one line.
+
+Exit codes of ``train.py``: 0 done; 2 bad configuration or data; 75 (``EX_TEMPFAIL``)
+stopped by a preemption signal after writing ``checkpoints/latest.pt`` (run the same
+command again to continue; in a Slurm job rank 0 has already requeued it, see
+``docs/scaling.md``).
+"""
 
 from __future__ import annotations
 
 import logging
+import os
+import shutil
+import subprocess
 import sys
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from msn.config import ConfigError, load_config
 
@@ -13,23 +22,69 @@ log = logging.getLogger("msn")
 
 
 def run_training(raw: DictConfig) -> dict:
-    """Validate ``raw`` and pre-train; a bad config or missing data exits with one line."""
+    """Set up the process group (torchrun / srun), validate ``raw`` and pre-train.
+
+    A bad config or missing data exits with one line (status 2); a preemption signal exits
+    with :data:`msn.train.trainer.EXIT_PREEMPTED` after the checkpoint is written.
+    """
     from msn import distributed
     from msn.train import Trainer, TrainingDivergedError
+    from msn.train.trainer import EXIT_PREEMPTED, Preempted
 
     try:
-        cfg = load_config(raw, world_size=distributed.world_size())
-        trainer = Trainer(cfg, init_state=_init_state(cfg.init_from))
-    except (ConfigError, FileNotFoundError, ValueError) as error:
+        env = distributed.init_from_env(
+            device=str(_select(raw, "device", "auto")),
+            backend=str(_select(raw, "dist.backend", "auto")),
+            timeout_min=float(_select(raw, "dist.timeout_min", 30.0)),
+            slurm=str(_select(raw, "dist.slurm_env", "auto")),
+        )
+    except ValueError as error:
         _fail(error)
+    if env.rank > 0:
+        log.setLevel(logging.WARNING)  # one process reports progress
     try:
-        record = trainer.fit()
-    except TrainingDivergedError as error:
-        _fail(error)
+        try:
+            cfg = load_config(raw, world_size=distributed.world_size())
+            trainer = Trainer(cfg, init_state=_init_state(cfg.init_from))
+        except (ConfigError, FileNotFoundError, ValueError) as error:
+            _fail(error)
+        try:
+            record = trainer.fit()
+        except TrainingDivergedError as error:
+            _fail(error)
+        except Preempted as stop:
+            if distributed.is_main_process():
+                note = _requeue(cfg.dist.requeue)
+                print(f"preempted: {stop}; {note}", file=sys.stderr)
+            distributed.barrier()
+            distributed.teardown()
+            sys.exit(EXIT_PREEMPTED)
+    finally:
+        distributed.teardown()
     if record:
         log.info("finished at step %d: loss %.4f, np %d, max_t %.3f -> %s", record["step"], record["loss"],
                  record["np"], record["max_t"], cfg.output_dir)
     return record
+
+
+def _select(raw: DictConfig | dict, key: str, default):
+    value = OmegaConf.select(OmegaConf.create(raw) if isinstance(raw, dict) else raw, key, default=default)
+    return default if value is None else value
+
+
+def _requeue(mode: str) -> str:
+    """``dist.requeue=auto`` in a Slurm job: ``scontrol requeue $SLURM_JOB_ID`` (the job goes
+    back to the queue and re-runs the same command, which resumes from ``latest.pt``)."""
+    job = os.environ.get("SLURM_ARRAY_JOB_ID") and os.environ.get("SLURM_ARRAY_TASK_ID")
+    job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}" if job else os.environ.get("SLURM_JOB_ID")
+    if mode != "auto" or not job:
+        return "run the same command again to resume"
+    if shutil.which("scontrol") is None:
+        return f"scontrol not found: requeue Slurm job {job} yourself"
+    result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+    if result.returncode != 0:
+        return f"`scontrol requeue {job}` failed: {result.stderr.strip()}"
+    return f"requeued Slurm job {job}"
 
 
 def _init_state(path: str | None):

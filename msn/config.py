@@ -35,6 +35,7 @@ class ModelConfig:
     mlp_ratio: float = 4.0
     attention: str = "sdpa"
     grad_checkpointing: bool = False
+    sync_bn: bool = True
 
 
 @dataclass
@@ -104,6 +105,7 @@ class LossConfig:
     sinkhorn_iters: int = 3
     memax_weight: float = 1.0
     entropy_weight: float = 0.0
+    proto_grad_reduce: str = "mean"
 
 
 @dataclass
@@ -148,6 +150,17 @@ class LoggingConfig:
 
 
 @dataclass
+class DistConfig:
+    """Multi-process training and preemption (``docs/scaling.md``)."""
+
+    backend: str = "auto"
+    timeout_min: float = 30.0
+    slurm_env: str = "auto"
+    preempt_signals: list[str] = field(default_factory=lambda: ["USR1", "USR2", "TERM"])
+    requeue: str = "auto"
+
+
+@dataclass
 class MSNConfig:
     """The whole pre-training configuration (``configs/config.yaml``)."""
 
@@ -166,9 +179,11 @@ class MSNConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
 
 
 DATA_SETS = ("imagenet", "folder", "fashion_mnist", "synthetic")
+PREEMPT_SIGNALS = ("USR1", "USR2", "TERM", "INT", "HUP", "CONT")
 
 
 def _check(condition: bool, key: str, message: str) -> None:
@@ -212,6 +227,13 @@ def validate(cfg: MSNConfig, world_size: int = 1) -> MSNConfig:
     _check(cfg.precision in ("auto", "fp32", "bf16"), "precision", f"must be auto, fp32 or bf16, got {cfg.precision!r}")
     _check(cfg.logging.wandb in ("disabled", "offline", "online"), "logging.wandb", f"must be disabled, offline or online, got {cfg.logging.wandb!r}")
     _check(cfg.optim.fused in ("auto", "true", "false"), "optim.fused", f"must be auto, true or false, got {cfg.optim.fused!r}")
+    _check(cfg.loss.proto_grad_reduce in ("mean", "sum"), "loss.proto_grad_reduce", f"must be mean or sum, got {cfg.loss.proto_grad_reduce!r}")
+    _check(cfg.dist.backend in ("auto", "nccl", "gloo"), "dist.backend", f"must be auto, nccl or gloo, got {cfg.dist.backend!r}")
+    _check(cfg.dist.timeout_min > 0, "dist.timeout_min", f"must be positive, got {cfg.dist.timeout_min}")
+    _check(cfg.dist.slurm_env in ("auto", "never"), "dist.slurm_env", f"must be auto or never, got {cfg.dist.slurm_env!r}")
+    _check(cfg.dist.requeue in ("auto", "never"), "dist.requeue", f"must be auto or never, got {cfg.dist.requeue!r}")
+    for name in cfg.dist.preempt_signals:
+        _check(name.upper().removeprefix("SIG") in PREEMPT_SIGNALS, "dist.preempt_signals", f"unknown signal {name!r}; choose from {list(PREEMPT_SIGNALS)}")
     _check(cfg.resume in ("auto", "never") or os.path.isfile(cfg.resume), "resume", f"must be auto, never or an existing checkpoint file, got {cfg.resume!r}")
     return cfg
 

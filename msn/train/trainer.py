@@ -3,6 +3,14 @@
 One optimiser step: anchor views (masked) and focal views through the online encoder, one
 forward per resolution group; target view through the EMA target encoder without gradient;
 MSN loss in fp32; set LR/WD; backward; clip the encoder's gradient norm; AdamW step; EMA.
+
+With several processes (``docs/scaling.md``) the online encoder + head is wrapped in DDP
+(both forwards of a step are one DDP call), the heads' batch norms are synchronised
+(``model.sync_bn``), the prototypes' gradient is all-reduced by hand
+(``loss.proto_grad_reduce``), and ME-MAX / Sinkhorn reduce over ranks inside the loss, so a
+step equals the single-process step on the concatenated global batch. The EMA target is
+updated identically on every rank. Preemption signals (``dist.preempt_signals``) make every
+rank stop at the next step boundary after rank 0 wrote ``latest.pt``.
 """
 
 from __future__ import annotations
@@ -12,6 +20,8 @@ import logging
 import math
 import os
 import random
+import signal
+import threading
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -20,16 +30,15 @@ from typing import Any
 import numpy as np
 import torch
 from omegaconf import OmegaConf
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from msn import checkpoint, distributed
 from msn.config import MSNConfig, to_dict
 from msn.data import (
-    BatchPhotometric,
-    MultiViewCollate,
-    MultiViewDataset,
-    MultiViewTransform,
     ResumableSampler,
     build_dataset,
+    build_multiview_data,
     build_train_loader,
 )
 from msn.logging import METRICS_FILE, MetricsLogger, progress_bar
@@ -46,11 +55,109 @@ log = logging.getLogger(__name__)
 STAT_NAMES = ("loss", "ce", "memax", "entropy", "np", "max_t", "min_t")
 
 
+#: Exit status of a run stopped by a preemption signal after writing ``latest.pt``
+#: (``EX_TEMPFAIL``: run the same command again, ``resume: auto`` continues).
+EXIT_PREEMPTED = 75
+
+
 class TrainingDivergedError(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is left untouched."""
 
 
-def resolve_device(name: str) -> torch.device:
+class Preempted(Exception):
+    """A preemption signal stopped training at ``step``; ``latest.pt`` holds that step."""
+
+    def __init__(self, step: int, signal_name: str):
+        super().__init__(f"stopped by {signal_name} at step {step}, checkpoint written")
+        self.step, self.signal_name = step, signal_name
+
+
+class PreemptionFlag:
+    """Context manager: while active, ``signals`` only set a flag (the previous handlers are
+    restored on exit). :meth:`agreed` tells every rank whether any rank got one.
+
+    Args:
+        names: signal names (``USR1``, ``SIGTERM``, ...).
+        device: where the one-element flag is all-reduced (the process group's device).
+    """
+
+    def __init__(self, names, device: torch.device):
+        self.signals = [getattr(signal, "SIG" + name.upper().removeprefix("SIG")) for name in names]
+        self.device = device
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "PreemptionFlag":
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.signals:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous.clear()
+
+    def _handle(self, signum, frame) -> None:  # noqa: ARG002 - signal handler signature
+        if self.received is None:
+            self.received = signum
+
+    @property
+    def signal_name(self) -> str:
+        return signal.Signals(self.received).name if self.received is not None else "a signal on another rank"
+
+    def agreed(self) -> bool:
+        """True on every rank when any rank received a signal (one all-reduce per call)."""
+        if not distributed.is_distributed():
+            return self.received is not None
+        flag = torch.tensor([0.0 if self.received is None else 1.0], device=self.device)
+        return bool(distributed.all_reduce_max_(flag).item() > 0)
+
+
+class IgnoreSignals:
+    """``worker_init_fn`` of the data-loader workers: ignore the preemption signals (the main
+    process stops at the next step boundary and shuts the workers down)."""
+
+    def __init__(self, names):
+        self.names = list(names)
+
+    def __call__(self, worker_id: int) -> None:  # noqa: ARG002
+        for name in self.names:
+            signal.signal(getattr(signal, "SIG" + name.upper().removeprefix("SIG")), signal.SIG_IGN)
+
+
+class OnlineForward(nn.Module):
+    """Both online forwards of a step (masked anchors, then all focal views: one forward per
+    resolution group) as one module call, so that DDP sees one forward per backward.
+    Returns the fp32 projections, view-major ``[anchor rows; focal rows]``."""
+
+    def __init__(self, network: MSNNetwork):
+        super().__init__()
+        self.network = network
+
+    def forward(self, anchor: torch.Tensor, keep: torch.Tensor | None, focal: torch.Tensor) -> torch.Tensor:
+        projections = [self.network(anchor, keep)]
+        if focal.numel():
+            projections.append(self.network(focal))
+        return torch.cat([p.float() for p in projections])
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """Seed of the global RNG streams of ``rank`` > 0 (rank 0 keeps the single-process stream)."""
+    return (seed * 1_000_003 + rank * 998_244_353 + 12_345) % (2**32)
+
+
+def _seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+
+
+def resolve_device(name: str, local_rank: int | None = None) -> torch.device:
+    """``auto``: CUDA when available; with ``local_rank`` (several processes) ``auto`` and
+    ``cuda`` mean ``cuda:LOCAL_RANK`` (see :func:`msn.distributed.select_device`)."""
+    if local_rank is not None:
+        return distributed.select_device(name, local_rank)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
@@ -84,20 +191,31 @@ class Trainer:
         self.cfg = cfg
         self.rank, self.world_size = distributed.rank(), distributed.world_size()
         self.is_main = self.rank == 0
-        self.device = resolve_device(cfg.device)
+        self.device = resolve_device(cfg.device, distributed.local_rank() if self.world_size > 1 else None)
         self.autocast_dtype = resolve_autocast_dtype(cfg.precision, self.device)
         self.output_dir = Path(cfg.output_dir)
         views = cfg.data.views
 
-        torch.manual_seed(cfg.seed)
-        random.seed(cfg.seed)
-        np.random.seed(cfg.seed % 2**32)
+        _seed_everything(cfg.seed)  # the same initial weights on every rank
+        if cfg.model.grad_checkpointing:
+            _non_reentrant_checkpointing()
         self.network: MSNNetwork = build_network(cfg.model, cfg.head, views.rand_size).to(self.device)
         self.prototypes = Prototypes(cfg.loss.num_prototypes, cfg.head.output_dim, cfg.loss.freeze_prototypes).to(self.device)
         self.target: MSNNetwork = copy.deepcopy(self.network)
         if init_state is not None:
             init_state(self.network, self.target, self.prototypes)
         self.target.requires_grad_(False)
+        self.online: nn.Module = OnlineForward(self.network)
+        if self.world_size > 1:
+            if cfg.model.sync_bn:
+                distributed.convert_sync_batchnorm(self.network, self.device.type)
+                distributed.convert_sync_batchnorm(self.target, self.device.type)
+            # DDP broadcasts the online weights from rank 0; the target and prototypes too
+            distributed.broadcast_tensors_(list(self.target.state_dict().values()) + [self.prototypes.weight])
+            self.online = DistributedDataParallel(
+                self.online, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                **_no_forward_buffer_sync(),
+            )
 
         self.dataset = build_dataset(cfg.data, train=True)
         if cfg.data.subset is not None and cfg.data.subset < len(self.dataset):
@@ -121,23 +239,46 @@ class Trainer:
             parameter_groups(self.network, self.prototypes.weight, o.decay_pos_embed), o.betas, o.eps, fused
         )
 
-        batched = cfg.data.augment == "batched"
-        transform = MultiViewTransform(views, photometric=not batched)
-        photometric = (BatchPhotometric(views, views.rand_size), BatchPhotometric(views, views.focal_size)) if batched else None
-        self.train_data = MultiViewDataset(self.dataset, transform, cfg.seed, self.num_patches, cfg.mask.ratio, cfg.mask.shared)
+        self.train_data, collate = build_multiview_data(
+            self.dataset, cfg.data, cfg.seed, self.num_patches, cfg.mask.ratio, cfg.mask.shared
+        )
         self.sampler = ResumableSampler(len(self.dataset), global_batch, cfg.seed, self.rank, self.world_size)
         self.loader = build_train_loader(
             self.train_data, self.sampler, cfg.data.num_workers,
             pin_memory=cfg.data.pin_memory and self.device.type == "cuda",
             persistent_workers=cfg.data.persistent_workers,
-            collate=MultiViewCollate(photometric, cfg.seed),
+            collate=collate,
         )
+        if cfg.data.num_workers > 0:  # Slurm signals every process: workers leave it to the main one
+            self.loader.worker_init_fn = IgnoreSignals(cfg.dist.preempt_signals)
         self.step = 0
         self.skipped_images = 0
         self.train_seconds = 0.0
+        if self.rank:
+            _seed_everything(rank_seed(cfg.seed, self.rank))  # per-rank streams of the global RNGs
 
     # ------------------------------------------------------------------ state
+    def _rng_state(self) -> dict[str, Any]:
+        cuda = [torch.cuda.get_rng_state(self.device)] if self.device.type == "cuda" else []
+        return {"torch": torch.get_rng_state(), "cuda": cuda, "numpy": np.random.get_state(), "python": random.getstate()}
+
+    def _set_rng_state(self, rng: dict[str, Any]) -> None:
+        if "torch" in rng:
+            torch.set_rng_state(rng["torch"])
+        cuda = rng.get("cuda") or []
+        if cuda and self.device.type == "cuda":
+            index = self.device.index or 0
+            torch.cuda.set_rng_state(cuda[0] if len(cuda) == 1 else cuda[min(index, len(cuda) - 1)], self.device)
+        if "numpy" in rng:
+            np.random.set_state(rng["numpy"])
+        if "python" in rng:
+            random.setstate(rng["python"])
+
     def state_dict(self) -> dict[str, Any]:
+        """The full training state. Collective with several processes (every rank calls it):
+        the RNG states of all ranks are gathered into ``rng_per_rank``."""
+        rng = self._rng_state()
+        per_rank = distributed.all_gather_object(rng)
         return {
             "config": to_dict(self.cfg),
             "step": self.step,
@@ -146,12 +287,8 @@ class Trainer:
             "target_encoder": self.target.state_dict(),
             "prototypes": self.prototypes.weight.detach().clone(),
             "optimizer": self.optimizer.state_dict(),
-            "rng": {
-                "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-                "numpy": np.random.get_state(),
-                "python": random.getstate(),
-            },
+            "rng": per_rank[0],
+            "rng_per_rank": per_rank,
             "data": {"seed": self.cfg.seed, "epoch": self.step // self.steps_per_epoch,
                      "batch_in_epoch": self.step % self.steps_per_epoch, "global_batch": self.cfg.optim.batch_size},
             "extra": {"skipped_images": self.skipped_images, "train_seconds": self.train_seconds,
@@ -164,15 +301,11 @@ class Trainer:
         with torch.no_grad():
             self.prototypes.weight.copy_(state["prototypes"])
         self.optimizer.load_state_dict(state["optimizer"])
-        rng = state.get("rng", {})
-        if "torch" in rng:
-            torch.set_rng_state(rng["torch"])
-        if rng.get("cuda") and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
-        if "numpy" in rng:
-            np.random.set_state(rng["numpy"])
-        if "python" in rng:
-            random.setstate(rng["python"])
+        per_rank = state.get("rng_per_rank") or [state.get("rng", {})]
+        if self.rank < len(per_rank):
+            self._set_rng_state(per_rank[self.rank])
+        else:  # more ranks than when saved: a fresh stream for this rank
+            _seed_everything(rank_seed(self.cfg.seed, self.rank) + int(state["step"]))
         self.step = int(state["step"])
         extra = state.get("extra", {})
         self.skipped_images = int(extra.get("skipped_images", 0))
@@ -191,14 +324,21 @@ class Trainer:
         if changed:
             log.warning("resuming from %s with a changed config: %s", path, ", ".join(changed))
         self.load_state_dict(state)
+        saved_world = int(state.get("extra", {}).get("world_size", 1))
+        if saved_world != self.world_size:
+            log.warning("resuming a run of %d process(es) with %d: the global batch (%d) and the data order are "
+                        "unchanged, each process now takes %d images per step", saved_world, self.world_size,
+                        self.cfg.optim.batch_size, self.cfg.optim.batch_size // self.world_size)
         if self.is_main:
             _truncate_metrics(self.output_dir / METRICS_FILE, self.step)
         log.info("resumed from %s at step %d", path, self.step)
         return path
 
     def save(self, epoch_copy: int | None = None) -> None:
+        """Rank 0 writes ``latest.pt`` atomically (every rank must call: the state is gathered)."""
+        state = self.state_dict()
         if self.is_main:
-            checkpoint.save_training_checkpoint(self.state_dict(), self.output_dir, epoch_copy)
+            checkpoint.save_training_checkpoint(state, self.output_dir, epoch_copy)
 
     # ------------------------------------------------------------------ step
     def _autocast(self):
@@ -217,12 +357,9 @@ class Trainer:
             keep = sample_keep_indices(batch.size, self.num_patches, cfg.mask.ratio, shared=True,
                                        generator=mask_generator(cfg.seed, self.step, self.rank), device=self.device)
         with self._autocast():
-            projections = [self.network(batch.anchor, keep)]
-            if batch.focal.numel():
-                projections.append(self.network(batch.focal))
+            anchor = self.online(batch.anchor, keep, batch.focal)
             with torch.no_grad():
                 target = self.target(batch.target)
-        anchor = torch.cat([p.float() for p in projections])
         out = msn_loss(
             anchor, target.float(), self.prototypes.weight,
             temperature=cfg.loss.temperature, sharpen_temperature=values["sharpen_T"],
@@ -231,15 +368,31 @@ class Trainer:
         )
         set_lr_and_wd(self.optimizer, values["lr"], values["wd"])
         self.optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
+        out.loss.backward()  # DDP averages the encoder's gradients over ranks here
+        self._reduce_prototype_grad()
         if cfg.optim.clip_grad:
             torch.nn.utils.clip_grad_norm_(self.network.parameters(), cfg.optim.clip_grad)
         self.optimizer.step()
         ema_update(self.target, self.network, values["momentum"])
         self.step += 1
         self.skipped_images += batch.skipped
+        used = out.num_targets_used.float()
+        if self.world_size > 1:  # distinct prototypes chosen by the targets of the GLOBAL batch
+            chosen = torch.zeros(out.targets.shape[1], device=out.targets.device)
+            chosen[out.targets[: batch.size].argmax(dim=1)] = 1.0
+            used = distributed.all_reduce_max_(chosen).sum()
         return torch.stack([out.loss.detach(), out.ce.detach(), out.memax.detach(), out.entropy.detach(),
-                            out.num_targets_used.float(), out.max_target, out.min_target])
+                            used, out.max_target, out.min_target])
+
+    def _reduce_prototype_grad(self) -> None:
+        """The prototypes live outside DDP: all-reduce their gradient (``mean`` like every
+        other gradient, or ``sum`` like the reference)."""
+        grad = self.prototypes.weight.grad
+        if self.world_size == 1 or grad is None:
+            return
+        distributed.all_reduce_sum_(grad)
+        if self.cfg.loss.proto_grad_reduce == "mean":
+            grad.div_(self.world_size)
 
     # ------------------------------------------------------------------ loop
     def fit(self) -> dict[str, Any]:
@@ -252,7 +405,7 @@ class Trainer:
         logger = MetricsLogger(self.output_dir, cfg.logging.wandb, to_dict(cfg), cfg.logging.project,
                                cfg.logging.run_name or cfg.name, enabled=self.is_main)
         self.maybe_resume()
-        self.network.train()
+        self.online.train()
         self.target.train()
         bar = progress_bar(self.max_steps, self.step, enabled=cfg.train.progress and self.is_main)
         record: dict[str, Any] = {}
@@ -260,7 +413,9 @@ class Trainer:
         minimum = torch.full((), math.inf, device=self.device)
         window_steps, window_start = 0, time.perf_counter()
         last_good_step = self.step
+        preemption = PreemptionFlag(cfg.dist.preempt_signals, self.device)
         try:
+            preemption.__enter__()
             while self.step < self.max_steps:
                 self.sampler.set_position(self.step // self.steps_per_epoch, self.step % self.steps_per_epoch)
                 for batch in self.loader:
@@ -274,7 +429,8 @@ class Trainer:
                     if self.step % cfg.train.log_every == 0 or finished or epoch_done:
                         elapsed = time.perf_counter() - window_start
                         self.train_seconds += elapsed
-                        record = self._make_record(sums / window_steps, minimum, window_steps, elapsed)
+                        means = distributed.all_reduce_sum_(sums / window_steps) / self.world_size
+                        record = self._make_record(means, distributed.all_reduce_min_(minimum), window_steps, elapsed)
                         if not math.isfinite(record["loss"]):
                             raise TrainingDivergedError(
                                 f"non-finite loss between steps {last_good_step + 1} and {self.step}; stopping. "
@@ -294,7 +450,16 @@ class Trainer:
                         self.save(copy_epoch)
                     if finished:
                         break
+                    if preemption.agreed():
+                        self.save()
+                        distributed.barrier()  # latest.pt is on disk before any rank exits
+                        if self.is_main:
+                            log.warning("%s at step %d: wrote %s", preemption.signal_name, self.step,
+                                        checkpoint.checkpoint_dir(self.output_dir) / checkpoint.LATEST)
+                        raise Preempted(self.step, preemption.signal_name)
+            distributed.barrier()
         finally:
+            preemption.__exit__(None, None, None)
             bar.close()
             logger.close()
         return record
@@ -320,6 +485,23 @@ class Trainer:
         return f"The last good checkpoint is {latest}."
 
 
+def _no_forward_buffer_sync() -> dict[str, bool]:
+    """DDP keyword that stops the per-forward broadcast of buffers (BN running statistics are
+    not used by training; with SyncBN they are identical on every rank anyway)."""
+    import inspect
+
+    parameters = inspect.signature(DistributedDataParallel.__init__).parameters
+    return {"forward_sync_buffers": False} if "forward_sync_buffers" in parameters else {"broadcast_buffers": False}
+
+
+def _non_reentrant_checkpointing() -> None:
+    """timm's ``checkpoint_seq`` follows a global switch; the non-reentrant variant is the one
+    that works under DDP with two forwards per step (no static graph needed)."""
+    from timm.layers import set_reentrant_ckpt
+
+    set_reentrant_ckpt(False)
+
+
 def _changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
     ignored = {"train.max_steps", "train.progress", "train.log_every", "resume", "logging.wandb", "data.num_workers"}
     changed = []
@@ -328,7 +510,7 @@ def _changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
         a, b = old.get(key), new.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
             changed.extend(_changed_keys(a, b, full + "."))
-        elif a != b and full not in ignored:
+        elif a != b and full not in ignored and not full.startswith("dist."):
             changed.append(f"{full}: {a!r} -> {b!r}")
     return changed
 

@@ -1,0 +1,266 @@
+"""Multi-process training on the CPU with gloo (2 processes), preemption and launcher configs.
+
+One spawn of 2 ranks (module fixture) runs the step-level checks and the Trainer runs of the
+resume test; torchrun launches `train.py` for the relaunch and the preemption tests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from msn import checkpoint, distributed
+from msn.config import ConfigError, load_config
+from msn.losses import msn_loss
+from msn.train import Trainer
+from msn.train.trainer import EXIT_PREEMPTED
+
+from conftest import ROOT, TINY_OVERRIDES, tiny_config_dict
+from dist_helpers import free_port, step_worker, torchrun
+
+WORLD = 2
+#: 2 ranks x 4 images = the single-process batch of 8; per-sample augmentation and per-image
+#: masks are functions of (seed, epoch, index), so both runs see the same views and masks.
+#: Adam's eps is raised so that parameters with a mathematically zero gradient (biases feeding
+#: a batch norm, gradient ~1e-8 of rounding noise) do not turn noise into +-lr steps: the
+#: update then differs by at most lr * |grad difference| / eps (< 1e-6 here).
+STEP_SECTIONS = {"data": {"augment": "per_sample"}, "optim": {"batch_size": 8, "epochs": 2, "warmup_epochs": 1, "eps": 1e-4}}
+RESUME_OVERRIDES = [*TINY_OVERRIDES, "data.augment=per_sample", "optim.eps=1e-4"]
+
+
+def _compose(*overrides, hydra_config=False):
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        return compose("config", overrides=list(overrides), return_hydra_config=hydra_config)
+
+
+def _memax_inputs():
+    generator = torch.Generator().manual_seed(3)
+    batch, views, dim, k = 8, 3, 16, 8
+    anchor = torch.randn(views * batch, dim, generator=generator)
+    anchor.view(views, batch, dim)[:, : batch // 2] += 2.0  # rank 0's images differ from rank 1's
+    return {"anchor": anchor, "target": torch.randn(batch, dim, generator=generator),
+            "prototypes": torch.randn(k, dim, generator=generator)}
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """Run :func:`dist_helpers.step_worker` on 2 ranks; returns (results per rank, tmp dir)."""
+    tmp = tmp_path_factory.mktemp("ddp")
+    tiny = tiny_config_dict(tmp / "step", **STEP_SECTIONS)
+    runs = [OmegaConf.to_container(_compose(*RESUME_OVERRIDES, f"output_dir={tmp / name}", f"train.max_steps={steps}"),
+                                   resolve=True)
+            for name, steps in (("straight", 8), ("split", 3))]
+    mp.spawn(step_worker, args=(WORLD, free_port(), str(tmp), tiny, _memax_inputs(), runs), nprocs=WORLD, join=True)
+    shutil.copy(tmp / "split/checkpoints/latest.pt", tmp / "split_step3.pt")  # before the relaunch continues it
+    return [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(WORLD)], tmp
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    """The single-process step on the global batch of 8."""
+    cfg = load_config(tiny_config_dict(tmp_path_factory.mktemp("single") / "run", **STEP_SECTIONS))
+    trainer = Trainer(cfg)
+    trainer.sampler.set_position(0, 0)
+    batch = next(iter(trainer.loader))
+    stats = trainer.train_step(batch)
+    return {"stats": stats, "anchor": batch.anchor, "encoder": trainer.network.state_dict(),
+            "target": trainer.target.state_dict(), "prototypes": trainer.prototypes.weight.detach(),
+            "proto_grad": trainer.prototypes.weight.grad,
+            "grads": {k: p.grad for k, p in trainer.network.named_parameters() if p.grad is not None}}
+
+
+def _assert_states_close(a: dict, b: dict, atol: float = 1e-5, rtol: float = 0.0) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name].float(), b[name].float(), rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
+
+
+# ---------------------------------------------------------------------------- (1) one step
+def test_ddp_step_equals_single_process_step_on_the_global_batch(two_ranks, single):
+    ranks, _ = two_ranks
+    # each rank loaded its contiguous half of the global batch
+    torch.testing.assert_close(torch.cat([r["ddp"]["anchor"] for r in ranks]), single["anchor"], rtol=0, atol=0)
+    # the logged loss (mean over ranks) and ME-MAX (global) equal the single-process values
+    loss = sum(r["ddp"]["stats"][0] for r in ranks) / WORLD
+    torch.testing.assert_close(loss, single["stats"][0], rtol=0, atol=1e-5)
+    for r in ranks:
+        torch.testing.assert_close(r["ddp"]["stats"][2], single["stats"][2], rtol=0, atol=1e-5)
+    # DDP-averaged gradients (SyncBN backward included) and the all-reduced prototype gradient
+    for r in ranks:
+        _assert_states_close(r["ddp"]["grads"], single["grads"], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(r["ddp"]["proto_grad"], single["proto_grad"], rtol=1e-5, atol=1e-6)
+    # updated online, target (EMA) and prototypes: equal to single process, identical on every rank
+    for r in ranks:
+        _assert_states_close(r["ddp"]["encoder"], single["encoder"])
+        _assert_states_close(r["ddp"]["target"], single["target"])
+        torch.testing.assert_close(r["ddp"]["prototypes"], single["prototypes"], rtol=0, atol=1e-5)
+    for key in ("encoder", "target"):
+        _assert_states_close(ranks[0]["ddp"][key], ranks[1]["ddp"][key], atol=0)
+
+
+def test_sync_bn_is_what_makes_the_step_match(two_ranks, single):
+    ranks, _ = two_ranks
+    local_bn = sum(r["no_sync_bn"]["stats"][0] for r in ranks) / WORLD
+    assert abs(float(local_bn - single["stats"][0])) > 1e-4
+    assert ranks[0]["no_sync_bn"]["encoder"]["head.bn1.running_mean"].ne(ranks[1]["no_sync_bn"]["encoder"]["head.bn1.running_mean"]).any()
+
+
+def test_prototype_gradient_mean_by_default_sum_like_the_reference(two_ranks):
+    ranks, _ = two_ranks
+    for r in ranks:
+        torch.testing.assert_close(r["sum"]["proto_grad"], WORLD * r["ddp"]["proto_grad"], rtol=1e-5, atol=1e-8)
+
+
+def test_grad_checkpointing_under_ddp_gives_the_same_gradients(two_ranks):
+    ranks, _ = two_ranks
+    for r in ranks:
+        _assert_states_close(r["checkpointed"]["grads"], r["ddp"]["grads"], atol=1e-6)
+        _assert_states_close(r["checkpointed"]["encoder"], r["ddp"]["encoder"], atol=1e-6)
+
+
+# ---------------------------------------------------------------------------- (2) ME-MAX
+def test_memax_under_ddp_is_the_global_batch_value_not_the_local_one(two_ranks):
+    ranks, _ = two_ranks
+    inputs = _memax_inputs()
+    protos = inputs["prototypes"].clone().requires_grad_(True)
+    full = msn_loss(inputs["anchor"], inputs["target"], protos)
+    full.memax.backward()
+    for r in ranks:
+        torch.testing.assert_close(r["memax"]["memax"], full.memax.detach(), rtol=0, atol=1e-6)
+        # identity backward + averaging over ranks = the exact gradient of the global term
+        torch.testing.assert_close(r["memax"]["proto_grad_mean"], protos.grad, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(sum(r["memax"]["loss"] for r in ranks) / WORLD, full.loss.detach(), rtol=0, atol=1e-5)
+    # the peer bug: ME-MAX of rank 0's rows alone
+    batch, local = inputs["target"].shape[0], inputs["target"].shape[0] // WORLD
+    rows = torch.cat([torch.arange(v * batch, v * batch + local) for v in range(3)])
+    local_only = msn_loss(inputs["anchor"][rows], inputs["target"][:local], inputs["prototypes"]).memax
+    assert abs(float(local_only.detach() - full.memax.detach())) > 1e-2
+
+
+# ---------------------------------------------------------------------------- (3) resume
+def test_two_process_run_stopped_and_relaunched_ends_equal_to_uninterrupted(two_ranks):
+    _, tmp = two_ranks
+    assert checkpoint.load_checkpoint(tmp / "split/checkpoints/latest.pt")["step"] == 3
+    # the ranks that ran steps 1-3 are gone; relaunch through the command line
+    proc = torchrun(*RESUME_OVERRIDES, f"output_dir={tmp / 'split'}", "train.max_steps=8")
+    out, _ = proc.communicate(timeout=180)
+    assert proc.returncode == 0, out[-3000:]
+    a = checkpoint.load_checkpoint(tmp / "straight/checkpoints/latest.pt")
+    b = checkpoint.load_checkpoint(tmp / "split/checkpoints/latest.pt")
+    assert a["step"] == b["step"] == 8 and b["extra"]["world_size"] == WORLD and len(b["rng_per_rank"]) == WORLD
+    for key in ("encoder", "target_encoder"):
+        for name, tensor in a[key].items():
+            assert torch.equal(tensor, b[key][name]), f"{key}.{name} differs after the relaunch"
+    assert torch.equal(a["prototypes"], b["prototypes"])
+    steps = [json.loads(line)["step"] for line in open(tmp / "split/metrics.jsonl")]
+    assert steps == [2, 3, 4, 6, 8]
+
+
+def test_world_size_change_on_resume_keeps_the_data_order(two_ranks, tmp_path, caplog):
+    """The 2-process checkpoint of step 3 continued by ONE process (same global batch) ends
+    where the uninterrupted 2-process run ends (SyncBN + per-sample augmentation)."""
+    _, tmp = two_ranks
+    raw = _compose(*RESUME_OVERRIDES, f"output_dir={tmp_path / 'one'}", "train.max_steps=8",
+                   f"resume={tmp / 'split_step3.pt'}")
+    with caplog.at_level("WARNING"):
+        Trainer(load_config(raw)).fit()
+    assert "resuming a run of 2 process(es) with 1" in caplog.text
+    a = checkpoint.load_checkpoint(tmp / "straight/checkpoints/latest.pt")
+    b = checkpoint.load_checkpoint(tmp_path / "one/checkpoints/latest.pt")
+    assert b["step"] == 8 and b["extra"]["world_size"] == 1
+    _assert_states_close(a["encoder"], b["encoder"], atol=1e-5)
+    torch.testing.assert_close(a["prototypes"], b["prototypes"], rtol=0, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------- (4) preemption
+def _wait_for_metrics(path, proc, timeout=120.0):
+    start = time.time()
+    while not (path.is_file() and path.read_text().strip()):
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        assert time.time() - start < timeout, "no metrics written"
+        time.sleep(0.05)
+
+
+LONG_RUN = [*TINY_OVERRIDES, "data.synthetic_size=512", "train.log_every=1"]  # 64 steps per epoch
+
+
+def test_sigterm_single_process_checkpoints_and_exits_75(tmp_path):
+    out = tmp_path / "run"
+    env = dict(os.environ, HYDRA_FULL_ERROR="0", WANDB_MODE="disabled")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *LONG_RUN, f"output_dir={out}"], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    _wait_for_metrics(out / "metrics.jsonl", proc)
+    proc.send_signal(signal.SIGTERM)
+    text, _ = proc.communicate(timeout=120)
+    assert proc.returncode == EXIT_PREEMPTED == 75, text[-3000:]
+    line = [x for x in text.splitlines() if x.startswith("preempted: stopped by SIGTERM at step")]
+    assert line, text[-3000:]
+    step = int(line[0].split("at step ")[1].split(",")[0])
+    assert 1 <= step < 64  # before the first end-of-epoch checkpoint: this one is the preemption's
+    assert checkpoint.load_checkpoint(out / "checkpoints/latest.pt")["step"] == step
+    assert not (out / "checkpoints/epoch_0001.pt").exists()
+
+
+def test_sigterm_to_a_two_process_torchrun_job_checkpoints_on_every_rank(tmp_path):
+    out = tmp_path / "run"
+    # Slurm signals every process of the step: send SIGTERM to torchrun's whole session
+    proc = torchrun(*LONG_RUN, f"output_dir={out}", start_new_session=True)
+    _wait_for_metrics(out / "metrics.jsonl", proc)
+    os.killpg(proc.pid, signal.SIGTERM)
+    text, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0  # torchrun itself reports the signal (documented)
+    line = [x for x in text.splitlines() if x.startswith("preempted: stopped by SIGTERM at step")]
+    assert len(line) == 1, text[-3000:]  # rank 0 reports, after both ranks agreed on the step
+    step = int(line[0].split("at step ")[1].split(",")[0])
+    assert 1 <= step < 64
+    assert checkpoint.load_checkpoint(out / "checkpoints/latest.pt")["step"] == step
+
+
+# ---------------------------------------------------------------------------- set-up, config
+def test_slurm_environment_maps_to_torch_distributed():
+    assert distributed.expand_hostlist("gpu[001-003,7],cpu1,a[1-2]b[5,6]") == [
+        "gpu001", "gpu002", "gpu003", "gpu7", "cpu1", "a1b5", "a1b6", "a2b5", "a2b6"]
+    env = {"SLURM_PROCID": "5", "SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "8", "SLURM_NTASKS": "8",
+           "SLURM_LOCALID": "1", "SLURM_STEP_NODELIST": "node[12-15]", "SLURM_JOB_ID": "4242"}
+    mapped = distributed.slurm_env(env)
+    assert mapped == {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "node12",
+                      "MASTER_PORT": str(20_000 + 4242)}
+    assert distributed.slurm_env({**env, "SLURM_STEP_NUM_TASKS": "1", "SLURM_NTASKS": "1"}) == {}
+    batch_script = {k: v for k, v in env.items() if k != "SLURM_STEP_ID"}  # sbatch shell, not an srun task
+    assert distributed.slurm_env(batch_script) == {}
+
+
+def test_slurm_launcher_config_composes():
+    cfg = _compose("hydra/launcher=slurm", "hydra.launcher.nodes=2", "hydra.launcher.gpus_per_node=4",
+                   "hydra.launcher.partition=gpu", hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("submitit_launcher.SlurmLauncher")
+    assert (launcher.nodes, launcher.gpus_per_node, launcher.tasks_per_node) == (2, 4, 4)
+    assert launcher.partition == "gpu" and launcher.timeout_min > 0 and launcher.additional_parameters.requeue is True
+    assert cfg.hydra.runtime.choices["hydra/launcher"] == "slurm"
+    stock = _compose("hydra/launcher=submitit_slurm", "hydra.launcher.tasks_per_node=8", hydra_config=True)
+    assert stock.hydra.launcher.tasks_per_node == 8
+
+
+def test_new_keys_validate(tmp_path):
+    cfg = load_config(tiny_config_dict(tmp_path))
+    assert cfg.model.sync_bn and cfg.loss.proto_grad_reduce == "mean" and cfg.dist.backend == "auto"
+    for section, values, key in (("loss", {"proto_grad_reduce": "max"}, "loss.proto_grad_reduce"),
+                                 ("dist", {"backend": "mpi"}, "dist.backend"),
+                                 ("dist", {"preempt_signals": ["USR3"]}, "dist.preempt_signals"),
+                                 ("dist", {"requeue": "always"}, "dist.requeue")):
+        with pytest.raises(ConfigError, match=key):
+            load_config(tiny_config_dict(tmp_path, **{section: values}))
+    with pytest.raises(ConfigError, match="not divisible by the world size 3"):
+        load_config(tiny_config_dict(tmp_path), world_size=3)
