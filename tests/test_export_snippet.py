@@ -1,4 +1,4 @@
-"""The code in docs/export.md runs as written (on a tiny export and a tiny image folder)."""
+"""The code in the README's "Use your backbone" section runs as written (on a tiny export and a tiny image folder)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from msn.export.cli import main
 
 pytest.importorskip("transformers")
 
-DOC = Path(__file__).resolve().parents[1] / "docs" / "export.md"
+DOC = Path(__file__).resolve().parents[1] / "README.md"
 SIZE = 32
 
 
