@@ -11,4 +11,4 @@ demo:
 	$(PYTHON) train.py experiment=fmnist_demo
 
 test:
-	$(PYTHON) -m pytest -q
+	OMP_WAIT_POLICY=PASSIVE $(PYTHON) -m pytest -q

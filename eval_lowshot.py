@@ -11,6 +11,11 @@ Configuration errors are printed as one line ``error: <key>: <message>`` (exit c
 from __future__ import annotations
 
 import sys
+import os
+
+# Idle OpenMP threads sleep instead of spinning: on small shared CPUs (loader workers, several
+# processes) spinning threads slow every step several-fold; on a quiet machine it costs nothing.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import hydra
 from omegaconf import DictConfig

@@ -7,6 +7,10 @@ GPU, or ``python train.py -m hydra/launcher=slurm ...`` (docs/scaling.md).
 import os
 import sys
 
+# Idle OpenMP threads sleep instead of spinning: on small shared CPUs (loader workers, several
+# processes) spinning threads slow every step several-fold; on a quiet machine it costs nothing.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import hydra
 from omegaconf import DictConfig
 
