@@ -32,7 +32,10 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
+# Idle OpenMP threads sleep instead of spinning (loader workers share the cores with the step).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -135,14 +138,11 @@ def count_flops(fn: Callable[[], Any]) -> int:
 class StepRunner:
     """Our training step on a fixed batch (the Trainer's own ``train_step``)."""
 
-    def __init__(self, cfg: MSNConfig, compile_model: bool = False, channels_last: bool = False):
+    def __init__(self, cfg: MSNConfig, channels_last: bool = False):
         from msn.train import Trainer
 
         self.trainer = Trainer(cfg)
         self.device = self.trainer.device
-        if compile_model:
-            self.trainer.network.compile(dynamic=True)
-            self.trainer.target.compile(dynamic=True)
         self.channels_last = channels_last
         self.batch = random_batch(cfg, self.trainer.num_patches, self.device)
         if channels_last:
@@ -248,7 +248,7 @@ def bench_levers(model: str, batch: int, device: torch.device, precision: str, w
     last = StepRunner(bench_config(model, batch, device=str(device), precision=precision), channels_last=True)
     add("memory format", "channels_last", timed(last, device, warmup, repeats))
     if with_compile:
-        compiled = StepRunner(bench_config(model, batch, device=str(device), precision=precision), compile_model=True)
+        compiled = StepRunner(bench_config(model, batch, device=str(device), precision=precision, train={"compile": True}))
         add("torch.compile", "on", timed(compiled, device, max(warmup, 2), repeats))
     return rows
 
@@ -355,25 +355,23 @@ class ReferencePILDataset(torch.utils.data.Dataset):
 
 
 def _loader(cfg: MSNConfig, dataset, batched: bool, workers: int, num_patches: int, plain: bool):
-    from msn.data import (BatchPhotometric, MultiViewCollate, MultiViewDataset, MultiViewTransform, ResumableSampler,
-                          build_train_loader)
+    from msn.config import replace
+    from msn.data import MultiViewCollate, ResumableSampler, build_multiview_data, build_train_loader
 
     views = cfg.data.views
     if plain:
         data = ReferencePILDataset(dataset, views, pil_images=hasattr(dataset, "samples"))
         collate = MultiViewCollate()
     else:
-        transform = MultiViewTransform(views, photometric=not batched)
-        data = MultiViewDataset(dataset, transform, cfg.seed, num_patches, cfg.mask.ratio)
-        photometric = (BatchPhotometric(views, views.rand_size), BatchPhotometric(views, views.focal_size)) if batched else None
-        collate = MultiViewCollate(photometric, cfg.seed)
+        data_cfg = replace(cfg.data, augment="batched" if batched else "per_sample")
+        data, collate = build_multiview_data(dataset, data_cfg, cfg.seed, num_patches, cfg.mask.ratio, False)
     sampler = ResumableSampler(len(dataset), cfg.optim.batch_size, cfg.seed)
     return build_train_loader(data, sampler, workers, collate=collate)
 
 
 def bench_data(batch: int, repeats: int, workdir: Path, images: int) -> list[dict]:
     """Samples/s on one core (num_workers=0, one thread) for each pipeline."""
-    from msn.data import ImageFolderDataset, SyntheticImages
+    from msn.data import ImageFolderDataset, SyntheticImages, fixed_image_size
 
     rows = []
     threads = torch.get_num_threads()
@@ -385,7 +383,8 @@ def bench_data(batch: int, repeats: int, workdir: Path, images: int) -> list[dic
                                      ("28 px images -> 28/12", small, "fmnist_demo")):
             cfg = bench_config(model, batch)
             patches = (cfg.data.views.rand_size // cfg.model.patch_size) ** 2
-            for pipeline, batched, plain in (("ours: uint8 crops + batched photometric", True, False),
+            ours = "ours: batched crops + photometric" if fixed_image_size(dataset) else "ours: uint8 crops + batched photometric"
+            for pipeline, batched, plain in ((ours, True, False),
                                              ("torchvision v2 per image", False, False),
                                              ("plain PIL per image (reference recipe)", False, True)):
                 loader = _loader(cfg, dataset, batched, 0, patches, plain)
@@ -395,6 +394,14 @@ def bench_data(batch: int, repeats: int, workdir: Path, images: int) -> list[dic
                     count = sum(b.size for b in loader)
                     runs.append(count / (time.perf_counter() - start))
                 rows.append({"data": name, "pipeline": pipeline, "samples_per_s_per_core": statistics.median(runs)})
+            if hasattr(dataset, "samples"):  # the decoder alone bounds every pipeline on JPEGs
+                from msn.data.datasets import decode_rgb
+
+                start = time.perf_counter()
+                for path, _ in dataset.samples:
+                    decode_rgb(path)
+                rows.append({"data": name, "pipeline": "JPEG decode only (PIL), no augmentation: the ceiling",
+                             "samples_per_s_per_core": len(dataset.samples) / (time.perf_counter() - start)})
     finally:
         torch.set_num_threads(threads)
     return rows
@@ -469,7 +476,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--small-batch", type=int, default=128, help="batch for fmnist_demo")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--e2e-steps", type=int, default=4)
+    parser.add_argument("--e2e-steps", type=int, default=8)
     parser.add_argument("--data-images", type=int, default=32)
     parser.add_argument("--workers", type=int, default=1, help="loader workers in the e2e section")
     parser.add_argument("--compile", action="store_true", help="include torch.compile (slow to compile on CPU)")

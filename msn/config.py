@@ -138,6 +138,7 @@ class TrainLoopConfig:
     log_every: int = 10
     checkpoint_every_epochs: int = 50
     progress: bool = True
+    compile: bool = False
 
 
 @dataclass

@@ -217,6 +217,11 @@ class Trainer:
                 **_no_forward_buffer_sync(),
             )
 
+        if cfg.train.compile:
+            # in place (state-dict names unchanged); dynamic shapes: token counts vary per view group
+            self.network.backbone.compile(dynamic=True)
+            self.target.backbone.compile(dynamic=True)
+
         self.dataset = build_dataset(cfg.data, train=True)
         if cfg.data.subset is not None and cfg.data.subset < len(self.dataset):
             self.dataset = torch.utils.data.Subset(self.dataset, range(cfg.data.subset))
