@@ -13,6 +13,7 @@ import msn.config
 import msn.models
 from msn.export import WeightsMismatchError, export, load_backbone
 from msn.export.cli import main
+from weights_helpers import write_run
 
 transformers = pytest.importorskip("transformers")
 from safetensors import safe_open  # noqa: E402
@@ -32,33 +33,10 @@ def tiny_cfg():
     })
 
 
-def randomize(network: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Non-trivial values everywhere (LayerNorm affine, biases, position embedding)."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, tensor in network.state_dict().items():
-            if not tensor.is_floating_point():
-                tensor.fill_(7)
-                continue
-            tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.2 + (0.5 if tensor.ndim == 1 else 0.0))
-            if name.endswith("running_var"):
-                tensor.abs_().add_(0.1)
-    return network
-
-
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """A training checkpoint with distinct online and target encoders."""
-    cfg = tiny_cfg()
-    online = randomize(msn.models.build_network(cfg.model, cfg.head, SIZE), 1)
-    target = randomize(msn.models.build_network(cfg.model, cfg.head, SIZE), 2)
-    out = tmp_path_factory.mktemp("run")
-    path = msn.checkpoint.save_training_checkpoint(
-        {"config": msn.config.to_dict(cfg), "step": 3, "epoch": 0, "encoder": online.state_dict(),
-         "target_encoder": target.state_dict(), "prototypes": torch.randn(16, 32), "optimizer": {}, "rng": {}},
-        out,
-    )
-    return {"path": path, "online": online.eval(), "target": target.eval(), "cfg": cfg}
+    return write_run(tmp_path_factory.mktemp("run"), tiny_cfg(), SIZE, (1, 2), step=3, epoch=0, int_fill=7)
 
 
 @pytest.fixture(scope="module")

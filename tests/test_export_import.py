@@ -24,6 +24,7 @@ from msn.export import (
 )
 from msn.export.cli import main
 from msn.models import Prototypes
+from weights_helpers import randomize as shared_randomize
 
 ROOT = Path(__file__).resolve().parents[1]
 # width 192 (ViT-Ti) so that bare files exercise the heads-by-width table (192 -> 3)
@@ -41,16 +42,7 @@ def make_cfg(width: int = WIDTH, heads: int = HEADS):
 
 def randomize(network: torch.nn.Module, seed: int) -> torch.nn.Module:
     """Random values everywhere, BN running stats and counters included."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, tensor in network.state_dict().items():
-            if not tensor.is_floating_point():
-                tensor.fill_(seed + 10)
-                continue
-            tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.2 + (0.5 if tensor.ndim == 1 else 0.0))
-            if name.endswith("running_var"):
-                tensor.abs_().add_(0.1)
-    return network.eval()
+    return shared_randomize(network, seed, int_fill=seed + 10).eval()
 
 
 def fresh_network(cfg=None):

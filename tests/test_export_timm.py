@@ -14,6 +14,7 @@ import msn.checkpoint
 import msn.config
 import msn.models
 from msn.export import WeightsMismatchError, export, load_backbone
+from weights_helpers import write_run
 
 DEPTH, WIDTH, HEADS, PATCH, SIZE = 2, 64, 4, 8, 32
 
@@ -27,28 +28,9 @@ def tiny_cfg():
     })
 
 
-def randomize(network: torch.nn.Module, seed: int) -> torch.nn.Module:
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, tensor in network.state_dict().items():
-            if tensor.is_floating_point():
-                tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.2 + (0.5 if tensor.ndim == 1 else 0.0))
-                if name.endswith("running_var"):
-                    tensor.abs_().add_(0.1)
-    return network
-
-
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    cfg = tiny_cfg()
-    online = randomize(msn.models.build_network(cfg.model, cfg.head, SIZE), 3)
-    target = randomize(msn.models.build_network(cfg.model, cfg.head, SIZE), 4)
-    path = msn.checkpoint.save_training_checkpoint(
-        {"config": msn.config.to_dict(cfg), "step": 5, "epoch": 1, "encoder": online.state_dict(),
-         "target_encoder": target.state_dict(), "prototypes": torch.randn(16, 32), "optimizer": {}, "rng": {}},
-        tmp_path_factory.mktemp("run"),
-    )
-    return {"path": path, "online": online.eval(), "target": target.eval()}
+    return write_run(tmp_path_factory.mktemp("run"), tiny_cfg(), SIZE, (3, 4), step=5, epoch=1)
 
 
 @pytest.fixture(scope="module")

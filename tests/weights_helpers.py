@@ -1,0 +1,39 @@
+"""Shared by the export/import tests: random weights and a training checkpoint holding them."""
+
+from __future__ import annotations
+
+import torch
+
+import msn.checkpoint
+import msn.config
+import msn.models
+
+
+def randomize(network: torch.nn.Module, seed: int, int_fill: int | None = None) -> torch.nn.Module:
+    """Non-trivial values in every floating tensor (LayerNorm affine, biases, position
+    embedding, BN running statistics kept positive); integer buffers (BN counters) set to
+    ``int_fill`` when given."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, tensor in network.state_dict().items():
+            if not tensor.is_floating_point():
+                if int_fill is not None:
+                    tensor.fill_(int_fill)
+                continue
+            tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.2 + (0.5 if tensor.ndim == 1 else 0.0))
+            if name.endswith("running_var"):
+                tensor.abs_().add_(0.1)
+    return network
+
+
+def write_run(out, cfg, size: int, seeds: tuple[int, int], step: int, epoch: int, int_fill: int | None = None) -> dict:
+    """A training checkpoint in ``out`` with distinct random online and target encoders."""
+    online = randomize(msn.models.build_network(cfg.model, cfg.head, size), seeds[0], int_fill)
+    target = randomize(msn.models.build_network(cfg.model, cfg.head, size), seeds[1], int_fill)
+    path = msn.checkpoint.save_training_checkpoint(
+        {"config": msn.config.to_dict(cfg), "step": step, "epoch": epoch, "encoder": online.state_dict(),
+         "target_encoder": target.state_dict(), "prototypes": torch.randn(cfg.loss.num_prototypes, cfg.head.output_dim),
+         "optimizer": {}, "rng": {}},
+        out,
+    )
+    return {"path": path, "online": online.eval(), "target": target.eval(), "cfg": cfg}
