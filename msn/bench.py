@@ -355,7 +355,7 @@ class ReferencePILDataset(torch.utils.data.Dataset):
 
 
 def _loader(cfg: MSNConfig, dataset, batched: bool, workers: int, num_patches: int, plain: bool):
-    from msn.config import replace
+    from dataclasses import replace
     from msn.data import MultiViewCollate, ResumableSampler, build_multiview_data, build_train_loader
 
     views = cfg.data.views

@@ -7,7 +7,6 @@ values; code below the entry points only sees these dataclasses.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -265,11 +264,6 @@ def from_dict(values: dict[str, Any]) -> MSNConfig:
     """Typed config from :func:`to_dict` output (no file-system validation)."""
     merged = OmegaConf.merge(OmegaConf.structured(MSNConfig), values)
     return OmegaConf.to_object(merged)
-
-
-def replace(cfg: Any, **changes: Any) -> Any:
-    """``dataclasses.replace`` re-exported for call sites that tweak a config."""
-    return dataclasses.replace(cfg, **changes)
 
 
 def register_schema() -> None:

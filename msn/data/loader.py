@@ -182,10 +182,6 @@ def build_train_loader(dataset: MultiViewDataset, sampler: ResumableSampler, num
     )
 
 
-def steps_per_epoch(dataset_size: int, global_batch: int) -> int:
-    return max(dataset_size // global_batch, 0)
-
-
 __all__ = [
     "MultiViewBatch",
     "MultiViewCollate",
@@ -195,7 +191,6 @@ __all__ = [
     "build_train_loader",
     "collate_views",
     "sample_seed",
-    "steps_per_epoch",
 ]
 
 
