@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -147,7 +148,7 @@ def test_init_from_shape_mismatch_is_one_line(reference):
     with pytest.raises(WeightsMismatchError, match=r"prototypes: shape \(16, 24\) in the file, \(32, 24\) in the model"):
         apply_init(fresh_network(), None, Prototypes(32, OUT), init)
     # head of another size: named by its reference key; load_head=False keeps the fresh head
-    other_head = msn.config.replace(make_cfg(), head=msn.config.replace(make_cfg().head, hidden_dim=2 * HIDDEN))
+    other_head = dataclasses.replace(make_cfg(), head=dataclasses.replace(make_cfg().head, hidden_dim=2 * HIDDEN))
     net = msn.models.build_network(other_head.model, other_head.head, SIZE)
     with pytest.raises(WeightsMismatchError, match=r"module\.fc\.fc1\.weight: shape \(48, 192\) in the file, \(96, 192\)"):
         apply_init(net, None, None, init)
