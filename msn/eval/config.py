@@ -29,7 +29,7 @@ from msn.config import DATA_SETS, ConfigError, DataConfig
 FEATURE_KINDS = ("cls_pre_ln", "cls_post_ln", "cls_concat", "patch_mean")
 
 #: Baselines computed by the same pipeline (``baseline=...``).
-BASELINES = (None, "pixels", "random")
+BASELINES = (None, "pixels", "random", "supervised")
 
 #: Default lambda grid of the cross-validated sweep: 10^-4 ... 10^2 in half decades.
 #: Lambda is in the reference's units (see :mod:`msn.eval.classifier`): sklearn's ``C = 1/lambda``.
@@ -42,10 +42,13 @@ class EvalConfig:
 
     Attributes:
         backbone: a backbone file or run directory understood by
-            :func:`msn.export.load_backbone`; optional only for ``baseline=pixels``.
+            :func:`msn.export.load_backbone`; optional only for ``baseline=pixels``
+            (for ``random`` and ``supervised`` it gives the architecture).
         backbone_which: ``target`` (EMA encoder, the reference's choice) or ``online``.
         baseline: ``null`` (evaluate the backbone); ``pixels`` (flattened normalised pixels as features) or
-            ``random`` (a randomly initialised copy of the backbone's architecture).
+            ``random`` (a randomly initialised copy of the backbone's architecture) or
+            ``supervised`` (that architecture trained from scratch, end to end, on each labelled
+            subset: :mod:`msn.eval.supervised`).
         feature: one of :data:`FEATURE_KINDS`.
         feature_blocks: number of blocks for ``feature=cls_concat``.
         pixels_size: image side of the ``pixels`` baseline; ``None`` = min(image size, 32).
@@ -68,6 +71,9 @@ class EvalConfig:
         solver_dtype: ``float64`` or ``float32``.
         knn_k: neighbours of the k-NN classifier (capped at the labelled set size).
         knn_temperature: temperature T of the k-NN vote weights ``exp(sim / T)``.
+        supervised_steps, supervised_batch_size, supervised_lr, supervised_weight_decay: the
+            recipe of ``baseline=supervised`` (:class:`msn.eval.supervised.SupervisedOptions`).
+        test_limit: score on the first ``test_limit`` test images only (smoke tests); ``None`` = all.
         batch_size: images per forward pass during feature extraction.
         device: ``auto`` (CUDA when available), ``cpu`` or ``cuda[:N]``.
         precision: ``auto`` (bf16 autocast on CUDA, fp32 on CPU), ``fp32`` or ``bf16``.
@@ -102,6 +108,11 @@ class EvalConfig:
     solver_dtype: str = "float64"
     knn_k: int = 20
     knn_temperature: float = 0.07
+    supervised_steps: int = 200
+    supervised_batch_size: int = 32
+    supervised_lr: float = 1e-3
+    supervised_weight_decay: float = 0.05
+    test_limit: Optional[int] = None
     batch_size: int = 128
     device: str = "auto"
     precision: str = "auto"
@@ -122,7 +133,7 @@ def validate_eval(cfg: EvalConfig) -> EvalConfig:
     """Check values that the schema's types cannot; raise :class:`ConfigError` naming the key."""
     if cfg.baseline in ("none", "null", ""):
         cfg.baseline = None
-    _check(cfg.baseline in BASELINES, "baseline", f"must be null, pixels or random, got {cfg.baseline!r}")
+    _check(cfg.baseline in BASELINES, "baseline", f"must be null, pixels, random or supervised, got {cfg.baseline!r}")
     if cfg.baseline != "pixels":
         _check(cfg.backbone is not None, "backbone",
                "is required (a checkpoint file or run directory); only baseline=pixels runs without one")
@@ -154,6 +165,12 @@ def validate_eval(cfg: EvalConfig) -> EvalConfig:
     _check(cfg.solver_dtype in ("float32", "float64"), "solver_dtype", f"must be float32 or float64, got {cfg.solver_dtype!r}")
     _check(cfg.knn_k >= 1, "knn_k", f"must be >= 1, got {cfg.knn_k}")
     _check(cfg.knn_temperature > 0, "knn_temperature", f"must be positive, got {cfg.knn_temperature}")
+    _check(cfg.supervised_steps >= 1, "supervised_steps", f"must be >= 1, got {cfg.supervised_steps}")
+    _check(cfg.supervised_batch_size >= 1, "supervised_batch_size", f"must be >= 1, got {cfg.supervised_batch_size}")
+    _check(cfg.supervised_lr > 0, "supervised_lr", f"must be positive, got {cfg.supervised_lr}")
+    _check(cfg.supervised_weight_decay >= 0, "supervised_weight_decay",
+           f"must be >= 0, got {cfg.supervised_weight_decay}")
+    _check(cfg.test_limit is None or cfg.test_limit >= 1, "test_limit", f"must be >= 1, got {cfg.test_limit}")
     _check(cfg.batch_size >= 1, "batch_size", f"must be >= 1, got {cfg.batch_size}")
     _check(cfg.device in ("auto", "cpu") or cfg.device.startswith("cuda"), "device", f"must be auto, cpu or cuda[:N], got {cfg.device!r}")
     _check(cfg.precision in ("auto", "fp32", "bf16"), "precision", f"must be auto, fp32 or bf16, got {cfg.precision!r}")

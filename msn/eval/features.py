@@ -93,6 +93,8 @@ class Encoder:
         identity: JSON-able description for the cache key (file identity, feature kind...).
         model: the network (``None`` for pixels).
         kind, blocks: feature kind (see :func:`backbone_features`).
+        architecture: for ``baseline=supervised``, the network whose architecture is trained
+            per subset (the features are then the normalised images).
     """
 
     name: str
@@ -102,6 +104,7 @@ class Encoder:
     model: Optional[MSNViT] = None
     kind: str = "cls_pre_ln"
     blocks: int = 4
+    architecture: Optional[MSNViT] = None
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         if self.model is None:

@@ -35,6 +35,7 @@ from msn.eval.classifier import (
 )
 from msn.eval.config import EvalConfig, eval_config_to_dict
 from msn.eval.features import Encoder, data_identity, extract_features, file_identity, random_like
+from msn.eval.supervised import SupervisedOptions, predict, train_supervised
 from msn.eval.subsets import (
     LabelledSubset,
     NameIndex,
@@ -78,6 +79,15 @@ def build_encoder(cfg: EvalConfig) -> tuple[Encoder, dict[str, Any]]:
         raise ConfigError(f"backbone: cannot load {cfg.backbone}: {error}") from None
     model = loaded.backbone
     depth = len(model.vit.blocks)
+    if cfg.baseline == "supervised":
+        # The inputs are the normalised images themselves; the network is trained per subset.
+        transform = eval_transform(loaded.image_size, loaded.mean, loaded.std)
+        encoder = Encoder("pixels", transform, loaded.image_size, {"name": "pixels", "size": loaded.image_size},
+                          architecture=model)
+        info = {"path": str(loaded.source.get("path", cfg.backbone)), "which": None,
+                "image_size": loaded.image_size, "mean": list(loaded.mean), "std": list(loaded.std),
+                "embed_dim": model.embed_dim, "depth": depth, "patch_size": model.patch_size}
+        return encoder, info
     if cfg.feature == "cls_concat" and cfg.feature_blocks > depth:
         raise ConfigError(f"feature_blocks: {cfg.feature_blocks} exceeds the backbone's depth ({depth})")
     source = dict(loaded.source)
@@ -213,6 +223,58 @@ def evaluate_subset(
     }
 
 
+def supervised_options(cfg: EvalConfig) -> SupervisedOptions:
+    """The recipe of ``baseline=supervised`` from the ``supervised_*`` keys."""
+    return SupervisedOptions(steps=cfg.supervised_steps, batch_size=cfg.supervised_batch_size,
+                             lr=cfg.supervised_lr, weight_decay=cfg.supervised_weight_decay)
+
+
+def evaluate_supervised_subset(
+    cfg: EvalConfig,
+    subset: LabelledSubset,
+    encoder: Encoder,
+    train_images: torch.Tensor,
+    train_y: torch.Tensor,
+    test_images: torch.Tensor,
+    test_y: torch.Tensor,
+    num_classes: int,
+    device: torch.device,
+) -> dict[str, Any]:
+    """Train the supervised from-scratch baseline on one labelled subset and score it.
+
+    ``accuracy`` is the trained network's own prediction; ``knn_accuracy`` is the k-NN
+    classifier on its (row-normalised) CLS features, as for the other methods.
+    """
+    start = time.perf_counter()
+    seed = cfg.seed * 1_000_003 + subset.split * 1009 + len(train_y)
+    model = train_supervised(encoder.architecture, train_images, train_y, num_classes, supervised_options(cfg),
+                             seed, device)
+    predictions, test_feats = predict(model, test_images, cfg.batch_size, device)
+    _, train_feats = predict(model, train_images, cfg.batch_size, device)
+    acc = accuracy(predictions, test_y)
+    knn = accuracy(knn_predict(normalize_rows(train_feats), train_y, normalize_rows(test_feats), num_classes,
+                               cfg.knn_k, cfg.knn_temperature, device=device), test_y)
+    counts = torch.bincount(train_y, minlength=num_classes)
+    present = counts[counts > 0].double()
+    return {
+        "split": subset.split,
+        "accuracy": acc,
+        "knn_accuracy": knn,
+        "lambda": float("nan"),
+        "lambda_selection": "supervised",
+        "cv_folds": 0,
+        "cv_scores": [],
+        "train_size": int(len(train_y)),
+        "images_per_class": {"min": int(present.min()), "max": int(present.max()), "mean": float(present.mean())},
+        "classes_without_images": int((counts == 0).sum()),
+        "supervised": {"steps": cfg.supervised_steps, "seed": seed},
+        "knn_k_used": int(min(cfg.knn_k, len(train_y))),
+        "source": subset.source,
+        "file": subset.file,
+        "seconds": time.perf_counter() - start,
+    }
+
+
 def run_lowshot(cfg: EvalConfig) -> dict[str, Any]:
     """Run the whole evaluation of ``cfg`` and return the ``results.json`` content.
 
@@ -259,15 +321,22 @@ def run_lowshot(cfg: EvalConfig) -> dict[str, Any]:
                                    desc="features (labelled)", **common)
     timing["features_train_s"] = time.perf_counter() - tick
     tick = time.perf_counter()
-    test_feats = extract_features(encoder, test_set, range(len(test_set)),
+    test_rows = len(test_set) if cfg.test_limit is None else min(cfg.test_limit, len(test_set))
+    test_feats = extract_features(encoder, test_set, range(test_rows),
                                   data_key=data_identity(cfg.data, test_set, False), desc="features (test)", **common)
     timing["features_test_s"] = time.perf_counter() - tick
 
     row_of = {index: row for row, index in enumerate(wanted)}
-    train_x_all = normalize_rows(train_feats.features)
+    supervised = cfg.baseline == "supervised"
     test_valid = test_feats.valid
-    test_x = normalize_rows(test_feats.features[test_valid])
     test_y = test_feats.labels[test_valid]
+    if supervised:  # rows are flattened normalised images: the inputs of the networks trained below
+        shape = (3, encoder.image_size, encoder.image_size)
+        train_x_all = train_feats.features.view(-1, *shape)
+        test_x = test_feats.features[test_valid].view(-1, *shape)
+    else:
+        train_x_all = normalize_rows(train_feats.features)
+        test_x = normalize_rows(test_feats.features[test_valid])
     skipped_test = int((~test_valid).sum())
     if skipped_test:
         log.warning("%d unreadable test images left out", skipped_test)
@@ -285,8 +354,12 @@ def run_lowshot(cfg: EvalConfig) -> dict[str, Any]:
             log.warning("%s, split %d: %d unreadable labelled images left out", subset.key, subset.split,
                         int((~valid).sum()))
         rows = rows[valid]
-        record = evaluate_subset(cfg, subset, train_x_all[rows], train_feats.labels[rows], test_x, test_y,
-                                 num_classes, options)
+        if supervised:
+            record = evaluate_supervised_subset(cfg, subset, encoder, train_x_all[rows], train_feats.labels[rows],
+                                                test_x, test_y, num_classes, device)
+        else:
+            record = evaluate_subset(cfg, subset, train_x_all[rows], train_feats.labels[rows], test_x, test_y,
+                                     num_classes, options)
         records.setdefault(subset.key, []).append(record)
     timing["classifiers_s"] = time.perf_counter() - tick
 
@@ -305,8 +378,8 @@ def run_lowshot(cfg: EvalConfig) -> dict[str, Any]:
         "backbone": backbone_info,
         "baseline": cfg.baseline,
         "feature": {
-            "kind": "pixels" if cfg.baseline == "pixels" else cfg.feature,
-            "blocks": cfg.feature_blocks if cfg.feature == "cls_concat" and cfg.baseline != "pixels" else None,
+            "kind": {"pixels": "pixels", "supervised": "supervised (end to end)"}.get(cfg.baseline, cfg.feature),
+            "blocks": cfg.feature_blocks if cfg.feature == "cls_concat" and cfg.baseline is None else None,
             "dim": int(train_feats.features.shape[1]),
             "image_size": encoder.image_size,
             "transform": repr(encoder.transform),
@@ -335,6 +408,9 @@ def run_lowshot(cfg: EvalConfig) -> dict[str, Any]:
             "max_iter": cfg.max_iter,
             "dtype": cfg.solver_dtype,
         },
+        "supervised": ({**vars(supervised_options(cfg)), "model": "backbone architecture, random init, + linear "
+                        "classifier on the post-LayerNorm CLS token, trained end to end on each labelled subset"}
+                       if supervised else None),
         "knn": {"k": cfg.knn_k, "temperature": cfg.knn_temperature, "similarity": "cosine"},
         "subsets": {
             "generated": not cfg.subset_dirs,
@@ -347,7 +423,7 @@ def run_lowshot(cfg: EvalConfig) -> dict[str, Any]:
         "shots": shots,
         "percent": percent,
         "features_extracted": {"train": train_feats.extracted, "test": test_feats.extracted,
-                               "train_rows": len(wanted), "test_rows": len(test_set),
+                               "train_rows": len(wanted), "test_rows": test_rows,
                                "cache_dir": str(cache_dir) if cache_dir else None},
         "timing": timing,
         "wall_time_s": wall,

@@ -96,6 +96,8 @@ def describe_encoder(results: dict[str, Any]) -> str:
         return "raw pixels (baseline)"
     if baseline == "random":
         return f"random init of the architecture of {path} (baseline)"
+    if baseline == "supervised":
+        return f"supervised from scratch, architecture of {path} (baseline)"
     return f"{path} [{backbone.get('which')}]"
 
 
@@ -154,6 +156,51 @@ def plot(results: dict[str, Any], path: str | os.PathLike) -> Path:
     ax.set_xlabel("labelled images per class")
     ax.set_ylabel("top-1 accuracy (%)")
     ax.set_title(f"{results['data']['name']}: {describe_encoder(results)}"[:90], fontsize=9)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_methods(runs: Sequence[tuple[str, dict[str, Any]]], path: str | os.PathLike, title: str | None = None,
+                 metric: str = "mean") -> Path:
+    """PNG chart comparing several evaluations: accuracy vs labelled images per class, one line per run.
+
+    Args:
+        runs: ``(label, results)`` pairs, ``results`` being ``results.json`` contents.
+        path: the PNG to write.
+        title: chart title (default: the data set's name).
+        metric: ``mean`` (logistic regression, or the supervised network's own predictions) or
+            ``knn_mean``; error bars are the matching std over splits.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    std_key = "std" if metric == "mean" else "knn_std"
+    fig, ax = plt.subplots(figsize=(6.8, 4.6), dpi=120)
+    ticks: set[float] = set()
+    for label, results in runs:
+        entries = sorted([*results["shots"].values(), *results["percent"].values()],
+                         key=lambda e: e["images_per_class"])
+        xs = [e["images_per_class"] for e in entries]
+        ticks.update(xs)
+        ax.errorbar(xs, [e[metric] for e in entries], yerr=[e[std_key] for e in entries], fmt="o-", capsize=3,
+                    label=label, linewidth=1.4, markersize=4)
+    if ticks and min(ticks) > 0:
+        ax.set_xscale("log")
+        ax.set_xticks(sorted(ticks))
+        ax.set_xticklabels([f"{x:g}" for x in sorted(ticks)])
+        ax.minorticks_off()
+    ax.set_xlabel("labelled images per class")
+    ax.set_ylabel("top-1 accuracy (%)" + (" (k-NN)" if metric == "knn_mean" else ""))
+    if runs:
+        ax.set_title(title or f"{runs[0][1]['data']['name']}: low-shot accuracy", fontsize=10)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

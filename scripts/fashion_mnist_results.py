@@ -1,0 +1,351 @@
+"""The Fashion-MNIST showcase, end to end: ``make results`` (or ``python scripts/fashion_mnist_results.py``).
+
+Stages (each a subprocess whose exact command and wall time go into the report; a stage whose
+output already exists is skipped, so an interrupted run continues where it stopped; ``--force``
+redoes everything):
+
+1. pre-train MSN with ``experiment=fmnist_msn`` on the 60k training images (labels unused);
+2. export the target encoder to a transformers ``ViTMSNModel`` folder (``msn-export``);
+3. low-shot evaluation of the export and of three baselines (raw pixels, random init,
+   supervised from scratch), 1/2/5/10 images per class and 1%, 5 splits, 10k test images;
+4. the same evaluation of every epoch checkpoint (accuracy vs pre-training time);
+5. the ablations, each a shorter pre-training run of the same recipe with one change;
+6. figures (``msn.eval.report.plot_methods``, ``msn.plots``) and ``docs/results/fashion_mnist.md``.
+
+``--smoke`` runs the same stages on a tiny budget (256 images, a few steps, 2 splits, 500 test
+images) into a scratch folder: the CI test of this pipeline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from msn.eval import report  # noqa: E402
+from msn.logging import read_metrics  # noqa: E402
+from msn.plots import plot_runs  # noqa: E402
+
+PRESET = "fmnist_msn"
+FULL_EVAL = ["shots=[1,2,5,10]", "percent=1", "splits=5"]
+SHORT_EVAL = ["shots=[1,5,10]", "splits=5"]
+
+
+@dataclass
+class Ablation:
+    """One ablation: a name, the overrides it changes and what it tests."""
+
+    name: str
+    overrides: list[str]
+    question: str
+
+
+ABLATIONS = [
+    Ablation("reference", [], "the preset's recipe at the ablation budget"),
+    Ablation("mask_0", ["mask.ratio=0.0"], "no masking: is the masked-anchor objective what helps?"),
+    Ablation("mask_0.15", ["mask.ratio=0.15"], "the paper's ViT-S ratio"),
+    Ablation("mask_0.5", ["mask.ratio=0.5"], "heavier masking"),
+    Ablation("mask_shared", ["mask.shared=true"], "one mask for the whole batch (the reference code) vs one per image"),
+    Ablation("sinkhorn_off", ["loss.use_sinkhorn=false"], "targets without Sinkhorn balancing"),
+    Ablation("memax_5", ["loss.memax_weight=5.0"], "ME-MAX weight 5 instead of 1"),
+    Ablation("focal_10", ["data.views.num_focal=10"], "10 focal views (the paper)"),
+    Ablation("focal_0", ["data.views.num_focal=0"], "no focal views"),
+]
+
+
+@dataclass
+class Budget:
+    """How much of everything a run does (``full`` or ``smoke``)."""
+
+    name: str
+    train: list[str]
+    ablation_train: list[str]
+    eval_full: list[str]
+    eval_short: list[str]
+    eval_extra: list[str] = field(default_factory=list)
+
+
+def budgets(ablation_epochs: int) -> dict[str, Budget]:
+    return {
+        "full": Budget("full", [], [f"optim.epochs={ablation_epochs}"], FULL_EVAL, SHORT_EVAL),
+        "smoke": Budget(
+            "smoke",
+            ["data.subset=256", "optim.epochs=2", "optim.batch_size=64", "train.log_every=1", "train.progress=false",
+             "model.depth=2", "head.hidden_dim=64", "head.output_dim=32", "loss.num_prototypes=16"],
+            ["optim.epochs=1"],
+            ["shots=[1,2]", "percent=1", "splits=2"],
+            ["shots=[1]", "splits=2"],
+            ["test_limit=500", "supervised_steps=2", "progress=false", "lambd_grid=[0.1,1.0]", "cv_folds=2"],
+        ),
+    }
+
+
+class Pipeline:
+    """Runs the stages, remembers each command and its wall time."""
+
+    def __init__(self, out: Path, budget: Budget, force: bool, python: str):
+        self.out, self.budget, self.force, self.python = out, budget, force, python
+        self.commands: list[dict] = []
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.ledger_path = out / "commands.json"
+        self.ledger = json.loads(self.ledger_path.read_text()) if self.ledger_path.is_file() and not force else {}
+
+    def run(self, key: str, args: list[str], done: Path, stage: str) -> None:
+        """Run ``args`` unless ``done`` exists; record the command and its wall time under ``key``."""
+        shown = " ".join(shlex.quote(a) for a in args)
+        if done.exists() and not self.force:
+            print(f"[skip] {stage}: {done} exists", flush=True)
+        else:
+            print(f"[run ] {stage}: {shown}", flush=True)
+            env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "HYDRA_FULL_ERROR": "1"}
+            start = time.perf_counter()
+            result = subprocess.run([self.python, *args], cwd=ROOT, env=env)
+            if result.returncode != 0:
+                raise SystemExit(f"error: stage {stage!r} failed (exit {result.returncode}): {shown}")
+            self.ledger[key] = {"command": "python " + shown, "seconds": time.perf_counter() - start, "stage": stage}
+            self.ledger_path.write_text(json.dumps(self.ledger, indent=2) + "\n")
+        self.commands.append({"key": key, "stage": stage, **self.ledger.get(key, {"command": "python " + shown,
+                                                                                     "seconds": float("nan")})})
+
+    def rel(self, path: Path) -> str:
+        return os.path.relpath(path, ROOT)
+
+    def train(self, key: str, run_dir: Path, overrides: list[str], stage: str) -> None:
+        self.run(key, ["train.py", f"experiment={PRESET}", f"output_dir={self.rel(run_dir)}", *self.budget.train,
+                       *overrides], run_dir / "checkpoints" / "latest.pt", stage)
+
+    def evaluate(self, key: str, backbone: Path | None, out_dir: Path, extra: list[str], stage: str) -> dict:
+        args = ["eval_lowshot.py", f"output_dir={self.rel(out_dir)}", *extra, *self.budget.eval_extra]
+        if backbone is not None:
+            args.insert(1, f"backbone={self.rel(backbone)}")
+        self.run(key, args, out_dir / "results.json", stage)
+        return json.loads((out_dir / "results.json").read_text())
+
+
+def epoch_minutes(run_dir: Path) -> dict[int, float]:
+    """Minutes of training at the end of each epoch (from ``metrics.jsonl``)."""
+    minutes: dict[int, float] = {}
+    for record in read_metrics(run_dir):
+        minutes[int(record["epoch"]) + 1] = record["time_s"] / 60.0
+    return minutes
+
+
+def cell(entry: dict | None, key: str = "mean", std: str = "std") -> str:
+    if entry is None:
+        return "-"
+    return f"{entry[key]:.1f} ± {entry[std]:.1f}"
+
+
+def last_record(run_dir: Path) -> dict:
+    return read_metrics(run_dir)[-1]
+
+
+def machine() -> str:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{os.cpu_count()} CPU cores ({cpu}), torch {torch.__version__}, {torch.get_num_threads()} threads"
+
+
+def write_report(path: Path, pipe: Pipeline, methods: list[tuple[str, dict]], growth: list[tuple[int, float, dict]],
+                 ablations: list[tuple[Ablation, dict, dict]], main_run: Path, figures: dict[str, Path],
+                 notes: Path | None, total_s: float) -> None:
+    """``docs/results/fashion_mnist.md``: tables, figures, commands and wall times."""
+    import yaml
+
+    fig = lambda p: os.path.relpath(p, path.parent)  # noqa: E731
+    cfg = yaml.safe_load((main_run / "config.yaml").read_text())
+    record = last_record(main_run)
+    msn_results = methods[0][1]
+    shot_keys = list(msn_results["shots"])
+    pct_keys = list(msn_results["percent"])
+    lines = [
+        "# MSN on Fashion-MNIST: low-shot results",
+        "",
+        f"Generated by `make results` (`scripts/fashion_mnist_results.py`, budget `{pipe.budget.name}`) on "
+        f"{datetime.date.today().isoformat()}; {machine()}. Every number and figure below comes from that command.",
+        "",
+        f"Pre-training uses the {'first ' + str(cfg['data']['subset']) if cfg['data'].get('subset') else 'all'} "
+        f"training images without labels; the labelled subsets are drawn from "
+        f"the {msn_results['data']['train_images']:,} training images (seeded, nested, "
+        f"{msn_results['subsets']['splits']} splits); accuracy is top-1 on "
+        f"{msn_results['data']['test_images_used']:,} test images, mean ± std "
+        "over splits. Frozen features follow the reference protocol: the target encoder's CLS token before the "
+        "final LayerNorm, rows centred and L2-normalised, L2 logistic regression with lambda cross-validated on the "
+        "labelled subset (fixed at 0.1 for 1 image per class, where no cross-validation is possible). "
+        "The supervised row trains the same ViT from scratch on each labelled subset "
+        "(`baseline=supervised`, `msn/eval/supervised.py`) and reports its own predictions.",
+        "",
+        "## Low-shot accuracy (%)",
+        "",
+        "| method | " + " | ".join(f"{k} / class" for k in shot_keys) + "".join(f" | {p}% ({msn_results['percent'][p]['images_per_class']:.0f} / class)" for p in pct_keys) + " |",
+        "|---|" + "---|" * (len(shot_keys) + len(pct_keys)),
+    ]
+    for label, results in methods:
+        row = [cell(results["shots"].get(k)) for k in shot_keys] + [cell(results["percent"].get(p)) for p in pct_keys]
+        lines.append(f"| {label} | " + " | ".join(row) + " |")
+    lines += ["", "k-NN (k = 20, cosine, temperature 0.07) on the same features:", "",
+              "| method | " + " | ".join(f"{k} / class" for k in shot_keys) + "".join(f" | {p}%" for p in pct_keys) + " |",
+              "|---|" + "---|" * (len(shot_keys) + len(pct_keys))]
+    for label, results in methods:
+        row = [cell(results["shots"].get(k), "knn_mean", "knn_std") for k in shot_keys]
+        row += [cell(results["percent"].get(p), "knn_mean", "knn_std") for p in pct_keys]
+        lines.append(f"| {label} | " + " | ".join(row) + " |")
+    beats = []
+    for label, results in methods[1:]:
+        wins = [k for k in shot_keys if msn_results["shots"][k]["mean"] > results["shots"][k]["mean"]]
+        wins += [f"{p}%" for p in pct_keys if msn_results["percent"][p]["mean"] > results["percent"][p]["mean"]]
+        beats.append(f"{label}: MSN is higher at {len(wins)} of {len(shot_keys) + len(pct_keys)} subset sizes"
+                     + (f" ({', '.join(wins)})" if wins else ""))
+    lines += ["", "Against each baseline (logistic-regression means): " + "; ".join(beats) + ".", "",
+              f"![low-shot accuracy vs labels]({fig(figures['methods'])})", ""]
+
+    m, o, v = cfg["model"], cfg["optim"], cfg["data"]["views"]
+    arch = msn_results["backbone"]
+    lines += [
+        "## The pre-training run",
+        "",
+        f"Preset `experiment={PRESET}` (ViT {arch['embed_dim']} wide, {arch['depth']} blocks, patch {m['patch_size']}; "
+        f"{v['rand_size']} px rand views, {v['num_focal']} focal views of {v['focal_size']} px; mask ratio "
+        f"{cfg['mask']['ratio']}; batch {o['batch_size']}; {o['epochs']} epochs; lr {o['lr']}; "
+        f"{cfg['loss']['num_prototypes']} prototypes; Sinkhorn {'on' if cfg['loss']['use_sinkhorn'] else 'off'}; "
+        f"ME-MAX weight {cfg['loss']['memax_weight']}). Resolved config: `{pipe.rel(main_run / 'config.yaml')}`.",
+        "",
+        f"Training took {record['time_s'] / 60:.1f} min for {record['step']} steps "
+        f"({record['img_per_s']:.0f} images/s at the end). Last logged step: loss {record['loss']:.3f} "
+        f"(CE {record['ce']:.3f}, ME-MAX {record['memax']:.3f}), np {record['np']:.1f} distinct target prototypes "
+        f"per batch, max_t {record['max_t']:.3f}.",
+        "",
+        f"![training curves]({fig(figures['curves'])})",
+        "",
+    ]
+    if growth:
+        lines += ["### Accuracy vs pre-training time", "",
+                  "Each epoch checkpoint of the run above, evaluated the same way (so the learning-rate schedule "
+                  "has not finished before the last row).", "",
+                  "| epoch | minutes | " + " | ".join(f"{k} / class" for k in growth[0][2]["shots"]) + " |",
+                  "|---|---|" + "---|" * len(growth[0][2]["shots"])]
+        for epoch, minutes, results in growth:
+            lines.append(f"| {epoch} | {minutes:.1f} | " + " | ".join(cell(e) for e in results["shots"].values()) + " |")
+        lines += ["", f"![accuracy vs time]({fig(figures['growth'])})", ""]
+    if ablations:
+        splits = ablations[0][1]["subsets"]["splits"]
+        lines += ["## Ablations", "",
+                  f"Each row is one pre-training run of the preset with one change, at the ablation budget "
+                  f"(`{' '.join(pipe.budget.ablation_train)}`), evaluated with {splits} splits.",
+                  "",
+                  "| run | change | question | minutes | " + " | ".join(f"{k} / class" for k in ablations[0][1]["shots"])
+                  + " | np | max_t |",
+                  "|---|---|---|---|" + "---|" * len(ablations[0][1]["shots"]) + "---|---|"]
+        for ablation, results, last in ablations:
+            change = " ".join(f"`{o}`" for o in ablation.overrides) or "none"
+            lines.append(f"| {ablation.name} | {change} | {ablation.question} | {last['time_s'] / 60:.1f} | "
+                         + " | ".join(cell(e) for e in results["shots"].values())
+                         + f" | {last['np']:.1f} | {last['max_t']:.3f} |")
+        lines += ["", f"![ablation curves]({fig(figures['ablation_curves'])})", ""]
+    if notes is not None and notes.is_file():
+        lines += [notes.read_text().strip(), ""]
+    lines += ["## Commands and wall times", "",
+              f"Whole pipeline: {total_s / 60:.1f} min in this invocation (stages skipped because their outputs "
+              "existed are not counted; their own times are below).", "", "| stage | seconds | command |", "|---|---|---|"]
+    for entry in pipe.commands:
+        lines.append(f"| {entry['stage']} | {entry['seconds']:.0f} | `{entry['command']}` |")
+    lines.append("")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny budget (CI): 256 images, a few steps")
+    parser.add_argument("--out", default=None, help="run folder (default outputs/fmnist_results[_smoke])")
+    parser.add_argument("--report", default=None, help="markdown report (default docs/results/fashion_mnist.md; "
+                                                       "with --smoke: <out>/fashion_mnist.md)")
+    parser.add_argument("--figures", default=None, help="figure folder (default: beside the report)")
+    parser.add_argument("--ablation-epochs", type=int, default=1, help="pre-training epochs of each ablation run")
+    parser.add_argument("--no-ablations", action="store_true")
+    parser.add_argument("--no-growth", action="store_true", help="skip evaluating the epoch checkpoints")
+    parser.add_argument("--notes", default=str(ROOT / "docs" / "results" / "fashion_mnist_notes.md"),
+                        help="hand-written discussion appended to the report (skipped with --smoke)")
+    parser.add_argument("--force", action="store_true", help="redo stages whose outputs exist")
+    args = parser.parse_args(argv)
+
+    start = time.perf_counter()
+    budget = budgets(args.ablation_epochs)["smoke" if args.smoke else "full"]
+    out = Path(args.out or ROOT / "outputs" / ("fmnist_results_smoke" if args.smoke else "fmnist_results")).resolve()
+    report_path = Path(args.report) if args.report else (out / "fashion_mnist.md" if args.smoke else
+                                                         ROOT / "docs" / "results" / "fashion_mnist.md")
+    figures_dir = Path(args.figures) if args.figures else report_path.parent / "fashion_mnist"
+    pipe = Pipeline(out, budget, args.force, sys.executable)
+
+    main_run = out / "msn"
+    pipe.train("pretrain", main_run, [], "pre-train MSN")
+    export_dir = out / "msn_hf"
+    pipe.run("export", ["-m", "msn.export", pipe.rel(main_run), "--format", "hf", "--output", pipe.rel(export_dir),
+                        "--overwrite"], export_dir / "config.json", "export to transformers")
+    methods = [
+        ("MSN (this preset)", pipe.evaluate("eval_msn", export_dir, out / "eval_msn", budget.eval_full, "evaluate MSN")),
+        ("raw pixels", pipe.evaluate("eval_pixels", None, out / "eval_pixels", ["baseline=pixels", *budget.eval_full],
+                                     "baseline: raw pixels")),
+        ("random-init ViT", pipe.evaluate("eval_random", export_dir, out / "eval_random",
+                                          ["baseline=random", *budget.eval_full], "baseline: random init")),
+        ("supervised ViT from scratch", pipe.evaluate("eval_supervised", export_dir, out / "eval_supervised",
+                                                      ["baseline=supervised", *budget.eval_full],
+                                                      "baseline: supervised from scratch")),
+    ]
+    growth = []
+    if not args.no_growth:
+        minutes = epoch_minutes(main_run)
+        for ckpt in sorted((main_run / "checkpoints").glob("epoch_*.pt")):
+            epoch = int(ckpt.stem.split("_")[1])
+            results = pipe.evaluate(f"eval_epoch_{epoch}", ckpt, out / "growth" / f"epoch_{epoch:04d}",
+                                    budget.eval_short, f"evaluate epoch {epoch}")
+            growth.append((epoch, minutes.get(epoch, float("nan")), results))
+    ablations = []
+    if not args.no_ablations:
+        for ablation in ABLATIONS:
+            run_dir = out / "ablations" / ablation.name
+            pipe.train(f"ablation_{ablation.name}", run_dir, [*budget.ablation_train, *ablation.overrides],
+                       f"ablation {ablation.name}: pre-train")
+            results = pipe.evaluate(f"eval_ablation_{ablation.name}", run_dir, out / "ablations" / f"eval_{ablation.name}",
+                                    budget.eval_short, f"ablation {ablation.name}: evaluate")
+            ablations.append((ablation, results, last_record(run_dir)))
+
+    figures = {
+        "methods": report.plot_methods(methods, figures_dir / "lowshot_methods.png",
+                                       "Fashion-MNIST: low-shot top-1 vs labelled images per class"),
+        "curves": plot_runs([main_run], figures_dir / "training_curves.png", ["MSN"]),
+    }
+    if growth:
+        figures["growth"] = report.plot_methods([(f"epoch {e} ({m:.0f} min)", r) for e, m, r in growth],
+                                                figures_dir / "growth.png", "accuracy of the epoch checkpoints")
+    if ablations:
+        figures["ablation_curves"] = plot_runs([out / "ablations" / a.name for a, _, _ in ablations],
+                                               figures_dir / "ablation_curves.png", [a.name for a, _, _ in ablations])
+    notes = None if args.smoke else Path(args.notes)
+    write_report(report_path, pipe, methods, growth, ablations, main_run, figures, notes,
+                 time.perf_counter() - start)
+    print(f"report: {report_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

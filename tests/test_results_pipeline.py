@@ -1,0 +1,51 @@
+"""``make results`` (scripts/fashion_mnist_results.py) end to end on a tiny budget (``--smoke``).
+
+Pre-training, export, the four evaluated methods, the epoch checkpoints, every ablation, the
+figures and the report, on 256 Fashion-MNIST images and 500 test images, so the command cannot rot.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "scripts"))
+import fashion_mnist_results  # noqa: E402
+
+
+def run(out, report):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / "fashion_mnist_results.py"), "--smoke",
+                           "--out", str(out), "--report", str(report)], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=900)
+
+
+def test_smoke_pipeline_writes_the_report_and_resumes(tmp_path):
+    out, report = tmp_path / "run", tmp_path / "docs" / "fashion_mnist.md"
+    first = run(out, report)
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-3000:]
+    text = report.read_text()
+    for method in ("MSN (this preset)", "raw pixels", "random-init ViT", "supervised ViT from scratch"):
+        assert f"| {method} |" in text
+    for ablation in fashion_mnist_results.ABLATIONS:
+        assert f"| {ablation.name} |" in text
+    assert "| 1 / class | 2 / class | 1% (60 / class) |" in text
+    for name in ("lowshot_methods", "training_curves", "growth", "ablation_curves"):
+        png = report.parent / "fashion_mnist" / f"{name}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+        assert f"(fashion_mnist/{name}.png)" in text
+    ledger = json.loads((out / "commands.json").read_text())
+    assert {"pretrain", "export", "eval_msn", "eval_pixels", "eval_random", "eval_supervised",
+            "eval_epoch_1", "eval_epoch_2"} <= set(ledger)
+    assert (out / "msn_hf" / "config.json").is_file()  # the evaluated backbone is the transformers export
+    supervised = json.loads((out / "eval_supervised" / "results.json").read_text())
+    assert supervised["baseline"] == "supervised" and supervised["percent"]["1"]["train_size"] == [600, 600]
+    # a second invocation finds every stage done and only redraws the report
+    second = run(out, report)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "[run ]" not in second.stdout and second.stdout.count("[skip]") == len(ledger)
+    assert report.read_text().count("| ablation ") == len(fashion_mnist_results.ABLATIONS) * 2
