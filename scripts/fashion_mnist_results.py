@@ -86,7 +86,7 @@ def budgets(ablation_epochs: int) -> dict[str, Budget]:
             ["optim.epochs=1"],
             ["shots=[1,2]", "percent=1", "splits=2"],
             ["shots=[1]", "splits=2"],
-            ["test_limit=500", "supervised_steps=2", "progress=false", "lambd_grid=[0.1,1.0]", "cv_folds=2"],
+            ["test_limit=500", "supervised_steps=2", "supervised_min_epochs=0", "progress=false", "lambd_grid=[0.1,1.0]", "cv_folds=2"],
         ),
     }
 

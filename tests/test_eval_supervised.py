@@ -6,7 +6,7 @@ import torch
 
 from msn.eval.config import load_eval_config
 from msn.eval.lowshot import run_lowshot
-from msn.eval.supervised import SupervisedOptions, augment, predict, train_supervised
+from msn.eval.supervised import SupervisedOptions, augment, predict, total_steps, train_supervised
 from msn.models import build_vit
 from test_eval_cli import checkpoint, synthetic  # noqa: F401 - the module fixture is reused
 
@@ -53,6 +53,13 @@ def test_same_seed_same_network_and_other_seed_differs():
     assert not torch.equal(a.backbone.vit.patch_embed.proj.weight, backbone.vit.patch_embed.proj.weight)
 
 
+def test_total_steps_is_at_least_steps_and_at_least_min_epochs_passes():
+    options = SupervisedOptions(steps=200, min_epochs=30, batch_size=32)
+    assert total_steps(10, options) == 200  # 30 passes over 10 images in batches of 10: 30 steps
+    assert total_steps(600, options) == 563  # ceil(30 * 600 / 32)
+    assert total_steps(600, SupervisedOptions(steps=200, min_epochs=0, batch_size=32)) == 200
+
+
 def test_augment_crops_each_image_from_itself_and_flips():
     generator = torch.Generator().manual_seed(0)
     constant = torch.arange(6).float().view(6, 1, 1, 1).expand(6, 3, 16, 16).contiguous()
@@ -69,7 +76,7 @@ def test_augment_crops_each_image_from_itself_and_flips():
 def test_pipeline_baseline_supervised(checkpoint, tmp_path):  # noqa: F811 - pytest fixture
     cfg = load_eval_config({
         "backbone": str(checkpoint), "baseline": "supervised", "data": synthetic(synthetic_size=40),
-        "shots": [2], "splits": 2, "supervised_steps": 4, "output_dir": str(tmp_path), "cache": False,
+        "shots": [2], "splits": 2, "supervised_steps": 4, "supervised_min_epochs": 0, "output_dir": str(tmp_path), "cache": False,
         "progress": False, "plot": False,
     })
     results = run_lowshot(cfg)

@@ -71,7 +71,8 @@ class EvalConfig:
         solver_dtype: ``float64`` or ``float32``.
         knn_k: neighbours of the k-NN classifier (capped at the labelled set size).
         knn_temperature: temperature T of the k-NN vote weights ``exp(sim / T)``.
-        supervised_steps, supervised_batch_size, supervised_lr, supervised_weight_decay: the
+        supervised_steps, supervised_min_epochs, supervised_batch_size, supervised_lr,
+            supervised_weight_decay: the
             recipe of ``baseline=supervised`` (:class:`msn.eval.supervised.SupervisedOptions`).
         test_limit: score on the first ``test_limit`` test images only (smoke tests); ``None`` = all.
         batch_size: images per forward pass during feature extraction.
@@ -109,6 +110,7 @@ class EvalConfig:
     knn_k: int = 20
     knn_temperature: float = 0.07
     supervised_steps: int = 200
+    supervised_min_epochs: float = 30.0
     supervised_batch_size: int = 32
     supervised_lr: float = 1e-3
     supervised_weight_decay: float = 0.05
@@ -166,6 +168,7 @@ def validate_eval(cfg: EvalConfig) -> EvalConfig:
     _check(cfg.knn_k >= 1, "knn_k", f"must be >= 1, got {cfg.knn_k}")
     _check(cfg.knn_temperature > 0, "knn_temperature", f"must be positive, got {cfg.knn_temperature}")
     _check(cfg.supervised_steps >= 1, "supervised_steps", f"must be >= 1, got {cfg.supervised_steps}")
+    _check(cfg.supervised_min_epochs >= 0, "supervised_min_epochs", f"must be >= 0, got {cfg.supervised_min_epochs}")
     _check(cfg.supervised_batch_size >= 1, "supervised_batch_size", f"must be >= 1, got {cfg.supervised_batch_size}")
     _check(cfg.supervised_lr > 0, "supervised_lr", f"must be positive, got {cfg.supervised_lr}")
     _check(cfg.supervised_weight_decay >= 0, "supervised_weight_decay",

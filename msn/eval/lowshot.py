@@ -35,7 +35,7 @@ from msn.eval.classifier import (
 )
 from msn.eval.config import EvalConfig, eval_config_to_dict
 from msn.eval.features import Encoder, data_identity, extract_features, file_identity, random_like
-from msn.eval.supervised import SupervisedOptions, predict, train_supervised
+from msn.eval.supervised import SupervisedOptions, predict, total_steps, train_supervised
 from msn.eval.subsets import (
     LabelledSubset,
     NameIndex,
@@ -225,7 +225,8 @@ def evaluate_subset(
 
 def supervised_options(cfg: EvalConfig) -> SupervisedOptions:
     """The recipe of ``baseline=supervised`` from the ``supervised_*`` keys."""
-    return SupervisedOptions(steps=cfg.supervised_steps, batch_size=cfg.supervised_batch_size,
+    return SupervisedOptions(steps=cfg.supervised_steps, min_epochs=cfg.supervised_min_epochs,
+                             batch_size=cfg.supervised_batch_size,
                              lr=cfg.supervised_lr, weight_decay=cfg.supervised_weight_decay)
 
 
@@ -267,7 +268,7 @@ def evaluate_supervised_subset(
         "train_size": int(len(train_y)),
         "images_per_class": {"min": int(present.min()), "max": int(present.max()), "mean": float(present.mean())},
         "classes_without_images": int((counts == 0).sum()),
-        "supervised": {"steps": cfg.supervised_steps, "seed": seed},
+        "supervised": {"steps": total_steps(len(train_y), supervised_options(cfg)), "seed": seed},
         "knn_k_used": int(min(cfg.knn_k, len(train_y))),
         "source": subset.source,
         "file": subset.file,
