@@ -185,11 +185,7 @@ def plot_growth(growth: list[tuple[int, float, dict]], pixels: dict, path: Path)
     ax.set_title("Fashion-MNIST: low-shot accuracy of the epoch checkpoints", fontsize=10)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return report.save_figure(fig, path)
 
 
 def write_report(path: Path, pipe: Pipeline, methods: list[tuple[str, dict]], growth: list[tuple[int, float, dict]],

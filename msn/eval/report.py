@@ -121,6 +121,28 @@ def write_json(results: dict[str, Any], path: str | os.PathLike) -> Path:
     return path
 
 
+def labels_per_class_axis(ax, xs: Sequence[float]) -> None:
+    """x axis of the low-shot charts: labelled images per class, log scale, one tick per size."""
+    if xs and min(xs) > 0:
+        ax.set_xscale("log")
+        ax.set_xticks(list(xs))
+        ax.set_xticklabels([f"{x:g}" for x in xs])
+        ax.minorticks_off()
+    ax.set_xlabel("labelled images per class")
+
+
+def save_figure(fig, path: str | os.PathLike) -> Path:
+    """Tight layout, write the PNG (creating its folder), close the figure; returns the path."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def plot(results: dict[str, Any], path: str | os.PathLike) -> Path:
     """PNG chart: top-1 accuracy vs labelled images per class (log x), mean +- std error bars.
 
@@ -148,22 +170,12 @@ def plot(results: dict[str, Any], path: str | os.PathLike) -> Path:
                         color=color, markersize=10, capsize=4, label=f"{name}, {key}% of each class")
             ax.annotate(f"{key}%", (entry["images_per_class"], entry[mean_key]), textcoords="offset points",
                         xytext=(7, -4), fontsize=8, color=color)
-    if xs and min(xs) > 0:
-        ax.set_xscale("log")
-        ax.set_xticks(xs)
-        ax.set_xticklabels([f"{x:g}" for x in xs])
-        ax.minorticks_off()
-    ax.set_xlabel("labelled images per class")
+    labels_per_class_axis(ax, xs)
     ax.set_ylabel("top-1 accuracy (%)")
     ax.set_title(f"{results['data']['name']}: {describe_encoder(results)}"[:90], fontsize=9)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_methods(runs: Sequence[tuple[str, dict[str, Any]]], path: str | os.PathLike, title: str | None = None,
@@ -192,20 +204,10 @@ def plot_methods(runs: Sequence[tuple[str, dict[str, Any]]], path: str | os.Path
         ticks.update(xs)
         ax.errorbar(xs, [e[metric] for e in entries], yerr=[e[std_key] for e in entries], fmt="o-", capsize=3,
                     label=label, linewidth=1.4, markersize=4)
-    if ticks and min(ticks) > 0:
-        ax.set_xscale("log")
-        ax.set_xticks(sorted(ticks))
-        ax.set_xticklabels([f"{x:g}" for x in sorted(ticks)])
-        ax.minorticks_off()
-    ax.set_xlabel("labelled images per class")
+    labels_per_class_axis(ax, sorted(ticks))
     ax.set_ylabel("top-1 accuracy (%)" + (" (k-NN)" if metric == "knn_mean" else ""))
     if runs:
         ax.set_title(title or f"{runs[0][1]['data']['name']}: low-shot accuracy", fontsize=10)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
