@@ -12,8 +12,22 @@ import pytest
 from msn.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
+#: The standard ImageNet low-shot split files: ``../shared/data/imagenet_subsets`` beside the
+#: repository root, or ``MSN_IMAGENET_SUBSETS``.
+IMAGENET_SUBSETS = Path(os.environ.get("MSN_IMAGENET_SUBSETS", ROOT.parent / "shared" / "data" / "imagenet_subsets"))
+#: Where the Debian package ``dataset-fashion-mnist`` installs (``make setup`` installs it).
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+def require_dir(path: Path, what: str) -> Path:
+    """``path`` if it is a directory; otherwise skip the test, or fail it under ``CI=true``
+    (CI must run every test: a missing input there is a broken set-up, not a reason to skip)."""
+    if not Path(path).is_dir():
+        message = f"{what} not found at {path}"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"{message} (CI=true: required)")
+        pytest.skip(message)
+    return Path(path)
 
 #: Overrides that make a run of a few steps take about a second.
 TINY_OVERRIDES = [
@@ -73,3 +87,11 @@ def run_script(script: str, *overrides: str, cwd: Path = ROOT, timeout: int = 30
     env = dict(os.environ, HYDRA_FULL_ERROR="0", WANDB_MODE="disabled")
     return subprocess.run([sys.executable, str(ROOT / script), *overrides], cwd=cwd, capture_output=True,
                           text=True, timeout=timeout, env=env)
+
+
+def pytest_configure(config):  # noqa: ARG001 - pytest hook signature
+    """``MSN_TEST_DETERMINISTIC=1``: run the suite under ``torch.use_deterministic_algorithms``."""
+    if os.environ.get("MSN_TEST_DETERMINISTIC") == "1":
+        import torch
+
+        torch.use_deterministic_algorithms(True)

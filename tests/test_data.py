@@ -17,7 +17,7 @@ from msn.data import (
     collate_views,
 )
 
-from conftest import FASHION_MNIST
+from conftest import FASHION_MNIST, require_dir
 
 VIEWS = ViewsConfig(rand_size=32, focal_size=16, num_focal=3)
 
@@ -118,11 +118,11 @@ def test_image_folder_skips_bad_image_once(tmp_path, caplog):
         strict[broken]
 
 
-@pytest.mark.skipif(not FASHION_MNIST.is_dir(), reason="Debian package dataset-fashion-mnist is not installed")
 def test_fashion_mnist_reader(tmp_path, monkeypatch):
+    root = str(require_dir(FASHION_MNIST, "Fashion-MNIST (Debian package dataset-fashion-mnist)"))
     monkeypatch.setenv("MSN_CACHE_DIR", str(tmp_path))
-    train = FashionMNISTDataset(str(FASHION_MNIST), train=True)
-    test = FashionMNISTDataset(str(FASHION_MNIST), train=False)
+    train = FashionMNISTDataset(root, train=True)
+    test = FashionMNISTDataset(root, train=False)
     assert len(train) == 60000 and len(test) == 10000
     image, label = train[0]
     assert image.shape == (3, 28, 28) and image.dtype == torch.uint8

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
+from conftest import IMAGENET_SUBSETS, require_dir
 from msn.eval.subsets import (
     NameIndex,
     SubsetError,
@@ -22,8 +22,12 @@ from msn.eval.subsets import (
     write_split,
 )
 
-SHARED = Path(os.environ.get("MSN_IMAGENET_SUBSETS", "/work/shared/data/imagenet_subsets"))
-needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason=f"reference split files not found at {SHARED}")
+
+
+@pytest.fixture
+def split_files() -> Path:
+    """The standard split files (skipped when absent, a failure under ``CI=true``)."""
+    return require_dir(IMAGENET_SUBSETS, "the ImageNet low-shot split files (MSN_IMAGENET_SUBSETS)")
 
 
 def uneven_labels() -> list[int]:
@@ -114,10 +118,9 @@ def test_bad_files_are_rejected(tmp_path):
         read_subset_file(tmp_path / "missing.txt")
 
 
-@needs_shared
 @pytest.mark.parametrize("folder", ["imagenet_subsets1", "imagenet_subsets2", "imagenet_subsets3"])
-def test_reference_files_counts_and_nesting(folder):
-    scan = scan_subset_dir(SHARED / folder)
+def test_reference_files_counts_and_nesting(folder, split_files):
+    scan = scan_subset_dir(split_files / folder)
     # the content decides: imagenet_subsets3/3imgs_class.txt holds 5 per class
     assert sorted(scan.uniform) == [1, 2, 5]
     if folder == "imagenet_subsets3":
@@ -140,8 +143,7 @@ def test_reference_files_counts_and_nesting(folder):
         assert not scan.percent
 
 
-@needs_shared
-def test_reference_folders_are_independent_draws():
-    fives = [set(scan_subset_dir(SHARED / f"imagenet_subsets{i}").shots(5)[0]) for i in (1, 2, 3)]
+def test_reference_folders_are_independent_draws(split_files):
+    fives = [set(scan_subset_dir(split_files / f"imagenet_subsets{i}").shots(5)[0]) for i in (1, 2, 3)]
     for a, b in ((0, 1), (1, 2), (0, 2)):
         assert len(fives[a] & fives[b]) < len(fives[a]) // 4
