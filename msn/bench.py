@@ -179,9 +179,10 @@ def per_view_step(trainer, batch: MultiViewBatch, zero_tokens: bool = False) -> 
             outputs.append(network(view))
         with torch.no_grad():
             target = trainer.target(batch.target)
-    out = msn_loss(torch.cat([o.float() for o in outputs]), target.float(), trainer.prototypes.weight,
+    out = msn_loss(torch.cat(outputs), target, trainer.prototypes.weight,
                    temperature=cfg.loss.temperature, sharpen_temperature=values["sharpen_T"],
-                   use_sinkhorn=cfg.loss.use_sinkhorn, memax_weight=cfg.loss.memax_weight)
+                   use_sinkhorn=cfg.loss.use_sinkhorn, sinkhorn_iters=cfg.loss.sinkhorn_iters,
+                   memax_weight=cfg.loss.memax_weight, entropy_weight=cfg.loss.entropy_weight)
     from msn.train import ema_update, set_lr_and_wd
 
     set_lr_and_wd(trainer.optimizer, values["lr"], values["wd"])

@@ -1,4 +1,9 @@
-"""msn.models: timm ViT with token drop, position-embedding resize, head, prototypes."""
+"""msn.models: timm ViT with token drop, position-embedding resize, head, prototypes.
+
+Claims that are exact in maths (two orders of the same computation) are checked in float64,
+where rounding (~1e-16 relative, a few hundred operations deep here) stays far below the
+1e-10 tolerance on any CPU; float32 results would depend on the BLAS kernel the CPU picks.
+"""
 
 import math
 
@@ -14,29 +19,36 @@ from msn.models import ProjectionHead, Prototypes, build_vit, resize_pos_embed
 @pytest.fixture(scope="module")
 def vit():
     torch.manual_seed(0)
-    return build_vit("vit_mini", 8, 32, depth=2, embed_dim=32, num_heads=2).eval()
+    return build_vit("vit_mini", 8, 32, depth=2, embed_dim=32, num_heads=2).double().eval()
+
+
+EXACT = {"rtol": 0.0, "atol": 1e-10}  # float64, see the module docstring
+
+
+def randn(*shape):
+    return torch.randn(*shape, dtype=torch.float64)
 
 
 def test_unmasked_forward_equals_timm_forward_features(vit):
-    x = torch.randn(3, 3, 32, 32)
+    x = randn(3, 3, 32, 32)
     ours = vit(x)
     timm_tokens = vit.vit.forward_features(x)
-    torch.testing.assert_close(ours, timm_tokens[:, 0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours, timm_tokens[:, 0], **EXACT)
 
 
 def test_keeping_every_token_is_the_full_forward(vit):
-    x = torch.randn(2, 3, 32, 32)
+    x = randn(2, 3, 32, 32)
     keep_all = torch.arange(17).expand(2, 17)
-    torch.testing.assert_close(vit(x, keep_all), vit(x), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(vit(x, keep_all), vit(x), **EXACT)
 
 
 def test_token_drop_equals_running_the_kept_tokens_alone(vit):
     """Dropping = removing: equal to embedding, selecting, then running the blocks by hand."""
-    x = torch.randn(4, 3, 32, 32)
+    x = randn(4, 3, 32, 32)
     keep = sample_keep_indices(4, 16, 0.5, generator=torch.Generator().manual_seed(1))
     tokens = vit.embed(x)
     manual = torch.stack([vit.vit.norm(vit.vit.blocks(tokens[i:i + 1, keep[i]]))[0, 0] for i in range(4)])
-    torch.testing.assert_close(vit(x, keep), manual, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(vit(x, keep), manual, **EXACT)
     assert not torch.allclose(vit(x, keep), vit(x), atol=1e-3)
 
 
@@ -55,10 +67,10 @@ def test_token_drop_shrinks_compute():
 
 
 def test_block_outputs_before_final_norm(vit):
-    x = torch.randn(2, 3, 32, 32)
+    x = randn(2, 3, 32, 32)
     tokens, collected = vit.forward_blocks(x, collect_last=2)
     assert len(collected) == 2
-    torch.testing.assert_close(vit.vit.norm(collected[-1]), tokens)
+    torch.testing.assert_close(vit.vit.norm(collected[-1]), tokens, **EXACT)
 
 
 def test_pos_embed_resize_is_bicubic_without_antialias():
@@ -73,12 +85,12 @@ def test_pos_embed_resize_is_bicubic_without_antialias():
 
 
 def test_focal_size_input_uses_resized_embedding(vit):
-    x = torch.randn(2, 3, 16, 16)
+    x = randn(2, 3, 16, 16)
     tokens = vit.embed(x)
     assert tokens.shape == (2, 5, 32)
     assert vit(x).shape == (2, 32)
     with pytest.raises(ValueError, match="divisible"):
-        vit(torch.randn(1, 3, 20, 20))
+        vit(randn(1, 3, 20, 20))
 
 
 def test_reference_architecture_details():
@@ -93,13 +105,26 @@ def test_reference_architecture_details():
         build_vit("vit_huge", 16, 224)
 
 
+def test_patch_embedding_initialised_like_the_reference():
+    """Kaiming normal (fan_in, ReLU gain) with zero bias, as the reference's DeiT does for
+    every Conv2d: std sqrt(2 / 768) = 0.0510 for ViT-S/16 (PyTorch's default would give
+    0.0208 and a non-zero bias)."""
+    torch.manual_seed(0)
+    proj = build_vit("vit_small", 16, 224).vit.patch_embed.proj.requires_grad_(False)
+    assert proj.weight.shape == (384, 3, 16, 16) and torch.count_nonzero(proj.bias) == 0
+    # 294,912 normal draws: sample std within 0.5% of sqrt(2 / fan_in) (3.8 standard errors), mean 5.3
+    assert float(proj.weight.std()) == pytest.approx(math.sqrt(2 / 768), rel=5e-3)
+    assert abs(float(proj.weight.mean())) < 5e-4
+    assert float(proj.weight.abs().max()) > 4 * math.sqrt(2 / 768)  # normal tails, not uniform (max 1.73 std)
+
+
 def test_sdpa_and_eager_agree():
     torch.manual_seed(0)
-    a = build_vit("vit_mini", 8, 32, depth=2, attention="sdpa").eval()
-    b = build_vit("vit_mini", 8, 32, depth=2, attention="eager").eval()
+    a = build_vit("vit_mini", 8, 32, depth=2, attention="sdpa").double().eval()
+    b = build_vit("vit_mini", 8, 32, depth=2, attention="eager").double().eval()
     b.load_state_dict(a.state_dict())
-    x = torch.randn(2, 3, 32, 32)
-    torch.testing.assert_close(a(x), b(x), rtol=1e-4, atol=1e-5)
+    x = randn(2, 3, 32, 32)
+    torch.testing.assert_close(a(x), b(x), **EXACT)
 
 
 def test_projection_head_layout_and_init():

@@ -31,6 +31,61 @@ def test_schedule_values_at_known_steps():
     assert t.sharpen_temperature(625) == pytest.approx(0.1875)
 
 
+def reference_schedule_values(ipe: int, epochs: int, warmup: float, start_lr=2e-4, lr=1e-3, final_lr=1e-6,
+                              wd=0.04, final_wd=0.4, ema=(0.996, 1.0), sharpen=(0.25, 0.25), stretch=1.25):
+    """The reference training loop's values per update, written out from its code: stateful
+    warm-up/cosine LR and cosine WD objects stepped once per update (``T_max`` an int, the
+    LR's cosine over ``T_max - warmup``), and momentum/temperature generators whose float
+    increment is ``(final - start) / (ipe * epochs * 1.25)``, read once per update."""
+    t_max, warmup_steps = int(stretch * epochs * ipe), int(warmup * ipe)
+    increment_m = (ema[1] - ema[0]) / (ipe * epochs * stretch)
+    increment_t = (sharpen[1] - sharpen[0]) / (ipe * epochs * stretch)
+    momentum = (ema[0] + increment_m * i for i in range(int(ipe * epochs * stretch) + 1))
+    temperature = (sharpen[0] + increment_t * i for i in range(int(ipe * epochs * stretch) + 1))
+    values = []
+    for step in range(1, ipe * epochs + 1):
+        if step < warmup_steps:
+            new_lr = start_lr + float(step) / float(max(1, warmup_steps)) * (lr - start_lr)
+        else:
+            progress = float(step - warmup_steps) / float(max(1, t_max - warmup_steps))
+            new_lr = max(final_lr, final_lr + (lr - final_lr) * 0.5 * (1.0 + math.cos(math.pi * progress)))
+        new_wd = final_wd + (wd - final_wd) * 0.5 * (1.0 + math.cos(math.pi * (step / t_max)))
+        new_wd = max(final_wd, new_wd) if final_wd <= wd else min(final_wd, new_wd)
+        values.append({"lr": new_lr, "wd": new_wd, "momentum": next(momentum), "sharpen_T": next(temperature)})
+    return values
+
+
+@pytest.mark.parametrize("ipe", [1, 3, 6, 7, 13, 1251])
+@pytest.mark.parametrize("epochs", [1, 3, 5])
+def test_every_update_equals_the_reference_to_the_last_bit(ipe, epochs):
+    sharpen = (0.25, 0.2)  # a moving temperature, so that its ramp is checked too
+    ours = Schedules(total_steps=ipe * epochs, steps_per_epoch=ipe, warmup_epochs=0.5, sharpen_start=sharpen[0],
+                     sharpen_final=sharpen[1])
+    reference = reference_schedule_values(ipe, epochs, warmup=0.5, sharpen=sharpen)
+    for update, expected in enumerate(reference):
+        assert ours.at_update(update) == expected, f"update {update} of {ipe} x {epochs}"
+
+
+def test_float_increment_where_the_length_is_not_whole():
+    """3 epochs x 7 steps: the ramps run over 26.25 steps, not int(26.25) = 26."""
+    s = Schedules(total_steps=21, steps_per_epoch=7)
+    assert s.stretched_steps == 26 and s.stretched_length == 26.25
+    assert s.at_update(20)["momentum"] == pytest.approx(0.996 + 20 * 0.004 / 26.25, abs=1e-15)  # 0.999048
+    assert abs(s.at_update(20)["momentum"] - (0.996 + 20 * 0.004 / 26)) > 2e-5  # the int length: 0.999077
+
+
+def test_from_config_reads_every_schedule_key():
+    from msn.config import LossConfig, OptimConfig
+
+    optim = OptimConfig(epochs=3, lr=5e-4, start_lr=1e-5, final_lr=2e-6, warmup_epochs=1, weight_decay=0.01,
+                        final_weight_decay=0.1, ema_start=0.99, ema_end=0.999, schedule_stretch=1.5)
+    loss = LossConfig(sharpen_start=0.3, sharpen_final=0.2)
+    s = Schedules.from_config(optim, loss, steps_per_epoch=10)
+    assert (s.total_steps, s.steps_per_epoch, s.lr, s.start_lr, s.final_lr, s.warmup_epochs) == (30, 10, 5e-4, 1e-5, 2e-6, 1)
+    assert (s.weight_decay, s.final_weight_decay, s.ema_start, s.ema_end) == (0.01, 0.1, 0.99, 0.999)
+    assert (s.sharpen_start, s.sharpen_final, s.schedule_stretch) == (0.3, 0.2, 1.5)
+
+
 def test_update_uses_advanced_lr_and_current_momentum():
     s = Schedules(total_steps=1000, steps_per_epoch=100, warmup_epochs=2)
     first = s.at_update(0)

@@ -43,9 +43,20 @@ def resize_pos_embed(pos_embed: torch.Tensor, grid: tuple[int, int]) -> torch.Te
     cls_pos, patch_pos = pos_embed[:, :1], pos_embed[:, 1:]
     dim = pos_embed.shape[-1]
     patch_pos = patch_pos.reshape(1, side, side, dim).permute(0, 3, 1, 2)
-    patch_pos = F.interpolate(patch_pos.float(), size=grid, mode="bicubic", align_corners=False)
+    work = torch.promote_types(patch_pos.dtype, torch.float32)  # bicubic in at least fp32
+    patch_pos = F.interpolate(patch_pos.to(work), size=grid, mode="bicubic", align_corners=False)
     patch_pos = patch_pos.to(pos_embed.dtype).permute(0, 2, 3, 1).reshape(1, -1, dim)
     return torch.cat([cls_pos, patch_pos], dim=1)
+
+
+def init_patch_embed(conv: nn.Conv2d) -> None:
+    """The reference's initialisation of every ``Conv2d`` (its DeiT ``_init_weights``):
+    Kaiming normal, ``fan_in``, ReLU gain (std ``sqrt(2 / (3 p^2))``, 0.051 for patch 16), zero
+    bias. timm leaves the patch embedding at PyTorch's default (uniform, std 0.021, non-zero
+    bias); it is the only parameter whose initial distribution would otherwise differ."""
+    nn.init.kaiming_normal_(conv.weight, mode="fan_in", nonlinearity="relu")
+    if conv.bias is not None:
+        nn.init.zeros_(conv.bias)
 
 
 class MSNViT(nn.Module):
@@ -135,7 +146,8 @@ def build_vit(
     attention: str = "sdpa",
     grad_checkpointing: bool = False,
 ) -> MSNViT:
-    """Build a timm ViT for MSN (pre-norm, qkv bias, LayerNorm eps 1e-6, no drop-path).
+    """Build a timm ViT for MSN (pre-norm, qkv bias, LayerNorm eps 1e-6, no drop-path; the
+    patch embedding initialised like the reference, :func:`init_patch_embed`).
 
     Args:
         arch: a key of :data:`ARCHITECTURES`.
@@ -167,6 +179,7 @@ def build_vit(
         **dims,
     )
     nn.init.trunc_normal_(vit.cls_token, std=0.02)
+    init_patch_embed(vit.patch_embed.proj)
     for block in vit.blocks:
         block.attn.fused_attn = attention == "sdpa"
     vit.set_grad_checkpointing(grad_checkpointing)

@@ -1,8 +1,12 @@
 """Per-step schedules of the reference recipe (reference doc Sec. 6).
 
-All schedules run over ``T = int(schedule_stretch * total_steps)`` steps (stretch 1.25 in the
-reference), so the run ends before the schedule does: the LR never reaches its final value
-and the EMA momentum ends near 0.9992 instead of 1.
+All schedules run over the stretched length ``schedule_stretch * total_steps`` (stretch 1.25
+in the reference), so the run ends before the schedule does: the LR never reaches its final
+value and the EMA momentum ends near 0.9992 instead of 1. As in the reference, the LR and
+weight-decay cosines use the integer length ``T = int(stretch * epochs * steps_per_epoch)``,
+while the EMA momentum and the sharpening temperature advance by the float increment
+``(final - start) / (steps_per_epoch * epochs * stretch)``; each value is computed with the
+reference's order of float operations, so both agree to the last bit.
 
 Step conventions (matching the reference's iterator/``step()`` calls): the optimiser update
 number ``s`` (0-based) uses ``lr(s + 1)`` and ``weight_decay(s + 1)`` (the reference's
@@ -45,9 +49,31 @@ class Schedules:
     sharpen_final: float = 0.25
     schedule_stretch: float = 1.25
 
+    @classmethod
+    def from_config(cls, optim, loss, steps_per_epoch: int) -> "Schedules":
+        """The schedules of ``optim`` (:class:`msn.config.OptimConfig`) and ``loss``
+        (:class:`msn.config.LossConfig`, the sharpening temperature) for ``steps_per_epoch``."""
+        return cls(
+            total_steps=optim.epochs * steps_per_epoch, steps_per_epoch=steps_per_epoch, lr=optim.lr,
+            start_lr=optim.start_lr, final_lr=optim.final_lr, warmup_epochs=optim.warmup_epochs,
+            weight_decay=optim.weight_decay, final_weight_decay=optim.final_weight_decay,
+            ema_start=optim.ema_start, ema_end=optim.ema_end, sharpen_start=loss.sharpen_start,
+            sharpen_final=loss.sharpen_final, schedule_stretch=optim.schedule_stretch,
+        )
+
+    @property
+    def epochs(self) -> int:
+        return self.total_steps // max(1, self.steps_per_epoch)
+
     @property
     def stretched_steps(self) -> int:
-        return int(self.schedule_stretch * self.total_steps)
+        """Integer length of the LR and WD cosines (reference ``int(ipe_scale * epochs * ipe)``)."""
+        return int(self.schedule_stretch * self.epochs * self.steps_per_epoch)
+
+    @property
+    def stretched_length(self) -> float:
+        """Float length of the linear EMA and temperature ramps (reference ``ipe * epochs * 1.25``)."""
+        return self.steps_per_epoch * self.epochs * self.schedule_stretch
 
     @property
     def warmup_steps(self) -> int:
@@ -66,16 +92,21 @@ class Schedules:
         """Cosine from ``weight_decay`` to ``final_weight_decay`` (reference ``CosineWDSchedule``)."""
         progress = step / max(1, self.stretched_steps)
         value = self.final_weight_decay + (self.weight_decay - self.final_weight_decay) * 0.5 * (1.0 + math.cos(math.pi * progress))
-        low, high = sorted((self.weight_decay, self.final_weight_decay))
-        return min(max(value, low), high)
+        if self.final_weight_decay <= self.weight_decay:
+            return max(self.final_weight_decay, value)
+        return min(self.final_weight_decay, value)
+
+    def _ramp(self, start: float, final: float, step: int) -> float:
+        """``start + increment * step`` with the reference's float increment."""
+        return start + (final - start) / max(1e-12, self.stretched_length) * step
 
     def momentum(self, step: int) -> float:
-        """EMA momentum ``ema_start + step * (ema_end - ema_start) / T``."""
-        return self.ema_start + step * (self.ema_end - self.ema_start) / max(1, self.stretched_steps)
+        """EMA momentum ``ema_start + step * (ema_end - ema_start) / (1.25 * total_steps)``."""
+        return self._ramp(self.ema_start, self.ema_end, step)
 
     def sharpen_temperature(self, step: int) -> float:
-        """Target sharpening temperature ``sharpen_start + step * (final - start) / T``."""
-        return self.sharpen_start + step * (self.sharpen_final - self.sharpen_start) / max(1, self.stretched_steps)
+        """Target sharpening temperature ``sharpen_start + step * (final - start) / (1.25 * total_steps)``."""
+        return self._ramp(self.sharpen_start, self.sharpen_final, step)
 
     def at_update(self, update: int) -> dict[str, float]:
         """All values used by 0-based optimiser update ``update`` (see module docstring)."""

@@ -129,7 +129,8 @@ class IgnoreSignals:
 class OnlineForward(nn.Module):
     """Both online forwards of a step (masked anchors, then all focal views: one forward per
     resolution group) as one module call, so that DDP sees one forward per backward.
-    Returns the fp32 projections, view-major ``[anchor rows; focal rows]``."""
+    Returns the projections view-major ``[anchor rows; focal rows]`` in the forward's dtype
+    (:func:`msn.losses.msn_loss` computes in at least float32)."""
 
     def __init__(self, network: MSNNetwork):
         super().__init__()
@@ -139,7 +140,7 @@ class OnlineForward(nn.Module):
         projections = [self.network(anchor, keep)]
         if focal.numel():
             projections.append(self.network(focal))
-        return torch.cat([p.float() for p in projections])
+        return torch.cat(projections)
 
 
 def rank_seed(seed: int, rank: int) -> int:
@@ -232,13 +233,8 @@ class Trainer:
             raise ValueError(f"optim.batch_size: {global_batch} is larger than the data set ({len(self.dataset)} images)")
         self.total_steps = cfg.optim.epochs * self.steps_per_epoch
         self.max_steps = min(self.total_steps, cfg.train.max_steps or self.total_steps)
-        o, l = cfg.optim, cfg.loss
-        self.schedules = Schedules(
-            total_steps=self.total_steps, steps_per_epoch=self.steps_per_epoch, lr=o.lr, start_lr=o.start_lr,
-            final_lr=o.final_lr, warmup_epochs=o.warmup_epochs, weight_decay=o.weight_decay,
-            final_weight_decay=o.final_weight_decay, ema_start=o.ema_start, ema_end=o.ema_end,
-            sharpen_start=l.sharpen_start, sharpen_final=l.sharpen_final, schedule_stretch=o.schedule_stretch,
-        )
+        o = cfg.optim
+        self.schedules = Schedules.from_config(o, cfg.loss, self.steps_per_epoch)
         fused = o.fused == "true" or (o.fused == "auto" and self.device.type == "cuda")
         self.optimizer = build_optimizer(
             parameter_groups(self.network, self.prototypes.weight, o.decay_pos_embed), o.betas, o.eps, fused
@@ -366,7 +362,7 @@ class Trainer:
             with torch.no_grad():
                 target = self.target(batch.target)
         out = msn_loss(
-            anchor, target.float(), self.prototypes.weight,
+            anchor, target, self.prototypes.weight,
             temperature=cfg.loss.temperature, sharpen_temperature=values["sharpen_T"],
             use_sinkhorn=cfg.loss.use_sinkhorn, sinkhorn_iters=cfg.loss.sinkhorn_iters,
             memax_weight=cfg.loss.memax_weight, entropy_weight=cfg.loss.entropy_weight,
