@@ -5,7 +5,9 @@ Functional API::
     out = msn_loss(anchor, target, prototypes)   # anchor [V*B, D] view-major, target [B, D]
     out.loss.backward()
 
-Every quantity is computed in at least float32, whatever the autocast dtype of the inputs.
+Every quantity is computed in at least float32, whatever the dtype of the inputs, and also
+when called inside an autocast region (autocast is switched off for the loss), like the
+reference, which computes everything in fp32.
 """
 
 from __future__ import annotations
@@ -31,7 +33,10 @@ class MSNLossOutput:
         targets: the (sharpened, optionally Sinkhorn-balanced) targets repeated per view, [V*B, K].
         num_targets_used: number of distinct argmax prototypes among the targets (``np``).
         max_target: mean over images of the largest target probability (``max_t``).
-        min_target: smallest per-image largest target probability (``min_t``).
+        min_target: mean over images of the smallest target probability (``min_t``, the
+            reference's statistic).
+        min_max_target: smallest per-image largest target probability (``min_max_t``: the
+            least confident target of the batch).
     """
 
     loss: torch.Tensor
@@ -42,6 +47,7 @@ class MSNLossOutput:
     num_targets_used: torch.Tensor
     max_target: torch.Tensor
     min_target: torch.Tensor
+    min_max_target: torch.Tensor
 
 
 def prototype_logits(z: torch.Tensor, prototypes: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -119,8 +125,15 @@ def msn_loss(
     batch = target.shape[0]
     if batch == 0 or anchor.shape[0] % batch != 0:
         raise ValueError(f"anchor rows ({anchor.shape[0]}) must be a multiple of target rows ({batch})")
+    with torch.autocast(anchor.device.type, enabled=False):
+        return _msn_loss(anchor, target, prototypes, batch, temperature, sharpen_temperature, use_sinkhorn,
+                         sinkhorn_iters, memax_weight, entropy_weight)
+
+
+def _msn_loss(anchor, target, prototypes, batch, temperature, sharpen_temperature, use_sinkhorn, sinkhorn_iters,
+              memax_weight, entropy_weight) -> MSNLossOutput:
     num_views = anchor.shape[0] // batch
-    dtype = torch.promote_types(anchor.dtype, torch.float32)
+    dtype = torch.promote_types(torch.promote_types(anchor.dtype, prototypes.dtype), torch.float32)
     anchor, target, prototypes = anchor.to(dtype), target.to(dtype), prototypes.to(dtype)
 
     log_probs = F.log_softmax(prototype_logits(anchor, prototypes, temperature), dim=1)
@@ -155,5 +168,6 @@ def msn_loss(
         targets=targets,
         num_targets_used=used.sum(),
         max_target=max_per_image.mean(),
-        min_target=max_per_image.min(),
+        min_target=per_image.min(dim=1).values.mean(),
+        min_max_target=max_per_image.min(),
     )

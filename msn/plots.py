@@ -18,7 +18,7 @@ PANELS = (
     ("memax", ("memax",), "ME-MAX (0 = all prototypes used equally)"),
     ("entropy", ("entropy",), "mean prediction entropy"),
     ("np", ("np",), "distinct target prototypes per batch (np)"),
-    ("max_t", ("max_t", "min_t"), "largest target probability (max_t, min_t)"),
+    ("max_t", ("max_t", "min_max_t", "min_t"), "target probabilities (mean largest, least confident largest, mean smallest)"),
     ("lr", ("lr",), "learning rate"),
     ("wd", ("wd",), "weight decay"),
     ("momentum", ("momentum",), "EMA momentum"),

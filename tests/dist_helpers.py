@@ -48,6 +48,20 @@ def _snapshot(trainer) -> dict:
     }
 
 
+def record_keep_indices(trainer) -> list:
+    """Record the ``keep_indices`` of every online forward of ``trainer`` (into the list returned)."""
+    seen, backbone = [], trainer.network.backbone
+    original = backbone.forward_blocks
+
+    def spy(images, keep_indices=None, collect_last=0):
+        if keep_indices is not None:
+            seen.append(keep_indices.clone())
+        return original(images, keep_indices, collect_last)
+
+    backbone.forward_blocks = spy
+    return seen
+
+
 def step_worker(rank: int, world: int, port: int, out: str, tiny: dict, memax_inputs: dict,
                 cli_runs: list) -> None:
     """One training step per variant on this rank's shard, the ME-MAX check, and Trainer runs
@@ -70,12 +84,14 @@ def step_worker(rank: int, world: int, port: int, out: str, tiny: dict, memax_in
         "checkpointed": {"model": {"grad_checkpointing": True}},
         "sum": {"loss": {"proto_grad_reduce": "sum"}},
         "no_sync_bn": {"model": {"sync_bn": False}},
+        "shared_mask": {"mask": {"shared": True}},
     }.items():
         trainer = Trainer(config(**sections))
         trainer.sampler.set_position(0, 0)
         batch = next(iter(trainer.loader))
+        keeps = record_keep_indices(trainer)
         stats = trainer.train_step(batch)
-        results[name] = {"stats": stats, "anchor": batch.anchor.clone(), **_snapshot(trainer)}
+        results[name] = {"stats": stats, "anchor": batch.anchor.clone(), "keep": keeps, **_snapshot(trainer)}
 
     # ME-MAX on this rank's rows of fixed inputs (view-major: rank r holds rows r*b..(r+1)*b of every view)
     anchor, target, prototypes = memax_inputs["anchor"], memax_inputs["target"], memax_inputs["prototypes"]

@@ -27,7 +27,7 @@ from msn.train import Trainer
 from msn.train.trainer import EXIT_PREEMPTED
 
 from conftest import ROOT, TINY_OVERRIDES, tiny_config_dict
-from dist_helpers import free_port, step_worker, torchrun
+from dist_helpers import free_port, record_keep_indices, step_worker, torchrun
 
 WORLD = 2
 #: 2 ranks x 4 images = the single-process batch of 8; per-sample augmentation and per-image
@@ -107,6 +107,24 @@ def test_ddp_step_equals_single_process_step_on_the_global_batch(two_ranks, sing
         torch.testing.assert_close(r["ddp"]["prototypes"], single["prototypes"], rtol=0, atol=1e-5)
     for key in ("encoder", "target"):
         _assert_states_close(ranks[0]["ddp"][key], ranks[1]["ddp"][key], atol=0)
+
+
+def test_shared_mask_is_one_subset_for_the_global_batch(two_ranks, tmp_path):
+    """``mask.shared``: every rank drops the same tokens (the reference seeds every rank alike),
+    the same subset a single process uses for the whole global batch."""
+    ranks, _ = two_ranks
+    keeps = [r["shared_mask"]["keep"] for r in ranks]
+    assert all(len(k) == 1 for k in keeps)
+    rank0, rank1 = keeps[0][0], keeps[1][0]
+    assert rank0.shape == (4, 9) and (rank0 == rank0[0]).all()
+    assert torch.equal(rank0, rank1)
+    trainer = Trainer(load_config(tiny_config_dict(tmp_path / "one", **STEP_SECTIONS, mask={"ratio": 0.5, "shared": True})))
+    trainer.sampler.set_position(0, 0)
+    seen = record_keep_indices(trainer)
+    trainer.train_step(next(iter(trainer.loader)))
+    assert seen[0].shape == (8, 9) and torch.equal(seen[0][:4], rank0) and (seen[0] == rank0[0]).all()
+    # the per-image default draws different subsets on the two ranks
+    assert not torch.equal(ranks[0]["ddp"]["keep"][0], ranks[1]["ddp"]["keep"][0])
 
 
 def test_sync_bn_is_what_makes_the_step_match(two_ranks, single):

@@ -85,7 +85,8 @@ def test_loss_terms_equal_hand_computed_float64(use_sinkhorn, entropy_weight):
     best = [max(range(4), key=lambda k: row[k]) for row in targets[:2]]
     assert out.num_targets_used.item() == len(set(best))
     assert out.max_target.item() == pytest.approx(sum(max(r) for r in targets[:2]) / 2, rel=1e-12)
-    assert out.min_target.item() == pytest.approx(min(max(r) for r in targets[:2]), rel=1e-12)
+    assert out.min_target.item() == pytest.approx(sum(min(r) for r in targets[:2]) / 2, rel=1e-12)  # reference min_t
+    assert out.min_max_target.item() == pytest.approx(min(max(r) for r in targets[:2]), rel=1e-12)
 
 
 def test_targets_pair_with_views_view_major():
@@ -152,3 +153,20 @@ def test_low_precision_inputs_are_computed_in_fp32():
 def test_bad_shapes_raise():
     with pytest.raises(ValueError, match="multiple"):
         msn_loss(torch.randn(5, 3), torch.randn(2, 3), torch.randn(4, 3))
+
+
+def test_loss_is_computed_in_fp32_under_autocast_and_from_bf16_inputs():
+    """The reference computes the loss in fp32; so do we, even inside a bf16 autocast region
+    (whose matmuls would otherwise run in bf16) and from bf16 projections."""
+    g = torch.Generator().manual_seed(0)
+    anchor, target, protos = torch.randn(12, 16, generator=g), torch.randn(4, 16, generator=g), torch.randn(8, 16, generator=g)
+    outside = msn_loss(anchor, target, protos)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = msn_loss(anchor, target, protos)
+    assert inside.loss.dtype == inside.targets.dtype == torch.float32
+    for name in ("loss", "ce", "memax", "entropy", "targets", "max_target", "min_target"):
+        assert torch.equal(getattr(inside, name), getattr(outside, name)), name
+    low = anchor.bfloat16(), target.bfloat16()
+    from_bf16 = msn_loss(*low, protos)
+    assert from_bf16.loss.dtype == torch.float32
+    assert torch.equal(from_bf16.loss, msn_loss(low[0].float(), low[1].float(), protos).loss)

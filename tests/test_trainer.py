@@ -72,6 +72,25 @@ def test_shared_mask_is_one_subset_per_batch(tiny_config, monkeypatch):
     assert len(seen) == 1 and (seen[0] == seen[0][0]).all()
 
 
+def test_bf16_forwards_feed_an_fp32_loss(tiny_config, monkeypatch):
+    """``precision=bf16`` (the CUDA default): the encoder forwards run under bf16 autocast, the
+    loss is computed in fp32 from them (reference: fp32 everywhere, ``precision=fp32``)."""
+    trainer = Trainer(tiny_config(precision="bf16"))
+    seen = {}
+    real_loss = trainer_module.msn_loss
+
+    def spy(anchor, target, prototypes, **kwargs):
+        out = real_loss(anchor, target, prototypes, **kwargs)
+        seen.update(anchor=anchor.dtype, target=target.dtype, loss=out.loss.dtype, ce=out.ce.dtype)
+        return out
+
+    monkeypatch.setattr(trainer_module, "msn_loss", spy)
+    trainer.train_step(_first_batch(trainer))
+    assert seen == {"anchor": torch.bfloat16, "target": torch.bfloat16, "loss": torch.float32, "ce": torch.float32}
+    assert Trainer(tiny_config(precision="fp32")).autocast_dtype is None
+    assert Trainer(tiny_config()).autocast_dtype is None  # auto on a CPU: fp32
+
+
 def test_fit_writes_metrics_config_and_checkpoints(tiny_config):
     cfg = tiny_config(train={"checkpoint_every_epochs": 1})
     record = Trainer(cfg).fit()
@@ -80,8 +99,11 @@ def test_fit_writes_metrics_config_and_checkpoints(tiny_config):
     assert (out / "latest.pt").is_file() and (out / "epoch_0001.pt").is_file() and (out / "epoch_0002.pt").is_file()
     lines = [json.loads(line) for line in open(f"{cfg.output_dir}/metrics.jsonl")]
     assert [r["step"] for r in lines] == [2, 4, 6, 8]
-    for key in ("loss", "ce", "memax", "entropy", "np", "max_t", "min_t", "lr", "wd", "momentum", "img_per_s"):
+    for key in ("loss", "ce", "memax", "entropy", "np", "max_t", "min_t", "min_max_t", "lr", "wd", "momentum",
+                "img_per_s"):
         assert key in lines[-1]
+    for r in lines:  # min_t: mean smallest probability, at most 1/K; min_max_t: a largest one, at least 1/K
+        assert 0 <= r["min_t"] <= 1 / 8 <= r["min_max_t"] <= r["max_t"] <= 1
     assert 1 <= lines[-1]["np"] <= 8
     state = checkpoint.load_checkpoint(out / "latest.pt")
     assert state["step"] == 8 and state["config"]["mask"]["ratio"] == 0.5

@@ -51,8 +51,9 @@ from msn.train.schedules import Schedules
 
 log = logging.getLogger(__name__)
 
-#: Order of the per-step statistics accumulated between log steps.
-STAT_NAMES = ("loss", "ce", "memax", "entropy", "np", "max_t", "min_t")
+#: Order of the per-step statistics accumulated between log steps: averaged over the window,
+#: except the last (``min_max_t``), its minimum.
+STAT_NAMES = ("loss", "ce", "memax", "entropy", "np", "max_t", "min_t", "min_max_t")
 
 
 #: Exit status of a run stopped by a preemption signal after writing ``latest.pt``
@@ -174,9 +175,11 @@ def resolve_autocast_dtype(precision: str, device: torch.device) -> torch.dtype 
     return None
 
 
-def mask_generator(seed: int, step: int, rank: int) -> torch.Generator:
-    """Generator for the shared (one per batch) mask of ``step`` on ``rank``."""
-    return torch.Generator().manual_seed((seed * 7_919 + step * 104_729 + rank * 1_299_709 + 17) % (2**63 - 1))
+def mask_generator(seed: int, step: int) -> torch.Generator:
+    """Generator of the shared mask of ``step``: seeded without the rank, so that every rank
+    draws the same token subset and one mask covers the global batch (the reference seeds
+    every rank identically)."""
+    return torch.Generator().manual_seed((seed * 7_919 + step * 104_729 + 17) % (2**63 - 1))
 
 
 class Trainer:
@@ -356,7 +359,7 @@ class Trainer:
         keep = batch.keep_indices
         if cfg.mask.ratio > 0 and cfg.mask.shared:
             keep = sample_keep_indices(batch.size, self.num_patches, cfg.mask.ratio, shared=True,
-                                       generator=mask_generator(cfg.seed, self.step, self.rank), device=self.device)
+                                       generator=mask_generator(cfg.seed, self.step), device=self.device)
         with self._autocast():
             anchor = self.online(batch.anchor, keep, batch.focal)
             with torch.no_grad():
@@ -383,7 +386,7 @@ class Trainer:
             chosen[out.targets[: batch.size].argmax(dim=1)] = 1.0
             used = distributed.all_reduce_max_(chosen).sum()
         return torch.stack([out.loss.detach(), out.ce.detach(), out.memax.detach(), out.entropy.detach(),
-                            used, out.max_target, out.min_target])
+                            used, out.max_target, out.min_target, out.min_max_target])
 
     def _reduce_prototype_grad(self) -> None:
         """The prototypes live outside DDP: all-reduce their gradient (``mean`` like every
@@ -467,7 +470,7 @@ class Trainer:
 
     def _make_record(self, means: torch.Tensor, minimum: torch.Tensor, steps: int, elapsed: float) -> dict[str, Any]:
         values = dict(zip(STAT_NAMES, means.tolist()))
-        values["min_t"] = float(minimum)
+        values["min_max_t"] = float(minimum)
         schedule = self.schedules.at_update(self.step - 1)
         return {
             "step": self.step,
