@@ -95,3 +95,34 @@ def pytest_configure(config):  # noqa: ARG001 - pytest hook signature
         import torch
 
         torch.use_deterministic_algorithms(True)
+
+
+#: Checkpoint entries allowed to differ between an interrupted and an uninterrupted run: the
+#: config (``train.max_steps``, ``resume``, ``output_dir``) and the wall time.
+RUN_SPECIFIC = {("config",), ("extra", "train_seconds")}
+
+
+def assert_same_state(a, b, path: tuple = ()) -> int:
+    """Assert two checkpoint trees are equal to the bit, RNG states included (tensors with
+    ``torch.equal``, numpy arrays element-wise, everything else ``==``), except
+    :data:`RUN_SPECIFIC`; returns the number of leaves compared."""
+    import numpy as np
+    import torch
+
+    if path in RUN_SPECIFIC:
+        return 0
+    where = "/".join(map(str, path)) or "<root>"
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), f"{where}: keys {sorted(a)} != {sorted(b)}"
+        return sum(assert_same_state(a[k], b[k], path + (k,)) for k in a)
+    if isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), f"{where}: lengths differ"
+        return sum(assert_same_state(x, y, path + (i,)) for i, (x, y) in enumerate(zip(a, b)))
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape, f"{where}: dtype/shape"
+        assert torch.equal(a, b), f"{where}: tensors differ"
+    elif isinstance(a, np.ndarray):
+        assert np.array_equal(a, b), f"{where}: arrays differ"
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+    return 1

@@ -26,7 +26,7 @@ from msn.losses import msn_loss
 from msn.train import Trainer
 from msn.train.trainer import EXIT_PREEMPTED
 
-from conftest import ROOT, TINY_OVERRIDES, tiny_config_dict
+from conftest import ROOT, TINY_OVERRIDES, assert_same_state, tiny_config_dict
 from dist_helpers import free_port, record_keep_indices, step_worker, torchrun
 
 WORLD = 2
@@ -60,7 +60,7 @@ def two_ranks(tmp_path_factory):
     tiny = tiny_config_dict(tmp / "step", **STEP_SECTIONS)
     runs = [OmegaConf.to_container(_compose(*RESUME_OVERRIDES, f"output_dir={tmp / name}", f"train.max_steps={steps}"),
                                    resolve=True)
-            for name, steps in (("straight", 8), ("split", 3))]
+            for name, steps in (("straight", 8), ("split", 3), ("boundary", 4), ("boundary", 8))]
     mp.spawn(step_worker, args=(WORLD, free_port(), str(tmp), tiny, _memax_inputs(), runs), nprocs=WORLD, join=True)
     shutil.copy(tmp / "split/checkpoints/latest.pt", tmp / "split_step3.pt")  # before the relaunch continues it
     return [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(WORLD)], tmp
@@ -177,12 +177,19 @@ def test_two_process_run_stopped_and_relaunched_ends_equal_to_uninterrupted(two_
     a = checkpoint.load_checkpoint(tmp / "straight/checkpoints/latest.pt")
     b = checkpoint.load_checkpoint(tmp / "split/checkpoints/latest.pt")
     assert a["step"] == b["step"] == 8 and b["extra"]["world_size"] == WORLD and len(b["rng_per_rank"]) == WORLD
-    for key in ("encoder", "target_encoder"):
-        for name, tensor in a[key].items():
-            assert torch.equal(tensor, b[key][name]), f"{key}.{name} differs after the relaunch"
-    assert torch.equal(a["prototypes"], b["prototypes"])
+    # every tensor of the checkpoint, the RNG states of both ranks included
+    assert_same_state(a, b)
+    assert a["rng_per_rank"][0]["torch"].ne(a["rng_per_rank"][1]["torch"]).any()  # per-rank streams
     steps = [json.loads(line)["step"] for line in open(tmp / "split/metrics.jsonl")]
     assert steps == [2, 3, 4, 6, 8]
+
+
+def test_two_process_run_resumed_at_an_epoch_boundary_ends_equal_to_uninterrupted(two_ranks):
+    _, tmp = two_ranks
+    a = checkpoint.load_checkpoint(tmp / "straight/checkpoints/latest.pt")
+    b = checkpoint.load_checkpoint(tmp / "boundary/checkpoints/latest.pt")
+    assert a["step"] == b["step"] == 8
+    assert_same_state(a, b)
 
 
 def test_world_size_change_on_resume_keeps_the_data_order(two_ranks, tmp_path, caplog):

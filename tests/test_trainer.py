@@ -10,6 +10,8 @@ from msn.models import MSNViT
 from msn.train import Trainer, TrainingDivergedError
 from msn.train import trainer as trainer_module
 
+from conftest import assert_same_state
+
 
 def _first_batch(trainer):
     trainer.sampler.set_position(0, 0)
@@ -127,6 +129,40 @@ def test_resume_is_bitwise_identical(tiny_config, tmp_path):
     assert torch.equal(a["prototypes"], b["prototypes"])
     steps = [json.loads(line)["step"] for line in open(tmp_path / "split/metrics.jsonl")]
     assert steps == [2, 3, 4, 6, 8]
+
+
+@pytest.fixture
+def global_rng_consumer(monkeypatch):
+    """Make every step draw from the global torch generator (as dropout or drop-path would) and
+    let the draw move the prototypes, so that a resumed run's generator has to continue the
+    uninterrupted run's stream for the weights to match."""
+    original = Trainer.train_step
+
+    def step_that_draws(self, batch):
+        stats = original(self, batch)
+        with torch.no_grad():
+            self.prototypes.weight.add_(1e-3 * torch.randn(self.prototypes.weight.shape))
+        return stats
+
+    monkeypatch.setattr(Trainer, "train_step", step_that_draws)
+
+
+@pytest.mark.parametrize("first,total,workers", [(3, 6, 0), (6, 12, 0), (4, 8, 0), (8, 12, 0), (3, 6, 2)],
+                         ids=["mid-epoch", "continued-after-mid-epoch", "epoch-boundary", "continued-after-boundary",
+                              "mid-epoch-2-workers"])
+def test_resumed_checkpoint_equals_uninterrupted_in_every_tensor_and_rng(tiny_config, tmp_path, global_rng_consumer,
+                                                                          first, total, workers):
+    """``first`` steps, then a resumed run to ``total``, against ``total`` steps in one go
+    (4 steps per epoch): model, target, prototypes, optimiser, data position and every RNG
+    state (torch, numpy, python; per rank) equal to the bit."""
+    sections = {"optim": {"epochs": 3}, "data": {"num_workers": workers}}
+    Trainer(tiny_config(output_dir=str(tmp_path / "straight"), train={"max_steps": total}, **sections)).fit()
+    Trainer(tiny_config(output_dir=str(tmp_path / "split"), train={"max_steps": first}, **sections)).fit()
+    Trainer(tiny_config(output_dir=str(tmp_path / "split"), train={"max_steps": total}, **sections)).fit()
+    a = checkpoint.load_checkpoint(tmp_path / "straight/checkpoints/latest.pt")
+    b = checkpoint.load_checkpoint(tmp_path / "split/checkpoints/latest.pt")
+    assert a["step"] == b["step"] == total
+    assert assert_same_state(a, b) > 50
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_config, monkeypatch):

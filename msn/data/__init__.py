@@ -17,6 +17,7 @@ from msn.data.loader import (
     build_multiview_data,
     build_train_loader,
     collate_views,
+    start_epoch,
 )
 from msn.data.transforms import MultiViewTransform, eval_transform, geometric_transform, view_transform
 
@@ -39,5 +40,6 @@ __all__ = [
     "fixed_image_size",
     "prepare_fashion_mnist",
     "geometric_transform",
+    "start_epoch",
     "view_transform",
 ]

@@ -2,7 +2,10 @@
 
 Determinism does not depend on worker count or on where a run was resumed: the epoch's order
 is a permutation seeded by ``(seed, epoch)``, and each sample's augmentation and anchor mask
-are drawn from a generator seeded by ``(seed, epoch, index)``.
+are drawn from a generator seeded by ``(seed, epoch, index)``. The loader never draws from the
+global torch generator: its own generator (the workers' base seed) is seeded by
+``(seed, epoch, rank)`` in :func:`start_epoch`, so a resumed run's global random stream
+continues the uninterrupted run's.
 """
 
 from __future__ import annotations
@@ -179,7 +182,17 @@ def build_train_loader(dataset: MultiViewDataset, sampler: ResumableSampler, num
         drop_last=True,
         persistent_workers=persistent_workers and num_workers > 0,
         prefetch_factor=4 if num_workers > 0 else None,
+        generator=torch.Generator(),  # the base-seed draw of each iteration; see start_epoch
     )
+
+
+def start_epoch(loader: DataLoader, epoch: int, batch: int = 0) -> DataLoader:
+    """Position ``loader`` (over a :class:`ResumableSampler`) at ``batch`` of ``epoch`` and
+    seed its own generator by ``(seed, epoch, rank)``; returns the loader, to iterate."""
+    sampler: ResumableSampler = loader.sampler
+    sampler.set_position(epoch, batch)
+    loader.generator.manual_seed(sample_seed(sampler.seed + 2, epoch, sampler.rank))
+    return loader
 
 
 __all__ = [
@@ -191,6 +204,7 @@ __all__ = [
     "build_train_loader",
     "collate_views",
     "sample_seed",
+    "start_epoch",
 ]
 
 

@@ -40,6 +40,7 @@ from msn.data import (
     build_dataset,
     build_multiview_data,
     build_train_loader,
+    start_epoch,
 )
 from msn.logging import METRICS_FILE, MetricsLogger, progress_bar
 from msn.losses import msn_loss
@@ -421,8 +422,7 @@ class Trainer:
         try:
             preemption.__enter__()
             while self.step < self.max_steps:
-                self.sampler.set_position(self.step // self.steps_per_epoch, self.step % self.steps_per_epoch)
-                for batch in self.loader:
+                for batch in start_epoch(self.loader, *divmod(self.step, self.steps_per_epoch)):
                     stats = self.train_step(batch)
                     sums += stats
                     minimum = torch.minimum(minimum, stats[-1])
