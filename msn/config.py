@@ -224,7 +224,8 @@ def validate(cfg: MSNConfig, world_size: int = 1) -> MSNConfig:
     if d.name != "synthetic" and d.root is not None:
         _check(os.path.isdir(d.root), "data.root", f"directory not found: {d.root}")
     _check(cfg.device == "auto" or cfg.device == "cpu" or cfg.device.startswith("cuda"), "device", f"must be auto, cpu or cuda[:N], got {cfg.device!r}")
-    _check(cfg.precision in ("auto", "fp32", "bf16"), "precision", f"must be auto, fp32 or bf16, got {cfg.precision!r}")
+    _check(cfg.precision in ("auto", "fp32", "bf16", "fp64"), "precision",
+           f"must be auto, fp32, bf16 or fp64, got {cfg.precision!r}")
     _check(cfg.logging.wandb in ("disabled", "offline", "online"), "logging.wandb", f"must be disabled, offline or online, got {cfg.logging.wandb!r}")
     _check(cfg.optim.fused in ("auto", "true", "false"), "optim.fused", f"must be auto, true or false, got {cfg.optim.fused!r}")
     _check(cfg.loss.proto_grad_reduce in ("mean", "sum"), "loss.proto_grad_reduce", f"must be mean or sum, got {cfg.loss.proto_grad_reduce!r}")

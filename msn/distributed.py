@@ -292,7 +292,7 @@ class SyncBatchNorm(nn.BatchNorm1d):
         self._check_input_dim(input)
         dims = [0] + list(range(2, input.dim()))
         shape = [1, -1] + [1] * (input.dim() - 2)
-        x = input.float()
+        x = input.to(torch.promote_types(input.dtype, torch.float32))
         count = torch.tensor([x.numel() / x.shape[1]], dtype=x.dtype, device=x.device)
         sums = all_reduce_sum(torch.cat([x.sum(dim=dims), count]))
         total = sums[-1].detach()

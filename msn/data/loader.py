@@ -78,9 +78,11 @@ class MultiViewBatch:
         return MultiViewBatch(pin(self.target), pin(self.anchor), pin(self.focal), pin(self.keep_indices),
                               pin(self.labels), self.skipped)
 
-    def to(self, device: torch.device) -> "MultiViewBatch":
+    def to(self, device: torch.device, dtype: torch.dtype | None = None) -> "MultiViewBatch":
+        """On ``device``; the images (not the indices and labels) also in ``dtype`` if given."""
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
-        return MultiViewBatch(move(self.target), move(self.anchor), move(self.focal), move(self.keep_indices),
+        image = lambda t: move(t) if dtype is None else t.to(device, dtype, non_blocking=True)  # noqa: E731
+        return MultiViewBatch(image(self.target), image(self.anchor), image(self.focal), move(self.keep_indices),
                               move(self.labels), self.skipped)
 
     @property

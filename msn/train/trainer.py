@@ -170,7 +170,8 @@ def resolve_device(name: str, local_rank: int | None = None) -> torch.device:
 
 
 def resolve_autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """``auto``: bf16 autocast on CUDA, fp32 elsewhere (bf16 matmuls are very slow on most CPUs)."""
+    """``auto``: bf16 autocast on CUDA, fp32 elsewhere (bf16 matmuls are very slow on most CPUs);
+    none for ``fp32`` and ``fp64``."""
     if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
         return torch.bfloat16
     return None
@@ -198,6 +199,9 @@ class Trainer:
         self.is_main = self.rank == 0
         self.device = resolve_device(cfg.device, distributed.local_rank() if self.world_size > 1 else None)
         self.autocast_dtype = resolve_autocast_dtype(cfg.precision, self.device)
+        #: dtype of the weights and input images: float64 with ``precision=fp64``, a mode for
+        #: numerical checks (tests compare computations that are equal in exact arithmetic)
+        self.param_dtype = torch.float64 if cfg.precision == "fp64" else torch.float32
         self.output_dir = Path(cfg.output_dir)
         views = cfg.data.views
 
@@ -211,10 +215,12 @@ class Trainer:
             init_state(self.network, self.target, self.prototypes)
         self.target.requires_grad_(False)
         self.online: nn.Module = OnlineForward(self.network)
+        if self.world_size > 1 and cfg.model.sync_bn:
+            distributed.convert_sync_batchnorm(self.network, self.device.type)
+            distributed.convert_sync_batchnorm(self.target, self.device.type)
+        for module in (self.network, self.target, self.prototypes):
+            module.to(self.param_dtype)  # in place: a no-op unless precision=fp64
         if self.world_size > 1:
-            if cfg.model.sync_bn:
-                distributed.convert_sync_batchnorm(self.network, self.device.type)
-                distributed.convert_sync_batchnorm(self.target, self.device.type)
             # DDP broadcasts the online weights from rank 0; the target and prototypes too
             distributed.broadcast_tensors_(list(self.target.state_dict().values()) + [self.prototypes.weight])
             self.online = DistributedDataParallel(
@@ -356,7 +362,7 @@ class Trainer:
         (:data:`STAT_NAMES`) as a tensor, without synchronising with the device."""
         cfg = self.cfg
         values = self.schedules.at_update(self.step)
-        batch = batch.to(self.device)
+        batch = batch.to(self.device, self.param_dtype)
         keep = batch.keep_indices
         if cfg.mask.ratio > 0 and cfg.mask.shared:
             keep = sample_keep_indices(batch.size, self.num_patches, cfg.mask.ratio, shared=True,
