@@ -13,7 +13,7 @@ import msn.config
 import msn.models
 from msn.export import WeightsMismatchError, export, load_backbone
 from msn.export.cli import main
-from weights_helpers import write_run
+from weights_helpers import EXACT_BUT_FP32_SOFTMAX, float64, write_run
 
 transformers = pytest.importorskip("transformers")
 from safetensors import safe_open  # noqa: E402
@@ -64,17 +64,17 @@ def classic_names(depth: int, prefix: str = "") -> set[str]:
 def test_hf_export_matches_our_encoder(run, hf_dir):
     model, info = ViTMSNModel.from_pretrained(hf_dir, attn_implementation="eager", output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
-    model.eval()
-    x = images()
+    model.double().eval()
+    x = images().double()
     with torch.no_grad():
         out = model(x, output_hidden_states=True)
-        tokens, last = run["target"].backbone.forward_blocks(x, collect_last=1)
+        tokens, last = float64(run["target"]).backbone.forward_blocks(x, collect_last=1)
     assert out.last_hidden_state.shape == tokens.shape
-    torch.testing.assert_close(out.last_hidden_state, tokens, atol=1e-5, rtol=0)
-    torch.testing.assert_close(out.hidden_states[-1][:, 0], last[-1][:, 0], atol=1e-5, rtol=0)  # pre-LN CLS
+    torch.testing.assert_close(out.last_hidden_state, tokens, **EXACT_BUT_FP32_SOFTMAX)
+    torch.testing.assert_close(out.hidden_states[-1][:, 0], last[-1][:, 0], **EXACT_BUT_FP32_SOFTMAX)  # pre-LN CLS
     # and the export is the TARGET encoder, not the online one
     with torch.no_grad():
-        online_tokens, _ = run["online"].backbone.forward_blocks(x)
+        online_tokens, _ = float64(run["online"]).backbone.forward_blocks(x)
     assert (out.last_hidden_state - online_tokens).abs().max() > 1e-2
 
 
@@ -98,10 +98,10 @@ def test_hf_files_use_the_names_both_transformers_versions_read(hf_dir, tmp_path
 def test_which_online_exports_the_online_encoder(run, tmp_path):
     out = tmp_path / "hf-online"
     export(run["path"], out, "hf", which="online")
-    model = ViTMSNModel.from_pretrained(out, attn_implementation="eager").eval()
-    x = images()
+    model = ViTMSNModel.from_pretrained(out, attn_implementation="eager").double().eval()
+    x = images().double()
     with torch.no_grad():
-        torch.testing.assert_close(model(x).last_hidden_state, run["online"].backbone.forward_blocks(x)[0], atol=1e-5, rtol=0)
+        torch.testing.assert_close(model(x).last_hidden_state, float64(run["online"]).backbone.forward_blocks(x)[0], **EXACT_BUT_FP32_SOFTMAX)
     info = json.loads((out / "msn_export.json").read_text())
     assert info["which"] == "online"
     with pytest.raises(ValueError, match="holds no target encoder"):
@@ -152,12 +152,12 @@ def test_classification_export_loads_and_runs_in_pipeline(run, tmp_path):
     model, info = ViTMSNForImageClassification.from_pretrained(out, attn_implementation="eager", output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
     assert model.config.id2label == dict(enumerate(names)) and model.config.label2id == {n: i for i, n in enumerate(names)}
-    model.eval()
-    x = images()
+    model.double().eval()
+    x = images().double()
     with torch.no_grad():
-        post_ln_cls = run["target"].backbone.forward_blocks(x)[0][:, 0]
-        expected = post_ln_cls @ state["classifier.weight"].T + state["classifier.bias"]
-        torch.testing.assert_close(model(x).logits, expected, atol=1e-5, rtol=0)
+        post_ln_cls = float64(run["target"]).backbone.forward_blocks(x)[0][:, 0]
+        expected = post_ln_cls @ state["classifier.weight"].double().T + state["classifier.bias"].double()
+        torch.testing.assert_close(model(x).logits, expected, **EXACT_BUT_FP32_SOFTMAX)
 
     try:
         from msn.data import FashionMNISTDataset

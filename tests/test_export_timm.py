@@ -14,7 +14,7 @@ import msn.checkpoint
 import msn.config
 import msn.models
 from msn.export import WeightsMismatchError, export, load_backbone
-from weights_helpers import write_run
+from weights_helpers import EXACT, float64, write_run
 
 DEPTH, WIDTH, HEADS, PATCH, SIZE = 2, 64, 4, 8, 32
 
@@ -62,25 +62,25 @@ def test_timm_export_strict_load_gives_the_same_features(run, timm_dir):
         assert handle.metadata() == {"format": "pt"}
     model = timm.create_model(config["architecture"], pretrained=False, num_classes=0, **args)
     model.load_state_dict(load_file(timm_dir / "model.safetensors"), strict=True)
-    model.eval()
-    x = images()
-    tokens, pre_ln_cls = our_features(run["target"], x)
+    model.double().eval()
+    x = images().double()
+    tokens, pre_ln_cls = our_features(float64(run["target"]), x)
     with torch.no_grad():
-        torch.testing.assert_close(model.forward_features(x), tokens, atol=1e-5, rtol=0)
+        torch.testing.assert_close(model.forward_features(x), tokens, **EXACT)
         intermediates = model.forward_intermediates(x, indices=1, norm=False, output_fmt="NLC",
                                                     return_prefix_tokens=True, intermediates_only=True)
-        torch.testing.assert_close(intermediates[0][1][:, 0], pre_ln_cls, atol=1e-5, rtol=0)
-        torch.testing.assert_close(model(x), tokens[:, 0], atol=1e-5, rtol=0)  # num_classes=0: post-LN CLS
+        torch.testing.assert_close(intermediates[0][1][:, 0], pre_ln_cls, **EXACT)
+        torch.testing.assert_close(model(x), tokens[:, 0], **EXACT)  # num_classes=0: post-LN CLS
     info = json.loads((timm_dir / "msn_export.json").read_text())
     assert info["format"] == "timm" and info["source"]["step"] == 5 and info["feature"]["recommended"] == "pre-LN CLS"
 
 
 def test_timm_local_dir_route(run, timm_dir):
-    model = timm.create_model(f"local-dir:{timm_dir}", pretrained=True).eval()
+    model = timm.create_model(f"local-dir:{timm_dir}", pretrained=True).double().eval()
     assert model.num_classes == 0
-    x = images()
+    x = images().double()
     with torch.no_grad():
-        torch.testing.assert_close(model.forward_features(x), our_features(run["target"], x)[0], atol=1e-5, rtol=0)
+        torch.testing.assert_close(model.forward_features(x), our_features(float64(run["target"]), x)[0], **EXACT)
 
 
 def test_timm_round_trip_and_online(run, timm_dir, tmp_path):
@@ -116,9 +116,9 @@ def test_timm_model_with_classifier_and_heads_table(tmp_path):
     loaded = load_backbone(tmp_path / "timm_ckpt.pth.tar")
     assert loaded.source["architecture"]["num_heads"] == 3  # 192 -> 3
     assert loaded.source["ignored"] == ["head.bias", "head.weight"]
-    x = images()
+    x = images().double()
     with torch.no_grad():
-        torch.testing.assert_close(loaded.backbone.forward_blocks(x)[0], model.forward_features(x), atol=1e-5, rtol=0)
+        torch.testing.assert_close(float64(loaded.backbone).forward_blocks(x)[0], model.double().forward_features(x), **EXACT)
 
 
 def test_unexpected_timm_tensor_is_reported(run, tmp_path):

@@ -2,11 +2,28 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 import msn.checkpoint
 import msn.config
 import msn.models
+
+
+#: Two implementations of the same forward (ours, transformers', timm's) are compared in
+#: float64: rounding (~1e-16 relative, a few hundred operations deep at these sizes) stays far
+#: below 1e-10 on any CPU, while float32 agreement would depend on the BLAS kernels chosen.
+EXACT = {"atol": 1e-10, "rtol": 0.0}
+#: transformers' eager attention computes its softmax in float32 even in a float64 model; that
+#: one rounding (2^-24 relative per probability, over <= 17 tokens and 2 blocks here) moves
+#: the O(1) output tokens by ~1e-7 (6.7e-8 measured), independently of the CPU's matmul kernels.
+EXACT_BUT_FP32_SOFTMAX = {"atol": 1e-6, "rtol": 0.0}
+
+
+def float64(module: torch.nn.Module) -> torch.nn.Module:
+    """A float64 copy of ``module`` (exact: every float32 value is a float64 value)."""
+    return copy.deepcopy(module).double()
 
 
 def randomize(network: torch.nn.Module, seed: int, int_fill: int | None = None) -> torch.nn.Module:
