@@ -30,10 +30,10 @@ def make_problem(n: int, dim: int, classes: int, noise: float, seed: int, mean_s
 
 
 def test_normalize_rows():
-    x = torch.randn(7, 5) * 3 + 2
+    x = torch.randn(7, 5, dtype=torch.float64) * 3 + 2  # float64: exact claims, 1e-12 bounds the rounding
     z = normalize_rows(x)
-    assert torch.allclose(z.mean(1), torch.zeros(7), atol=1e-6)
-    assert torch.allclose(z.norm(dim=1), torch.ones(7), atol=1e-6)
+    assert torch.allclose(z.mean(1), torch.zeros(7, dtype=torch.float64), atol=1e-12)
+    assert torch.allclose(z.norm(dim=1), torch.ones(7, dtype=torch.float64), atol=1e-12)
     assert torch.equal(normalize_rows(torch.ones(1, 4)), torch.zeros(1, 4))
 
 
