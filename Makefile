@@ -5,7 +5,12 @@
 #                     (docs/results/fashion_mnist.md; about 2 hours on 2 CPU cores)
 PYTHON := .venv/bin/python
 
-.PHONY: setup demo test results
+#: the float-sensitive tests (parity, benchmark equivalence, resume), run again by CI under
+#: another thread count: their claims must not depend on how the kernels split the work
+FLOAT_SENSITIVE := tests/test_losses.py tests/test_models.py tests/test_bench.py tests/test_trainer.py \
+                   tests/test_distributed.py tests/test_export_hf.py tests/test_export_timm.py tests/test_train_schedules.py
+
+.PHONY: setup demo test test-threads results
 setup:
 	bash scripts/setup.sh
 
@@ -14,6 +19,9 @@ demo:
 
 test:
 	OMP_WAIT_POLICY=PASSIVE $(PYTHON) -m pytest -q
+
+test-threads:
+	OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE $(PYTHON) -m pytest -q $(FLOAT_SENSITIVE)
 
 results:
 	$(PYTHON) scripts/fashion_mnist_results.py

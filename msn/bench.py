@@ -163,6 +163,7 @@ def per_view_step(trainer, batch: MultiViewBatch, zero_tokens: bool = False) -> 
     cfg = trainer.cfg
     values = trainer.schedules.at_update(trainer.step)
     network: MSNNetwork = trainer.network
+    batch = batch.to(trainer.device, trainer.param_dtype)
     b = batch.size
     with trainer._autocast():
         if zero_tokens and batch.keep_indices is not None:

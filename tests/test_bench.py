@@ -5,7 +5,6 @@ import json
 import torch
 
 from msn import bench
-from msn.data import MultiViewBatch
 
 
 def test_harness_runs_every_section_and_reports(tmp_path, capsys):
@@ -40,22 +39,14 @@ def test_flops_shrink_with_mask_ratio():
     assert flops(0.7) < 0.45 * flops(0.0)
 
 
-def _in_float64(runner: "bench.StepRunner") -> "bench.StepRunner":
-    for module in (runner.trainer.network, runner.trainer.target, runner.trainer.prototypes):
-        module.double()  # in place: the optimiser keeps the same parameter objects
-    b = runner.batch
-    runner.batch = MultiViewBatch(b.target.double(), b.anchor.double(), b.focal.double(), b.keep_indices, b.labels, 0)
-    return runner
-
-
 def test_per_view_step_matches_grouped_loss_without_bn():
     """Per-view and grouped forwards are the same step in exact arithmetic when the head has
     no BN. Compared in float64: fp32 rounding of a gradient that is zero in maths (biases
     feeding a LayerNorm) is amplified by Adam's first step up to +-lr, whatever the tolerance;
     float64 rounding (~1e-16 of magnitudes <= 1) amplified by at most lr / eps = 1e4 stays
     below 1e-11, so 1e-9 bounds it with margin on any CPU and BLAS kernel."""
-    cfg = bench.bench_config("fmnist_demo", 4, ratio=0.0, head={"use_bn": False})
-    a, b = _in_float64(bench.StepRunner(cfg)), _in_float64(bench.StepRunner(cfg))
+    cfg = bench.bench_config("fmnist_demo", 4, ratio=0.0, precision="fp64", head={"use_bn": False})
+    a, b = bench.StepRunner(cfg), bench.StepRunner(cfg)
     b.trainer.network.load_state_dict(a.trainer.network.state_dict())
     b.trainer.target.load_state_dict(a.trainer.target.state_dict())
     b.trainer.prototypes.load_state_dict(a.trainer.prototypes.state_dict())

@@ -1,7 +1,7 @@
 """msn.data.batch_augment: each batched operation equals torchvision's per-image functional.
 
 Tolerances: the operations are element-wise on values in [0, 1] (plus a 3-term grey sum and
-a blur of at most 2 x 9 taps), so two implementations differ by a few float32 ulps (6e-8)
+a separable blur of a few dozen taps), so two implementations differ by a few float32 ulps (6e-8)
 per operation; the vectorised exp/pow/atan2 kernels that the CPU's instruction set selects
 add a few more. 1e-5 is ~170 ulps of 1, comfortably above that and far below any real
 difference of a parameter (a factor 1.01 moves pixels by ~5e-3); hue, which goes through
