@@ -8,7 +8,7 @@ drift. "Ours" is always timm's ``VisionTransformer`` naming for the backbone (wh
 A rule maps one of our names to one foreign name, or to three (a fused timm ``qkv``
 tensor split by rows ``[0:D]`` query, ``[D:2D]`` key, ``[2D:3D]`` value). Templates use
 ``{i}`` for a block index and ``{p}`` for a parameter name (``weight`` / ``bias``).
-See ``/work/shared/docs/formats.md`` for the layouts.
+``docs/export.md`` describes the layouts.
 """
 
 from __future__ import annotations
