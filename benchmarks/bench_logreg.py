@@ -1,6 +1,6 @@
 """Benchmark: our L-BFGS logistic regression vs scikit-learn on the 1% ImageNet shape.
 
-The 1% ImageNet low-shot problem (MSN paper Sec. 5; reference doc Sec. 8) is 12,811 labelled
+The 1% ImageNet low-shot problem (MSN paper Sec. 5; docs/method.md Sec. 8) is 12,811 labelled
 rows of 384-d ViT-S features over 1000 classes. This script builds random-ish features of
 that shape (Gaussian class means plus anisotropic noise, rows centred and L2-normalised like
 the real pipeline), solves

@@ -39,7 +39,7 @@ class ModelConfig:
 
 @dataclass
 class HeadConfig:
-    """Projection head (reference doc Sec. 3)."""
+    """Projection head (docs/method.md Sec. 3)."""
 
     hidden_dim: int = 2048
     output_dim: int = 256
@@ -48,7 +48,7 @@ class HeadConfig:
 
 @dataclass
 class ViewsConfig:
-    """Multi-view augmentation (reference doc Sec. 1)."""
+    """Multi-view augmentation (docs/method.md Sec. 1)."""
 
     rand_size: int = 224
     focal_size: int = 96
@@ -85,7 +85,7 @@ class DataConfig:
 
 @dataclass
 class MaskConfig:
-    """Anchor token drop (reference doc Sec. 2)."""
+    """Anchor token drop (docs/method.md Sec. 2)."""
 
     ratio: float = 0.15
     shared: bool = False
@@ -93,7 +93,7 @@ class MaskConfig:
 
 @dataclass
 class LossConfig:
-    """MSN loss and prototypes (reference doc Secs. 4-5)."""
+    """MSN loss and prototypes (docs/method.md Secs. 4-5)."""
 
     num_prototypes: int = 1024
     freeze_prototypes: bool = False
@@ -109,7 +109,7 @@ class LossConfig:
 
 @dataclass
 class OptimConfig:
-    """AdamW and its schedules (reference doc Sec. 6)."""
+    """AdamW and its schedules (docs/method.md Sec. 6)."""
 
     epochs: int = 800
     batch_size: int = 1024

@@ -103,7 +103,7 @@ def msn_loss(
     memax_weight: float = 1.0,
     entropy_weight: float = 0.0,
 ) -> MSNLossOutput:
-    """MSN loss for one batch (paper Sec. 3, eqs. 1-3; reference doc Sec. 5).
+    """MSN loss for one batch (paper Sec. 3, eqs. 1-3; docs/method.md Sec. 5).
 
     Args:
         anchor: [V*B, D] projections of the anchor and focal views, view-major

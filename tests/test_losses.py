@@ -1,4 +1,4 @@
-"""msn.losses against formulas written out by hand in float64 (reference doc Sec. 5)."""
+"""msn.losses against formulas written out by hand in float64 (docs/method.md Sec. 5)."""
 
 from __future__ import annotations
 

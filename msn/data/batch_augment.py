@@ -5,7 +5,7 @@ more than the model step on small images. Here each operation runs once over the
 (on uint8->float tensors, on the CPU in the loader or on the GPU), with every image drawing
 its own parameters, including the random order of the four colour-jitter operations, so the
 distribution is the one of torchvision's ``ColorJitter``/``RandomGrayscale``/``GaussianBlur``
-applied per image (reference doc Sec. 1). Each operation matches the torchvision functional
+applied per image (docs/method.md Sec. 1). Each operation matches the torchvision functional
 of the same name on float images (tests/test_data_batch_augment.py).
 """
 

@@ -1,4 +1,4 @@
-"""MSN's multi-view augmentation (paper Sec. 3 / App. C; reference doc Sec. 1), torchvision v2.
+"""MSN's multi-view augmentation (paper Sec. 3 / App. C; docs/method.md Sec. 1), torchvision v2.
 
 One call turns a uint8 image into 1 target + 1 anchor view at ``rand_size`` (RandomResizedCrop
 scale 0.3-1) and ``num_focal`` focal views at ``focal_size`` (scale 0.05-0.3), each with

@@ -1,4 +1,4 @@
-"""Low-shot evaluation of frozen encoders (MSN paper Sec. 5; reference doc Sec. 8).
+"""Low-shot evaluation of frozen encoders (MSN paper Sec. 5; docs/method.md Sec. 8).
 
 One concern per module: :mod:`msn.eval.config` (typed options), :mod:`msn.eval.subsets`
 (labelled subsets and the reference file format), :mod:`msn.eval.features` (feature

@@ -1,9 +1,9 @@
 """Classifiers of the low-shot protocol on frozen features: logistic regression and k-NN.
 
-Features (reference doc Sec. 8): every row is mean-centred over its own dimensions and
+Features (docs/method.md Sec. 8): every row is mean-centred over its own dimensions and
 L2-normalised (:func:`normalize_rows`) before either classifier sees it.
 
-Logistic regression (reference doc Sec. 8; MSN paper Sec. 5): multinomial, L2 penalty, no
+Logistic regression (docs/method.md Sec. 8; MSN paper Sec. 5): multinomial, L2 penalty, no
 intercept. With ``N`` labelled rows ``x_i`` (normalised), labels ``y_i`` in ``0..C-1`` and a
 weight matrix ``W`` of shape ``[C, D]``, :func:`fit_logistic_regression` minimises
 

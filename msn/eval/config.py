@@ -4,7 +4,7 @@ The entry point hands the composed Hydra object to :func:`load_eval_config`, whi
 into :class:`EvalConfig` (unknown keys and wrong types are rejected) and checks the values;
 every problem is raised as one :class:`msn.config.ConfigError` whose message starts with the
 offending key. The protocol the defaults implement is the MSN reference's low-shot evaluation
-(Assran et al., 2022, Sec. 5; reference doc ``msn-reference.md`` Sec. 8).
+(Assran et al., 2022, Sec. 5; docs/method.md Sec. 8).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from msn.config import DATA_SETS, ConfigError, DataConfig
 
-#: Feature kinds (reference doc Sec. 8; the default is the reference's).
+#: Feature kinds (docs/method.md Sec. 8; the default is the reference's).
 #:
 #: * ``cls_pre_ln``: CLS token of the last block, BEFORE the final LayerNorm (reference).
 #: * ``cls_post_ln``: CLS token after the final LayerNorm (transformers ``ViTMSNModel``).

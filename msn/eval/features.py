@@ -1,6 +1,6 @@
 """Frozen features for the low-shot protocol: which token, extraction, and an on-disk cache.
 
-Reference protocol (MSN paper Sec. 5; reference doc Sec. 8): the TARGET encoder without its
+Reference protocol (MSN paper Sec. 5; docs/method.md Sec. 8): the TARGET encoder without its
 head, one centre view per image (Resize(256) -> CenterCrop(224) -> normalise, or the same
 ratios at the model's size: :func:`msn.data.eval_transform`), and the CLS token of the last
 block BEFORE the final LayerNorm. The other kinds (:data:`msn.eval.config.FEATURE_KINDS`)

@@ -1,4 +1,4 @@
-"""The low-shot evaluation pipeline behind ``eval_lowshot.py`` (reference doc Sec. 8).
+"""The low-shot evaluation pipeline behind ``eval_lowshot.py`` (docs/method.md Sec. 8).
 
 :func:`run_lowshot` does, in order: load the encoder (or build a baseline), build the
 labelled subsets of every split (generated or read from reference-format files), extract the

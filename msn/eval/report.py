@@ -1,6 +1,6 @@
 """Reporting of low-shot results: the printed table, ``results.json`` and the PNG chart.
 
-The MSN paper (Assran et al., 2022, Table 1 / Fig. 1; reference doc Sec. 8) reports top-1
+The MSN paper (Assran et al., 2022, Table 1 / Fig. 1; docs/method.md Sec. 8) reports top-1
 accuracy on the validation set as mean +- std over three labelled splits, per number of
 labelled images per class, plus the single 1% split. Here the std is the sample standard
 deviation over splits (``ddof=1``; 0 for a single split). The ``results.json`` schema is

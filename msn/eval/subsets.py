@@ -2,7 +2,7 @@
 
 The MSN paper (Assran et al., 2022, Sec. 5) evaluates with 1, 2 and 5 labelled images per
 ImageNet class (three independent splits, mean +- std) and with the SimCLR 1% split. The
-reference ships them as text files (reference doc Sec. 8): one image file name per line, the
+reference ships them as text files (docs/method.md Sec. 8): one image file name per line, the
 class being the prefix before the first ``_`` (``n01440764_10026.JPEG``); within one folder
 (= one split) the k-shot file is the first k images per class of the larger file.
 

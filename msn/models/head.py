@@ -1,4 +1,4 @@
-"""Projection head and prototypes (paper Sec. 3; reference doc Secs. 3-4)."""
+"""Projection head and prototypes (paper Sec. 3; docs/method.md Secs. 3-4)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """The MSN encoder: a timm ``VisionTransformer`` driven by MSN's token-drop forward.
 
 Blocks, attention and norms are timm's; this module only owns the order of operations
-(paper Sec. 3 and reference doc Sec. 2): patch embedding, CLS token, position embedding
+(paper Sec. 3 and docs/method.md Sec. 2): patch embedding, CLS token, position embedding
 (bicubically resized for other input sizes, e.g. 96 px focal views), token drop, blocks,
 final LayerNorm.
 """

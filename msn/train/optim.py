@@ -1,4 +1,4 @@
-"""AdamW with the reference's parameter groups (reference doc Sec. 6)."""
+"""AdamW with the reference's parameter groups (docs/method.md Sec. 6)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Per-step schedules of the reference recipe (reference doc Sec. 6).
+"""Per-step schedules of the reference recipe (docs/method.md Sec. 6).
 
 All schedules run over the stretched length ``schedule_stretch * total_steps`` (stretch 1.25
 in the reference), so the run ends before the schedule does: the LR never reaches its final

@@ -1,4 +1,4 @@
-"""The MSN pre-training loop (paper Sec. 3; reference doc Sec. 6 for the step order).
+"""The MSN pre-training loop (paper Sec. 3; docs/method.md Sec. 6 for the step order).
 
 One optimiser step: anchor views (masked) and focal views through the online encoder, one
 forward per resolution group; target view through the EMA target encoder without gradient;
