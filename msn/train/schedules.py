@@ -49,6 +49,11 @@ class Schedules:
     sharpen_final: float = 0.25
     schedule_stretch: float = 1.25
 
+    def __post_init__(self) -> None:
+        if self.steps_per_epoch < 1 or self.total_steps % self.steps_per_epoch:
+            raise ValueError(f"total_steps ({self.total_steps}) must be a whole number of epochs of "
+                             f"steps_per_epoch ({self.steps_per_epoch}) steps")
+
     @classmethod
     def from_config(cls, optim, loss, steps_per_epoch: int) -> "Schedules":
         """The schedules of ``optim`` (:class:`msn.config.OptimConfig`) and ``loss``
