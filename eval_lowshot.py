@@ -21,6 +21,7 @@ import hydra
 from omegaconf import DictConfig
 
 from msn.config import ConfigError
+from msn.eval import config as _eval_schema  # noqa: F401 - registers eval_schema before composition
 
 
 @hydra.main(config_path="configs", config_name="eval_lowshot", version_base="1.3")

@@ -23,63 +23,63 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    """Encoder architecture (``configs/model``)."""
+    """Encoder architecture (``configs/model``; docs/method.md Sec. 3)."""
 
-    name: str = "vit_small_16"
-    arch: str = "vit_small"
-    patch_size: int = 16
-    embed_dim: Optional[int] = None
-    depth: Optional[int] = None
-    num_heads: Optional[int] = None
-    mlp_ratio: float = 4.0
-    attention: str = "sdpa"
-    grad_checkpointing: bool = False
-    sync_bn: bool = True
+    name: str = "vit_small_16"  #: the preset's name (``configs/model/NAME.yaml``)
+    arch: str = "vit_small"  #: a key of ``msn.models.ARCHITECTURES``
+    patch_size: int = 16  #: patch side in pixels
+    embed_dim: Optional[int] = None  #: width override (null: the architecture's)
+    depth: Optional[int] = None  #: block-count override (null: the architecture's)
+    num_heads: Optional[int] = None  #: attention-head override (null: the architecture's)
+    mlp_ratio: float = 4.0  #: MLP hidden width over the embedding width
+    attention: str = "sdpa"  #: sdpa (fused) | eager
+    grad_checkpointing: bool = False  #: activation checkpointing of the blocks (ViT-L/7-sized runs)
+    sync_bn: bool = True  #: synchronised batch norms in the heads (online and target) with several processes
 
 
 @dataclass
 class HeadConfig:
     """Projection head (docs/method.md Sec. 3)."""
 
-    hidden_dim: int = 2048
-    output_dim: int = 256
-    use_bn: bool = True
+    hidden_dim: int = 2048  #: width of the two hidden layers
+    output_dim: int = 256  #: projection (and prototype) width
+    use_bn: bool = True  #: batch norm after each hidden linear layer
 
 
 @dataclass
 class ViewsConfig:
     """Multi-view augmentation (docs/method.md Sec. 1)."""
 
-    rand_size: int = 224
-    focal_size: int = 96
-    num_focal: int = 10
-    rand_scale: tuple[float, float] = (0.3, 1.0)
-    focal_scale: tuple[float, float] = (0.05, 0.3)
-    hflip: float = 0.5
-    color_jitter: float = 0.5
-    color_jitter_prob: float = 0.8
-    grayscale_prob: float = 0.2
-    blur_prob: float = 0.5
-    blur_sigma: tuple[float, float] = (0.1, 2.0)
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    rand_size: int = 224  #: target and anchor view side
+    focal_size: int = 96  #: focal view side
+    num_focal: int = 10  #: focal views per image
+    rand_scale: tuple[float, float] = (0.3, 1.0)  #: RandomResizedCrop area range of target/anchor
+    focal_scale: tuple[float, float] = (0.05, 0.3)  #: RandomResizedCrop area range of focal views
+    hflip: float = 0.5  #: horizontal-flip probability
+    color_jitter: float = 0.5  #: jitter strength s: brightness/contrast/saturation 0.8 s, hue 0.2 s
+    color_jitter_prob: float = 0.8  #: probability of the colour jitter
+    grayscale_prob: float = 0.2  #: probability of grayscale
+    blur_prob: float = 0.5  #: probability of the Gaussian blur
+    blur_sigma: tuple[float, float] = (0.1, 2.0)  #: blur sigma range
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)  #: normalisation mean
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)  #: normalisation std
 
 
 @dataclass
 class DataConfig:
     """Data set and loader (``configs/data``)."""
 
-    name: str = "imagenet"
-    root: Optional[str] = None
-    num_workers: int = 8
-    on_bad_image: str = "skip"
-    augment: str = "batched"
-    subset: Optional[int] = None
-    synthetic_size: int = 256
-    synthetic_classes: int = 10
-    synthetic_image_size: int = 64
-    pin_memory: bool = True
-    persistent_workers: bool = True
+    name: str = "imagenet"  #: one of :data:`DATA_SETS`
+    root: Optional[str] = None  #: data directory (null: the data set's default)
+    num_workers: int = 8  #: loader worker processes
+    on_bad_image: str = "skip"  #: skip (log once, count in skipped_images) | error
+    augment: str = "batched"  #: batched (per-image parameters, batched ops) | per_sample (torchvision per image)
+    subset: Optional[int] = None  #: train on the first N images only
+    synthetic_size: int = 256  #: images of data=synthetic
+    synthetic_classes: int = 10  #: classes of data=synthetic
+    synthetic_image_size: int = 64  #: image side of data=synthetic
+    pin_memory: bool = True  #: pinned host memory (CUDA only)
+    persistent_workers: bool = True  #: keep the workers between epochs
     views: ViewsConfig = field(default_factory=ViewsConfig)
 
 
@@ -87,90 +87,91 @@ class DataConfig:
 class MaskConfig:
     """Anchor token drop (docs/method.md Sec. 2)."""
 
-    ratio: float = 0.15
-    shared: bool = False
+    ratio: float = 0.15  #: fraction of the anchor's patch tokens dropped
+    shared: bool = False  #: true: the reference's one subset per step for the global batch
 
 
 @dataclass
 class LossConfig:
     """MSN loss and prototypes (docs/method.md Secs. 4-5)."""
 
-    num_prototypes: int = 1024
-    freeze_prototypes: bool = False
-    temperature: float = 0.1
-    sharpen_start: float = 0.25
-    sharpen_final: float = 0.25
-    use_sinkhorn: bool = True
-    sinkhorn_iters: int = 3
-    memax_weight: float = 1.0
-    entropy_weight: float = 0.0
-    proto_grad_reduce: str = "mean"
+    num_prototypes: int = 1024  #: K
+    freeze_prototypes: bool = False  #: keep the prototypes fixed (reference freeze_proto)
+    temperature: float = 0.1  #: softmax temperature tau
+    sharpen_start: float = 0.25  #: target sharpening temperature at step 0
+    sharpen_final: float = 0.25  #: ... and at the end of the stretched schedule
+    use_sinkhorn: bool = True  #: Sinkhorn-balanced targets
+    sinkhorn_iters: int = 3  #: Sinkhorn rounds
+    memax_weight: float = 1.0  #: ME-MAX weight lambda
+    entropy_weight: float = 0.0  #: weight of the mean prediction entropy
+    proto_grad_reduce: str = "mean"  #: prototype gradient over ranks: mean (like DDP) | sum (the reference)
 
 
 @dataclass
 class OptimConfig:
     """AdamW and its schedules (docs/method.md Sec. 6)."""
 
-    epochs: int = 800
-    batch_size: int = 1024
-    lr: float = 1e-3
-    start_lr: float = 2e-4
-    final_lr: float = 1e-6
-    warmup_epochs: float = 15
-    weight_decay: float = 0.04
-    final_weight_decay: float = 0.4
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    clip_grad: Optional[float] = 3.0
-    ema_start: float = 0.996
-    ema_end: float = 1.0
-    schedule_stretch: float = 1.25
-    decay_pos_embed: bool = True
-    fused: str = "auto"
+    epochs: int = 800  #: epochs the schedules are laid out for
+    batch_size: int = 1024  #: GLOBAL batch (split evenly over the processes)
+    lr: float = 1e-3  #: peak learning rate (not scaled with the batch)
+    start_lr: float = 2e-4  #: learning rate at step 0 of the warm-up
+    final_lr: float = 1e-6  #: cosine floor (never reached: the schedule is stretched)
+    warmup_epochs: float = 15  #: linear warm-up length
+    weight_decay: float = 0.04  #: weight decay at step 0
+    final_weight_decay: float = 0.4  #: weight decay at the end of the stretched cosine
+    betas: tuple[float, float] = (0.9, 0.999)  #: AdamW betas
+    eps: float = 1e-8  #: AdamW eps
+    clip_grad: Optional[float] = 3.0  #: global gradient-norm clip of the encoder (null: off)
+    ema_start: float = 0.996  #: target EMA momentum at step 0
+    ema_end: float = 1.0  #: ... approached at the end of the stretched schedule
+    schedule_stretch: float = 1.25  #: schedule length over the run length
+    decay_pos_embed: bool = True  #: weight decay on CLS token and position embedding (the reference)
+    fused: str = "auto"  #: fused AdamW: auto (on CUDA) | true | false
 
 
 @dataclass
 class TrainLoopConfig:
     """Loop length, logging and checkpoint cadence."""
 
-    max_steps: Optional[int] = None
-    log_every: int = 10
-    checkpoint_every_epochs: int = 50
-    progress: bool = True
-    compile: bool = False
+    max_steps: Optional[int] = None  #: stop after this many total steps (schedules still follow optim.epochs)
+    log_every: int = 10  #: steps per metrics record
+    checkpoint_every_epochs: int = 50  #: keep checkpoints/epoch_XXXX.pt every N epochs (0: only latest.pt)
+    progress: bool = True  #: progress bar
+    compile: bool = False  #: torch.compile the encoders (dynamic shapes; the first steps compile)
 
 
 @dataclass
 class LoggingConfig:
     """Experiment tracking."""
 
-    wandb: str = "disabled"
-    project: str = "msn"
-    run_name: Optional[str] = None
+    wandb: str = "disabled"  #: disabled | offline | online
+    project: str = "msn"  #: wandb project
+    run_name: Optional[str] = None  #: wandb run name (null: the config's name)
 
 
 @dataclass
 class DistConfig:
     """Multi-process training and preemption (``docs/scaling.md``)."""
 
-    backend: str = "auto"
-    timeout_min: float = 30.0
-    slurm_env: str = "auto"
+    backend: str = "auto"  #: auto (nccl on CUDA, gloo on CPU) | nccl | gloo
+    timeout_min: float = 30.0  #: collective timeout in minutes
+    slurm_env: str = "auto"  #: auto: without torchrun, build the process group from srun's SLURM_* variables | never
+    #: signals that checkpoint at the next step boundary, then exit with code 75
     preempt_signals: list[str] = field(default_factory=lambda: ["USR1", "USR2", "TERM"])
-    requeue: str = "auto"
+    requeue: str = "auto"  #: auto: rank 0 runs `scontrol requeue $SLURM_JOB_ID` after that checkpoint | never
 
 
 @dataclass
 class MSNConfig:
-    """The whole pre-training configuration (``configs/config.yaml``)."""
+    """The whole pre-training configuration (``configs/config.yaml`` composes it)."""
 
-    name: str = "msn"
-    output_dir: str = "outputs/msn"
-    seed: int = 0
-    device: str = "auto"
-    precision: str = "auto"
-    resume: str = "auto"
-    init_from: Optional[str] = None
+    name: str = "msn"  #: run name
+    output_dir: str = "outputs/msn"  #: run directory (configs/config.yaml: outputs/${name})
+    seed: int = 0  #: seed of weights, data order, augmentations and masks
+    device: str = "auto"  #: auto | cpu | cuda | cuda:N
+    precision: str = "auto"  #: auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16 | fp64 (numerical checks)
+    resume: str = "auto"  #: auto (output_dir/checkpoints/latest.pt if present) | never | PATH
+    init_from: Optional[str] = None  #: weights to start from (README "init_from")
     model: ModelConfig = field(default_factory=ModelConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
     data: DataConfig = field(default_factory=DataConfig)

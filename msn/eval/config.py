@@ -126,6 +126,17 @@ class EvalConfig:
     data: DataConfig = field(default_factory=DataConfig)
 
 
+def register_schema() -> None:
+    """Register :class:`EvalConfig` as ``eval_schema`` in Hydra's ConfigStore, the base of
+    ``configs/eval_lowshot.yaml``, so every key exists (and is typed) at composition time."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="eval_schema", node=EvalConfig)
+
+
+register_schema()
+
+
 def _check(condition: bool, key: str, message: str) -> None:
     if not condition:
         raise ConfigError(f"{key}: {message}")
