@@ -28,7 +28,6 @@ import platform
 import statistics
 import tempfile
 import time
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Callable
 
@@ -44,6 +43,7 @@ from msn.data import MultiViewBatch
 from msn.losses import msn_loss
 from msn.masking import sample_keep_indices
 from msn.models import MSNNetwork
+from msn.runtime import resolve_device
 
 # ---------------------------------------------------------------------------- configs
 
@@ -165,7 +165,7 @@ def per_view_step(trainer, batch: MultiViewBatch, zero_tokens: bool = False) -> 
     network: MSNNetwork = trainer.network
     batch = batch.to(trainer.device, trainer.param_dtype)
     b = batch.size
-    with trainer._autocast():
+    with trainer.autocast():
         if zero_tokens and batch.keep_indices is not None:
             tokens = network.backbone.embed(batch.anchor)
             keep_mask = torch.zeros(tokens.shape[:2], device=tokens.device, dtype=tokens.dtype)
@@ -199,7 +199,7 @@ def anchor_branch(trainer, batch: MultiViewBatch) -> Callable[[], None]:
     """Forward + backward of the masked anchors alone (the cost the mask ratio shrinks)."""
 
     def run() -> None:
-        with trainer._autocast():
+        with trainer.autocast():
             z = trainer.network(batch.anchor, batch.keep_indices)
         z.float().square().mean().backward()
 
@@ -486,8 +486,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--output", default="benchmarks/results.json")
     args = parser.parse_args(argv)
 
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+    device = resolve_device(args.device)
     precision = "bf16" if device.type == "cuda" else "fp32"
     sections = set(args.sections.split(","))
     peak = matmul_peak(device, torch.bfloat16 if precision == "bf16" else torch.float32)

@@ -26,6 +26,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from msn.runtime import resolve_device
+
 log = logging.getLogger(__name__)
 
 
@@ -123,27 +125,6 @@ def read_env(slurm: str = "auto") -> DistEnv:
     return DistEnv()
 
 
-def select_device(name: str, local: int) -> torch.device:
-    """The device of this process: ``auto``/``cuda`` -> ``cuda:LOCAL_RANK`` when CUDA is
-    available (``cuda:0`` when each task sees a single GPU, as with ``--gpus-per-task=1``),
-    ``cpu`` -> cpu, ``cuda:N`` as given."""
-    if name == "cpu":
-        return torch.device("cpu")
-    if name in ("auto", "cuda"):
-        if not torch.cuda.is_available():
-            if name == "cuda":
-                raise ValueError("device: 'cuda' requested but CUDA is not available")
-            return torch.device("cpu")
-        count = torch.cuda.device_count()
-        if local >= count and count > 1:
-            raise ValueError(f"device: local rank {local} but only {count} visible GPUs (one process per GPU)")
-        return torch.device("cuda", local if count > 1 else 0)
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device: {name!r} requested but CUDA is not available")
-    return device
-
-
 def init_from_env(device: str = "auto", backend: str = "auto", timeout_min: float = 30.0,
                   slurm: str = "auto") -> DistEnv:
     """Create the default process group when the launcher asked for more than one process.
@@ -160,7 +141,7 @@ def init_from_env(device: str = "auto", backend: str = "auto", timeout_min: floa
     env = read_env(slurm)
     if env.world_size <= 1 or (dist.is_available() and dist.is_initialized()):
         return env
-    target = select_device(device, env.local_rank)
+    target = resolve_device(device, env.local_rank)
     if backend == "auto":
         backend = "nccl" if target.type == "cuda" else "gloo"
     if target.type == "cuda":

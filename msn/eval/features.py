@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from msn.checkpoint import atomic_save
 from msn.models import MSNViT
+from msn.runtime import autocast_dtype
 
 log = logging.getLogger(__name__)
 
@@ -183,13 +184,6 @@ class FeatureSet:
     extracted: int = 0
 
 
-def autocast_dtype(device: torch.device, precision: str) -> Optional[torch.dtype]:
-    """bf16 on CUDA (``auto`` or ``bf16``), bf16 on CPU only when asked, else ``None`` (fp32)."""
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
-        return torch.bfloat16
-    return None
-
-
 def _run_encoder(encoder: Encoder, dataset: Dataset, indices: Sequence[int], batch_size: int, num_workers: int,
                  device: torch.device, precision: str, progress: bool, desc: str):
     loader = DataLoader(
@@ -199,7 +193,7 @@ def _run_encoder(encoder: Encoder, dataset: Dataset, indices: Sequence[int], bat
         num_workers=num_workers,
         pin_memory=device.type == "cuda",
     )
-    amp = autocast_dtype(device, precision)
+    amp = autocast_dtype(precision, device)
     if encoder.model is not None:
         encoder.model.to(device).eval()
     features, labels, valid = [], [], []
@@ -248,7 +242,7 @@ def extract_features(
     indices = [int(i) for i in indices]
     if not indices:
         return FeatureSet(torch.empty(0, 0), torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.bool))
-    amp = autocast_dtype(device, precision) if encoder.model is not None else None
+    amp = autocast_dtype(precision, device) if encoder.model is not None else None
     key_parts = {
         "version": CACHE_VERSION,
         "encoder": encoder.identity,

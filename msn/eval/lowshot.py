@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from msn import runtime
 from msn.config import ConfigError
 from msn.data import build_dataset, eval_transform
 from msn.eval import report
@@ -54,12 +55,11 @@ OBJECTIVE = "mean_i CE(W x_i, y_i) + lambda/(2N) ||W||_F^2 (no intercept; sklear
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device: {name} asked for but CUDA is not available")
-    return torch.device(name)
+    """:func:`msn.runtime.resolve_device`, its error as a :class:`ConfigError` (one line, exit 2)."""
+    try:
+        return runtime.resolve_device(name)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
 
 
 def build_encoder(cfg: EvalConfig) -> tuple[Encoder, dict[str, Any]]:
@@ -441,8 +441,6 @@ def run_lowshot(cfg: EvalConfig) -> dict[str, Any]:
 
 def autocast_name(device: torch.device, precision: str, encoder: Encoder) -> str:
     """``bf16`` or ``fp32``: the precision the encoder ran in."""
-    from msn.eval.features import autocast_dtype
-
     if encoder.model is None:
         return "fp32"
-    return "bf16" if autocast_dtype(device, precision) == torch.bfloat16 else "fp32"
+    return "bf16" if runtime.autocast_dtype(precision, device) == torch.bfloat16 else "fp32"

@@ -23,7 +23,6 @@ import random
 import signal
 import threading
 import time
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +44,7 @@ from msn.data import (
 from msn.logging import METRICS_FILE, MetricsLogger, progress_bar
 from msn.losses import msn_loss
 from msn.masking import sample_keep_indices
+from msn.runtime import autocast, autocast_dtype, resolve_device
 from msn.models import MSNNetwork, Prototypes, build_network
 from msn.train.ema import ema_update
 from msn.train.optim import build_optimizer, parameter_groups, set_lr_and_wd
@@ -156,27 +156,6 @@ def _seed_everything(seed: int) -> None:
     np.random.seed(seed % 2**32)
 
 
-def resolve_device(name: str, local_rank: int | None = None) -> torch.device:
-    """``auto``: CUDA when available; with ``local_rank`` (several processes) ``auto`` and
-    ``cuda`` mean ``cuda:LOCAL_RANK`` (see :func:`msn.distributed.select_device`)."""
-    if local_rank is not None:
-        return distributed.select_device(name, local_rank)
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device: {name!r} requested but CUDA is not available")
-    return device
-
-
-def resolve_autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """``auto``: bf16 autocast on CUDA, fp32 elsewhere (bf16 matmuls are very slow on most CPUs);
-    none for ``fp32`` and ``fp64``."""
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
-        return torch.bfloat16
-    return None
-
-
 def mask_generator(seed: int, step: int) -> torch.Generator:
     """Generator of the shared mask of ``step``: seeded without the rank, so that every rank
     draws the same token subset and one mask covers the global batch (the reference seeds
@@ -198,7 +177,7 @@ class Trainer:
         self.rank, self.world_size = distributed.rank(), distributed.world_size()
         self.is_main = self.rank == 0
         self.device = resolve_device(cfg.device, distributed.local_rank() if self.world_size > 1 else None)
-        self.autocast_dtype = resolve_autocast_dtype(cfg.precision, self.device)
+        self.autocast_dtype = autocast_dtype(cfg.precision, self.device)
         #: dtype of the weights and input images: float64 with ``precision=fp64``, a mode for
         #: numerical checks (tests compare computations that are equal in exact arithmetic)
         self.param_dtype = torch.float64 if cfg.precision == "fp64" else torch.float32
@@ -352,10 +331,9 @@ class Trainer:
             checkpoint.save_training_checkpoint(state, self.output_dir, epoch_copy)
 
     # ------------------------------------------------------------------ step
-    def _autocast(self):
-        if self.autocast_dtype is None:
-            return nullcontext()
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+    def autocast(self):
+        """The autocast context of the encoder forwards (``precision``)."""
+        return autocast(self.device, self.autocast_dtype)
 
     def train_step(self, batch) -> torch.Tensor:
         """One optimiser update on a :class:`msn.data.MultiViewBatch`; returns stacked stats
@@ -367,7 +345,7 @@ class Trainer:
         if cfg.mask.ratio > 0 and cfg.mask.shared:
             keep = sample_keep_indices(batch.size, self.num_patches, cfg.mask.ratio, shared=True,
                                        generator=mask_generator(cfg.seed, self.step), device=self.device)
-        with self._autocast():
+        with self.autocast():
             anchor = self.online(batch.anchor, keep, batch.focal)
             with torch.no_grad():
                 target = self.target(batch.target)

@@ -1,0 +1,38 @@
+"""msn.runtime: the one device resolver and autocast rule of training, evaluation and benchmarks."""
+
+import pytest
+import torch
+
+from msn.runtime import autocast, autocast_dtype, resolve_device
+
+needs_no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only answers")
+
+
+@needs_no_cuda
+def test_devices_on_a_machine_without_cuda():
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto") == torch.device("cpu")
+    assert resolve_device("auto", local_rank=1) == torch.device("cpu")
+    for name in ("cuda", "cuda:1"):
+        with pytest.raises(ValueError, match="^device: .*CUDA is not available"):
+            resolve_device(name)
+
+
+@needs_no_cuda
+def test_the_evaluator_reports_a_bad_device_as_a_config_error():
+    from msn.config import ConfigError
+    from msn.eval.lowshot import resolve_device as eval_device
+
+    with pytest.raises(ConfigError, match="^device: 'cuda:0' requested"):
+        eval_device("cuda:0")
+
+
+def test_autocast_rule():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert autocast_dtype("auto", cpu) is None and autocast_dtype("auto", cuda) == torch.bfloat16
+    assert autocast_dtype("bf16", cpu) == torch.bfloat16
+    assert autocast_dtype("fp32", cuda) is None and autocast_dtype("fp64", cuda) is None
+    with autocast(cpu, None):
+        assert not torch.is_autocast_enabled("cpu")
+    with autocast(cpu, torch.bfloat16):
+        assert torch.is_autocast_enabled("cpu") and (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
