@@ -14,7 +14,7 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from msn.models.vit import ARCHITECTURES
+from msn.architectures import ARCHITECTURES
 
 
 class ConfigError(ValueError):
@@ -26,7 +26,7 @@ class ModelConfig:
     """Encoder architecture (``configs/model``; docs/method.md Sec. 3)."""
 
     name: str = "vit_small_16"  #: the preset's name (``configs/model/NAME.yaml``)
-    arch: str = "vit_small"  #: a key of ``msn.models.ARCHITECTURES``
+    arch: str = "vit_small"  #: a key of ``msn.architectures.ARCHITECTURES``
     patch_size: int = 16  #: patch side in pixels
     embed_dim: Optional[int] = None  #: width override (null: the architecture's)
     depth: Optional[int] = None  #: block-count override (null: the architecture's)

@@ -37,17 +37,16 @@ import torch
 from torch import nn
 
 from msn import checkpoint
+from msn.architectures import HEADS_BY_WIDTH, arch_for_width
 from msn.config import MSNConfig, from_dict
 from msn.export import names
-from msn.models import ARCHITECTURES, MSNNetwork, MSNViT, ProjectionHead, build_network, build_vit
+from msn.models import MSNNetwork, MSNViT, ProjectionHead, build_network, build_vit
 
 Tensor = torch.Tensor
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-#: Attention heads of a bare state dict, by width (ViT-Ti/S/B/L); see the module docstring.
-HEADS_BY_WIDTH = {192: 3, 384: 6, 768: 12, 1024: 16}
 
 EXPORT_INFO = "msn_export.json"
 NATIVE_WEIGHTS = "weights.safetensors"
@@ -525,17 +524,10 @@ def infer_architecture(backbone_state: dict[str, Tensor], num_heads: int | None 
     return arch
 
 
-def _arch_name(embed_dim: int) -> str:
-    for name, dims in ARCHITECTURES.items():
-        if dims["embed_dim"] == embed_dim:
-            return name
-    return "vit_mini"
-
-
 def build_backbone(arch: dict[str, Any], attention: str = "sdpa") -> MSNViT:
     """An :class:`MSNViT` with the given architecture (see :func:`infer_architecture`)."""
     return build_vit(
-        _arch_name(arch["embed_dim"]),
+        arch_for_width(arch["embed_dim"]),
         arch["patch_size"],
         arch["image_size"],
         embed_dim=arch["embed_dim"],

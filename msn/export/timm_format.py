@@ -17,6 +17,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from msn.architectures import TIMM_NAMES
 from msn.export import names
 from msn.export.loading import EXPORT_INFO, LoadedBackbone, describe_backbone
 from msn.export.native import export_info, preprocessing, save_safetensors, write_json
@@ -24,8 +25,6 @@ from msn.export.native import export_info, preprocessing, save_safetensors, writ
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
 
-#: timm registry names by width; the architecture fields are always given in ``model_args``.
-TIMM_NAMES = {192: "vit_tiny_patch16_224", 384: "vit_small_patch16_224", 768: "vit_base_patch16_224", 1024: "vit_large_patch16_224"}
 
 
 def timm_model_args(loaded: LoadedBackbone) -> dict[str, Any]:

@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 from msn.models.head import ProjectionHead, Prototypes
-from msn.models.vit import ARCHITECTURES, MSNViT, build_vit, resize_pos_embed
+from msn.architectures import ARCHITECTURES
+from msn.models.vit import MSNViT, build_vit, resize_pos_embed
 
 __all__ = [
     "ARCHITECTURES",

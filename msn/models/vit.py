@@ -17,18 +17,8 @@ from timm.models._manipulate import checkpoint_seq
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from msn.architectures import ARCHITECTURES
 from msn.masking import gather_tokens
-
-#: Widths, depths and heads of the standard ViT sizes (Dosovitskiy et al.; DeiT), plus a
-#: narrow 6-block ViT for 28-32 px images on CPUs.
-ARCHITECTURES: dict[str, dict[str, int]] = {
-    "vit_mini": dict(embed_dim=128, depth=6, num_heads=4),
-    "vit_tiny": dict(embed_dim=192, depth=12, num_heads=3),
-    "vit_small": dict(embed_dim=384, depth=12, num_heads=6),
-    "vit_base": dict(embed_dim=768, depth=12, num_heads=12),
-    "vit_large": dict(embed_dim=1024, depth=24, num_heads=16),
-}
-
 
 def resize_pos_embed(pos_embed: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     """Resize a [1, 1+N, D] position embedding to a new patch grid (CLS slot unchanged).
