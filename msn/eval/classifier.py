@@ -45,6 +45,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from msn.runtime import resolve_device
+
 #: Rows of the test set scored per chunk (bounds memory of the [chunk, N] similarity matrix).
 CHUNK = 4096
 
@@ -110,7 +112,7 @@ class SolverOptions:
     def resolved_device(self) -> torch.device:
         if self.device is not None:
             return torch.device(self.device)
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return resolve_device("auto")
 
 
 @dataclass
