@@ -1,11 +1,16 @@
-"""The one table of ViT architectures (bottom floor: imports nothing from ``msn``).
+"""The one table of ViT architectures and model presets (bottom floor: imports nothing from ``msn``).
 
-Everything that names or sizes an encoder derives from :data:`ARCHITECTURES`: the model
-builder (:func:`msn.models.build_vit`), config validation (``model.arch``), the head-count
-inference of the weight loaders and the timm names written by the exporter.
+Everything that names or sizes an encoder derives from :data:`ARCHITECTURES` and
+:data:`MODELS`: the model builder (:func:`msn.models.build_vit`), config validation
+(``model.name``, ``model.arch``), the Hydra model group (``configs/model/NAME.yaml`` holds
+only the name), the benchmark's models, the head-count inference of the weight loaders and
+the timm and transformers names written by the exporters.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
 
 #: Widths, depths and heads of the standard ViT sizes (Dosovitskiy et al.; DeiT), plus a
 #: narrow 6-block ViT for 28-32 px images on CPUs.
@@ -17,15 +22,33 @@ ARCHITECTURES: dict[str, dict[str, int]] = {
     "vit_large": dict(embed_dim=1024, depth=24, num_heads=16),
 }
 
+
+@dataclass(frozen=True)
+class ModelPreset:
+    """A named encoder: an architecture at a patch size (``configs/model/NAME.yaml``)."""
+
+    arch: str  #: a key of :data:`ARCHITECTURES`
+    patch_size: int  #: patch side in pixels
+    hub_name: Optional[str] = None  #: the authors' weights on the Hugging Face hub (docs/method.md Sec. 6)
+
+
+#: The model presets; ``model=NAME`` on the command line picks one.
+MODELS: dict[str, ModelPreset] = {
+    "vit_mini_4": ModelPreset("vit_mini", 4),
+    "vit_tiny_16": ModelPreset("vit_tiny", 16),
+    "vit_small_16": ModelPreset("vit_small", 16, "facebook/vit-msn-small"),
+    "vit_base_16": ModelPreset("vit_base", 16, "facebook/vit-msn-base"),
+    "vit_base_8": ModelPreset("vit_base", 8),
+    "vit_base_4": ModelPreset("vit_base", 4, "facebook/vit-msn-base-4"),
+    "vit_large_16": ModelPreset("vit_large", 16, "facebook/vit-msn-large"),
+    "vit_large_7": ModelPreset("vit_large", 7, "facebook/vit-msn-large-7"),
+}
+
 #: The published sizes: their width alone tells the head count of a foreign weight file.
 PUBLISHED = ("vit_tiny", "vit_small", "vit_base", "vit_large")
 
 #: Head count by width of the published sizes (192 -> 3, 384 -> 6, 768 -> 12, 1024 -> 16).
 HEADS_BY_WIDTH: dict[int, int] = {ARCHITECTURES[n]["embed_dim"]: ARCHITECTURES[n]["num_heads"] for n in PUBLISHED}
-
-#: timm registry name by width of the published sizes (``vit_small_patch16_224``, ...); an
-#: export's ``model_args`` always give the real patch, size, depth and heads.
-TIMM_NAMES: dict[int, str] = {ARCHITECTURES[n]["embed_dim"]: f"{n}_patch16_224" for n in PUBLISHED}
 
 
 def arch_for_width(embed_dim: int) -> str:
@@ -34,3 +57,29 @@ def arch_for_width(embed_dim: int) -> str:
         if dims["embed_dim"] == embed_dim:
             return name
     return "vit_mini"
+
+
+def published_arch(embed_dim: int, depth: int, num_heads: int) -> Optional[str]:
+    """The published size with exactly these dimensions, or ``None``."""
+    for name in PUBLISHED:
+        if ARCHITECTURES[name] == dict(embed_dim=embed_dim, depth=depth, num_heads=num_heads):
+            return name
+    return None
+
+
+def timm_candidates(embed_dim: int, depth: int, num_heads: int, patch_size: int, image_size: int) -> list[str]:
+    """timm registry names that describe this encoder truthfully, best first.
+
+    timm names a ViT ``{size}_patch{P}_{S}``. The exact name comes first; the same size and
+    patch at 224 px second (timm itself builds other image sizes of a model from its 224 px
+    entry with ``img_size``). Shapes of no published size have none: timm registers no such
+    model, and the caller must say so rather than borrow a wrong name.
+    """
+    arch = published_arch(embed_dim, depth, num_heads)
+    if arch is None:
+        return []
+    names = [f"{arch}_patch{patch_size}_{image_size}", f"{arch}_patch{patch_size}_224"]
+    return list(dict.fromkeys(names))
+
+#: Temporary, until the timm exporter uses :func:`timm_candidates` (removed in the next commit).
+TIMM_NAMES: dict[int, str] = {ARCHITECTURES[n]["embed_dim"]: f"{n}_patch16_224" for n in PUBLISHED}

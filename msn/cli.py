@@ -25,11 +25,11 @@ def run_training(raw: DictConfig) -> dict:
     """Set up the process group (torchrun / srun), validate ``raw`` and pre-train.
 
     A bad config or missing data exits with one line (status 2); a preemption signal exits
-    with :data:`msn.train.trainer.EXIT_PREEMPTED` after the checkpoint is written.
+    with :data:`msn.train.preemption.EXIT_PREEMPTED` after the checkpoint is written.
     """
     from msn import distributed
     from msn.train import Trainer, TrainingDivergedError
-    from msn.train.trainer import EXIT_PREEMPTED, Preempted
+    from msn.train.preemption import EXIT_PREEMPTED, Preempted
 
     try:
         env = distributed.init_from_env(

@@ -14,7 +14,7 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from msn.architectures import ARCHITECTURES
+from msn.architectures import ARCHITECTURES, MODELS
 
 
 class ConfigError(ValueError):
@@ -25,9 +25,9 @@ class ConfigError(ValueError):
 class ModelConfig:
     """Encoder architecture (``configs/model``; docs/method.md Sec. 3)."""
 
-    name: str = "vit_small_16"  #: the preset's name (``configs/model/NAME.yaml``)
-    arch: str = "vit_small"  #: a key of ``msn.architectures.ARCHITECTURES``
-    patch_size: int = 16  #: patch side in pixels
+    name: str = "vit_small_16"  #: the preset (a key of ``msn.architectures.MODELS``), giving arch and patch_size
+    arch: Optional[str] = None  #: architecture override, a key of ``msn.architectures.ARCHITECTURES`` (null: the preset's)
+    patch_size: Optional[int] = None  #: patch side in pixels (null: the preset's)
     embed_dim: Optional[int] = None  #: width override (null: the architecture's)
     depth: Optional[int] = None  #: block-count override (null: the architecture's)
     num_heads: Optional[int] = None  #: attention-head override (null: the architecture's)
@@ -35,6 +35,14 @@ class ModelConfig:
     attention: str = "sdpa"  #: sdpa (fused) | eager
     grad_checkpointing: bool = False  #: activation checkpointing of the blocks (ViT-L/7-sized runs)
     sync_bn: bool = True  #: synchronised batch norms in the heads (online and target) with several processes
+
+    def apply_preset(self) -> "ModelConfig":
+        """Fill ``arch`` and ``patch_size`` left null from the preset ``name`` (:data:`MODELS`)."""
+        preset = MODELS.get(self.name)
+        if preset is not None:
+            self.arch = preset.arch if self.arch is None else self.arch
+            self.patch_size = preset.patch_size if self.patch_size is None else self.patch_size
+        return self
 
 
 @dataclass
@@ -195,6 +203,8 @@ def _check(condition: bool, key: str, message: str) -> None:
 def validate(cfg: MSNConfig, world_size: int = 1) -> MSNConfig:
     """Check values that the schema's types cannot; raise :class:`ConfigError` naming the key."""
     m, d, v = cfg.model, cfg.data, cfg.data.views
+    _check(m.arch is not None and m.patch_size is not None, "model.name",
+           f"unknown preset {m.name!r}; choose from {sorted(MODELS)} or set model.arch and model.patch_size")
     _check(m.arch in ARCHITECTURES, "model.arch", f"unknown model {m.arch!r}; choose from {sorted(ARCHITECTURES)}")
     _check(m.patch_size > 0, "model.patch_size", f"must be positive, got {m.patch_size}")
     _check(m.attention in ("sdpa", "eager"), "model.attention", f"must be sdpa or eager, got {m.attention!r}")
@@ -249,7 +259,7 @@ def load_config(raw: DictConfig | dict[str, Any], world_size: int = 1) -> MSNCon
     try:
         schema = OmegaConf.structured(MSNConfig)
         merged = OmegaConf.merge(schema, raw)
-        cfg = OmegaConf.to_object(merged)
+        cfg = _typed(merged)
     except OmegaConfBaseException as error:
         key = getattr(error, "full_key", None)
         message = str(error).splitlines()[0]
@@ -264,8 +274,13 @@ def to_dict(cfg: MSNConfig) -> dict[str, Any]:
 
 def from_dict(values: dict[str, Any]) -> MSNConfig:
     """Typed config from :func:`to_dict` output (no file-system validation)."""
-    merged = OmegaConf.merge(OmegaConf.structured(MSNConfig), values)
-    return OmegaConf.to_object(merged)
+    return _typed(OmegaConf.merge(OmegaConf.structured(MSNConfig), values))
+
+
+def _typed(merged: DictConfig) -> MSNConfig:
+    cfg = OmegaConf.to_object(merged)
+    cfg.model.apply_preset()
+    return cfg
 
 
 def register_schema() -> None:

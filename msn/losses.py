@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from msn import distributed
+from msn.config import LossConfig  # the defaults below are the schema's (one home)
 
 
 @dataclass
@@ -96,12 +97,12 @@ def msn_loss(
     target: torch.Tensor,
     prototypes: torch.Tensor,
     *,
-    temperature: float = 0.1,
-    sharpen_temperature: float = 0.25,
-    use_sinkhorn: bool = True,
-    sinkhorn_iters: int = 3,
-    memax_weight: float = 1.0,
-    entropy_weight: float = 0.0,
+    temperature: float = LossConfig.temperature,
+    sharpen_temperature: float = LossConfig.sharpen_start,
+    use_sinkhorn: bool = LossConfig.use_sinkhorn,
+    sinkhorn_iters: int = LossConfig.sinkhorn_iters,
+    memax_weight: float = LossConfig.memax_weight,
+    entropy_weight: float = LossConfig.entropy_weight,
 ) -> MSNLossOutput:
     """MSN loss for one batch (paper Sec. 3, eqs. 1-3; docs/method.md Sec. 5).
 

@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from msn.config import ConfigError, load_config, validate
+from msn.architectures import MODELS as ARCH_MODELS
+from msn.config import ConfigError, from_dict, load_config, to_dict, validate
 
 from conftest import ROOT, tiny_config_dict
 
@@ -30,6 +31,7 @@ PAPER = {  # preset: (model group, mask ratio, epochs)
 def test_all_presets_exist():
     assert set(PAPER) | {"fmnist_demo"} <= set(EXPERIMENTS)
     assert {"vit_tiny_16", "vit_small_16", "vit_base_16", "vit_large_16", "vit_base_4", "vit_large_7", "vit_mini_4"} <= set(MODELS)
+    assert set(MODELS) == set(ARCH_MODELS)  # one Hydra file per registry preset, nothing else
 
 
 @pytest.mark.parametrize("name", sorted(PAPER))
@@ -53,6 +55,20 @@ def test_every_model_composes(model, tmp_path):
     assert cfg.model.name == model
 
 
+def test_model_presets_come_from_the_registry_and_overrides_win(tmp_path):
+    for name, preset in ARCH_MODELS.items():
+        m = load_config(_compose(f"model={name}", f"data.root={tmp_path}", "data.views.rand_size=28",
+                                 "data.views.focal_size=28", "model.patch_size=4")).model
+        assert (m.name, m.arch, m.patch_size) == (name, preset.arch, 4)
+    m = load_config(_compose("model=vit_large_7", f"data.root={tmp_path}", "data.views.focal_size=98")).model
+    assert (m.arch, m.patch_size) == ("vit_large", 7)
+    assert from_dict(to_dict(load_config(_compose("model=vit_base_4", f"data.root={tmp_path}")))).model.patch_size == 4
+    with pytest.raises(ConfigError, match="model.name: unknown preset 'vit_huge_14'"):
+        load_config(_compose("model.name=vit_huge_14", f"data.root={tmp_path}"))
+    m = load_config(_compose("model.name=mine", "model.arch=vit_tiny", "model.patch_size=8", f"data.root={tmp_path}")).model
+    assert (m.arch, m.patch_size) == ("vit_tiny", 8)
+
+
 def test_command_line_overrides_beat_the_preset(tmp_path):
     cfg = load_config(_compose("experiment=fmnist_demo", "data=folder", f"data.root={tmp_path}", "mask.ratio=0.3"))
     assert cfg.data.name == "folder" and cfg.data.root == str(tmp_path)
@@ -63,7 +79,8 @@ def test_command_line_overrides_beat_the_preset(tmp_path):
 
 def test_demo_preset_targets_fashion_mnist():
     raw = _compose("experiment=fmnist_demo")
-    assert raw.data.name == "fashion_mnist" and raw.model.patch_size == 4
+    assert raw.data.name == "fashion_mnist" and raw.model.name == "vit_mini_4"
+    assert load_config(raw).model.patch_size == 4
     assert raw.data.views.rand_size == 28 and raw.data.views.focal_size == 12
 
 

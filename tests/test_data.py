@@ -22,17 +22,15 @@ from conftest import FASHION_MNIST, require_dir
 VIEWS = ViewsConfig(rand_size=32, focal_size=16, num_focal=3)
 
 
-def _dataset(ratio=0.5, shared=False, size=16):
-    return MultiViewDataset(SyntheticImages(size, 4, 40), MultiViewTransform(VIEWS), seed=0, num_patches=16,
-                            mask_ratio=ratio, shared_mask=shared)
+def _dataset(size=16):
+    return MultiViewDataset(SyntheticImages(size, 4, 40), MultiViewTransform(VIEWS), seed=0)
 
 
 def test_views_shapes_and_order():
-    views, keep, label, key = _dataset()[(0, 3)]
-    assert len(views) == 2 + 3
+    views, label, key = _dataset()[(0, 3)]
+    assert len(views) == 2 + 3 and key == (0, 3)
     assert [v.shape[-1] for v in views] == [32, 32, 16, 16, 16]
     assert all(v.dtype == torch.float32 for v in views)
-    assert keep.shape == (1 + 8,) and keep[0] == 0
     assert label == 3
     assert not torch.equal(views[0], views[1])  # target and anchor are independent draws
 
@@ -42,18 +40,13 @@ def test_same_key_same_sample_other_key_differs():
     a, b, c = ds[(0, 5)], ds[(0, 5)], ds[(1, 5)]
     for x, y in zip(a[0], b[0]):
         assert torch.equal(x, y)
-    assert torch.equal(a[1], b[1])
+    assert a[1:] == b[1:]
     assert not torch.equal(a[0][0], c[0][0])
     torch.manual_seed(123)
     before = torch.rand(1)
     torch.manual_seed(123)
     ds[(0, 1)]
     assert torch.equal(torch.rand(1), before)  # the global RNG is untouched
-
-
-def test_no_mask_drawn_when_shared_or_zero():
-    assert _dataset(shared=True)[(0, 0)][1] is None
-    assert _dataset(ratio=0.0)[(0, 0)][1] is None
 
 
 def test_collate_is_view_major_and_counts_skips():
@@ -65,7 +58,6 @@ def test_collate_is_view_major_and_counts_skips():
     # focal row v*B + i is view v of image i
     assert torch.equal(batch.focal[1 * 4 + 2], samples[2][0][2 + 1])
     assert torch.equal(batch.anchor[3], samples[3][0][1])
-    assert batch.keep_indices.shape == (4, 9)
     with pytest.raises(RuntimeError, match="unreadable"):
         collate_views([None, None])
 
@@ -95,7 +87,7 @@ def test_loader_yields_batches_independent_of_workers():
         batches.append(list(loader))
     assert len(batches[0]) == 2
     for b0, b2 in zip(*batches):
-        assert torch.equal(b0.anchor, b2.anchor) and torch.equal(b0.keep_indices, b2.keep_indices)
+        assert torch.equal(b0.anchor, b2.anchor) and torch.equal(b0.focal, b2.focal)
 
 
 def test_image_folder_skips_bad_image_once(tmp_path, caplog):
@@ -139,10 +131,9 @@ def test_trainer_pipeline_is_independent_of_workers(tiny_config):
     cfg = tiny_config()
     dataset = build_dataset(cfg.data)
     assert fixed_image_size(dataset) == (32, 32)
-    data, collate = build_multiview_data(dataset, cfg.data, cfg.seed, 16, 0.5, False)
+    data, collate = build_multiview_data(dataset, cfg.data, cfg.seed)
     assert collate.batch_views is not None
     runs = [list(build_train_loader(data, ResumableSampler(16, 8, seed=0), num_workers=w, collate=collate)) for w in (0, 2)]
     for a, b in zip(*runs):
         assert torch.equal(a.target, b.target) and torch.equal(a.focal, b.focal)
-        assert torch.equal(a.keep_indices, b.keep_indices)
     assert runs[0][0].focal.shape == (2 * 8, 3, 16, 16)

@@ -24,14 +24,15 @@ from msn import checkpoint, distributed
 from msn.config import ConfigError, load_config
 from msn.losses import msn_loss
 from msn.train import Trainer
-from msn.train.trainer import EXIT_PREEMPTED
+from msn.train.preemption import EXIT_PREEMPTED
 
 from conftest import ROOT, TINY_OVERRIDES, assert_same_state, tiny_config_dict
 from dist_helpers import free_port, record_keep_indices, step_worker, torchrun
 
 WORLD = 2
-#: 2 ranks x 4 images = the single-process batch of 8; per-sample augmentation and per-image
-#: masks are functions of (seed, epoch, index), so both runs see the same views and masks.
+#: 2 ranks x 4 images = the single-process batch of 8; per-sample augmentation is a function
+#: of (seed, epoch, index) and the masks of (seed, step) split by rank
+#: (:class:`msn.masking.AnchorMasks`), so both runs see the same views and masks.
 #: The step-level comparisons (DDP against one process, sum against mean, checkpointed
 #: against plain) are equal in exact arithmetic and run in float64 (``precision=fp64``):
 #: rounding (~1e-16 of magnitudes <= 1, a few thousand operations deep, amplified at most

@@ -1,8 +1,9 @@
 """Pre-training data pipeline: seeded, resumable, rank-sharded multi-view batches.
 
 Determinism does not depend on worker count or on where a run was resumed: the epoch's order
-is a permutation seeded by ``(seed, epoch)``, and each sample's augmentation and anchor mask
-are drawn from a generator seeded by ``(seed, epoch, index)``. The loader never draws from the
+is a permutation seeded by ``(seed, epoch)``, and each sample's augmentation is drawn from a
+generator seeded by ``(seed, epoch, index)`` (anchor masks are drawn by the train step,
+:class:`msn.masking.AnchorMasks`). The loader never draws from the
 global torch generator: its own generator (the workers' base seed) is seeded by
 ``(seed, epoch, rank)`` in :func:`start_epoch`, so a resumed run's global random stream
 continues the uninterrupted run's.
@@ -17,7 +18,6 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from msn.data.transforms import MultiViewTransform
-from msn.masking import sample_keep_indices
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -26,23 +26,17 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
 
 
 class MultiViewDataset(Dataset):
-    """Wrap an image data set; item ``(epoch, index)`` -> ``(views, keep_indices | None, label, key)``.
+    """Wrap an image data set; item ``(epoch, index)`` -> ``(views, label, key)``.
 
     Args:
         base: data set of ``(uint8 image or None, label)``.
         transform: a :class:`MultiViewTransform`, or ``None`` to pass the uint8 image on
             (``views = [image]``) for :class:`msn.data.batch_augment.BatchMultiView`.
         seed: run seed.
-        num_patches: patch tokens N of an anchor view (for the per-image mask).
-        mask_ratio: anchor token-drop ratio; masks are drawn here, per image, unless
-            ``shared_mask`` (then the trainer draws one per batch).
-        shared_mask: the reference's one mask per batch.
     """
 
-    def __init__(self, base: Dataset, transform: MultiViewTransform, seed: int, num_patches: int,
-                 mask_ratio: float, shared_mask: bool = False):
+    def __init__(self, base: Dataset, transform: MultiViewTransform | None, seed: int):
         self.base, self.transform, self.seed = base, transform, seed
-        self.num_patches, self.mask_ratio, self.shared_mask = num_patches, mask_ratio, shared_mask
 
     def __len__(self) -> int:
         return len(self.base)
@@ -55,35 +49,29 @@ class MultiViewDataset(Dataset):
         with torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(sample_seed(self.seed, epoch, index))
             views = [image] if self.transform is None else self.transform(image)
-            keep = None
-            if not self.shared_mask and self.mask_ratio > 0:
-                keep = sample_keep_indices(1, self.num_patches, self.mask_ratio)[0]
-        return views, keep, label, key
+        return views, label, key
 
 
 @dataclass
 class MultiViewBatch:
     """A collated batch: ``target`` [B,3,H,W], ``anchor`` [B,3,H,W], ``focal`` [V*B,3,h,w]
-    view-major, ``keep_indices`` [B, 1+K] or None, ``labels`` [B], ``skipped`` bad images."""
+    view-major, ``labels`` [B], ``skipped`` bad images."""
 
     target: torch.Tensor
     anchor: torch.Tensor
     focal: torch.Tensor
-    keep_indices: torch.Tensor | None
     labels: torch.Tensor
     skipped: int
 
     def pin_memory(self) -> "MultiViewBatch":
-        pin = lambda t: None if t is None else t.pin_memory()  # noqa: E731
-        return MultiViewBatch(pin(self.target), pin(self.anchor), pin(self.focal), pin(self.keep_indices),
-                              pin(self.labels), self.skipped)
+        return MultiViewBatch(self.target.pin_memory(), self.anchor.pin_memory(), self.focal.pin_memory(),
+                              self.labels.pin_memory(), self.skipped)
 
     def to(self, device: torch.device, dtype: torch.dtype | None = None) -> "MultiViewBatch":
-        """On ``device``; the images (not the indices and labels) also in ``dtype`` if given."""
-        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
-        image = lambda t: move(t) if dtype is None else t.to(device, dtype, non_blocking=True)  # noqa: E731
-        return MultiViewBatch(image(self.target), image(self.anchor), image(self.focal), move(self.keep_indices),
-                              move(self.labels), self.skipped)
+        """On ``device``; the images (not the labels) also in ``dtype`` if given."""
+        image = lambda t: t.to(device, dtype, non_blocking=True)  # noqa: E731 - dtype None keeps it
+        return MultiViewBatch(image(self.target), image(self.anchor), image(self.focal),
+                              self.labels.to(device, non_blocking=True), self.skipped)
 
     @property
     def size(self) -> int:
@@ -105,12 +93,11 @@ def collate_views(samples: list, photometric=None, seed: int = 0, batch_views=No
     good = [s for s in samples if s is not None]
     if not good:
         raise RuntimeError(f"every image of a batch of {len(samples)} was unreadable")
-    keep = torch.stack([s[1] for s in good]) if good[0][1] is not None else None
-    labels = torch.tensor([s[2] for s in good])
+    labels = torch.tensor([s[1] for s in good])
     if batch_views is not None:
-        generator = torch.Generator().manual_seed(sample_seed(seed + 1, *good[0][3]))
+        generator = torch.Generator().manual_seed(sample_seed(seed + 1, *good[0][2]))
         target, anchor, focal = batch_views(torch.stack([s[0][0] for s in good]), generator)
-        return MultiViewBatch(target, anchor, focal, keep, labels, len(samples) - len(good))
+        return MultiViewBatch(target, anchor, focal, labels, len(samples) - len(good))
     num_focal = len(good[0][0]) - 2
     target = torch.stack([s[0][0] for s in good])
     anchor = torch.stack([s[0][1] for s in good])
@@ -119,13 +106,13 @@ def collate_views(samples: list, photometric=None, seed: int = 0, batch_views=No
     else:
         focal = torch.empty(0, *anchor.shape[1:], dtype=anchor.dtype)
     if photometric is not None:
-        epoch, index = good[0][3]
+        epoch, index = good[0][2]
         generator = torch.Generator().manual_seed(sample_seed(seed + 1, epoch, index))
         rand, small = photometric
         both = rand(torch.cat([target, anchor]), generator)
         target, anchor = both[: len(good)], both[len(good):]
         focal = small(focal, generator) if num_focal else focal.float()
-    return MultiViewBatch(target, anchor, focal, keep, labels, len(samples) - len(good))
+    return MultiViewBatch(target, anchor, focal, labels, len(samples) - len(good))
 
 
 class MultiViewCollate:
@@ -210,8 +197,7 @@ __all__ = [
 ]
 
 
-def build_multiview_data(dataset: Dataset, data_cfg, seed: int, num_patches: int, mask_ratio: float,
-                         shared_mask: bool) -> tuple[MultiViewDataset, MultiViewCollate]:
+def build_multiview_data(dataset: Dataset, data_cfg, seed: int) -> tuple[MultiViewDataset, MultiViewCollate]:
     """The pre-training data set wrapper and collate function for ``data_cfg.augment``.
 
     * ``per_sample``: the whole torchvision v2 pipeline image by image.
@@ -230,4 +216,4 @@ def build_multiview_data(dataset: Dataset, data_cfg, seed: int, num_patches: int
     else:
         photometric = (BatchPhotometric(views, views.rand_size), BatchPhotometric(views, views.focal_size))
         transform, collate = MultiViewTransform(views, photometric=False), MultiViewCollate(photometric, seed)
-    return MultiViewDataset(dataset, transform, seed, num_patches, mask_ratio, shared_mask), collate
+    return MultiViewDataset(dataset, transform, seed), collate

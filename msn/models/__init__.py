@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from msn.models.head import ProjectionHead, Prototypes
+from msn.models.sync_bn import SyncBatchNorm, use_sync_batchnorm
 from msn.architectures import ARCHITECTURES
 from msn.models.vit import MSNViT, build_vit, resize_pos_embed
 
@@ -15,9 +16,11 @@ __all__ = [
     "MSNViT",
     "ProjectionHead",
     "Prototypes",
+    "SyncBatchNorm",
     "build_network",
     "build_vit",
     "resize_pos_embed",
+    "use_sync_batchnorm",
 ]
 
 

@@ -1,4 +1,8 @@
-"""Benchmark harness: ``python -m msn.bench`` prints Markdown tables and writes JSON.
+"""Benchmark harness: ``python benchmarks/bench_train.py`` prints Markdown tables and writes JSON.
+
+Every timed step is :class:`msn.train.MSNStep`, the object the trainer calls; the variants
+(one forward per view, masked tokens zeroed instead of dropped) only swap its online-forward
+module, so what is measured is what trains.
 
 What it measures (each number is the median of ``--repeats`` timed runs after warm-up):
 
@@ -22,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import statistics
@@ -38,35 +41,38 @@ import torch  # noqa: E402
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from msn.config import MSNConfig, load_config
-from msn.data import MultiViewBatch
-from msn.losses import msn_loss
-from msn.masking import sample_keep_indices
-from msn.models import MSNNetwork
-from msn.runtime import resolve_device
+from torch import nn  # noqa: E402
+
+from msn.architectures import MODELS as PRESETS  # noqa: E402
+from msn.config import MSNConfig, load_config  # noqa: E402
+from msn.data import MultiViewBatch  # noqa: E402
+from msn.models import MSNNetwork  # noqa: E402
+from msn.runtime import resolve_device  # noqa: E402
+from msn.train import MSNStep  # noqa: E402
 
 # ---------------------------------------------------------------------------- configs
 
 MODELS = {
-    # name: (model overrides, rand size, focal size, mask ratio)
-    "vit_tiny_16@224": ({"name": "vit_tiny_16", "arch": "vit_tiny", "patch_size": 16}, 224, 96, 0.15),
-    "vit_small_16@224": ({"name": "vit_small_16", "arch": "vit_small", "patch_size": 16}, 224, 96, 0.15),
-    "vit_base_16@224": ({"name": "vit_base_16", "arch": "vit_base", "patch_size": 16}, 224, 96, 0.3),
-    "fmnist_demo": ({"name": "vit_mini_4", "arch": "vit_mini", "patch_size": 4}, 28, 12, 0.15),
+    # name: (model preset of msn.architectures.MODELS, rand size, focal size, mask ratio)
+    "vit_tiny_16@224": ("vit_tiny_16", 224, 96, 0.15),
+    "vit_small_16@224": ("vit_small_16", 224, 96, 0.15),
+    "vit_base_16@224": ("vit_base_16", 224, 96, 0.3),
+    "fmnist_demo": ("vit_mini_4", 28, 12, 0.15),
 }
+assert all(preset in PRESETS for preset, *_ in MODELS.values())
 
 
 def bench_config(model: str, batch: int, *, ratio: float | None = None, attention: str = "sdpa",
                  device: str = "cpu", precision: str = "fp32", **sections) -> MSNConfig:
     """A config with the named model on synthetic data (no files needed)."""
-    overrides, rand, focal, default_ratio = MODELS[model]
+    preset, rand, focal, default_ratio = MODELS[model]
     head = {"hidden_dim": 512, "output_dim": 128} if model == "fmnist_demo" else {}
     loss = {"num_prototypes": 256} if model == "fmnist_demo" else {}
     raw = {
         "output_dir": tempfile.mkdtemp(prefix="msn-bench-"),
         "device": device,
         "precision": precision,
-        "model": {**overrides, "attention": attention},
+        "model": {"name": preset, "attention": attention},
         "head": head,
         "loss": loss,
         "mask": {"ratio": default_ratio if ratio is None else ratio},
@@ -80,18 +86,14 @@ def bench_config(model: str, batch: int, *, ratio: float | None = None, attentio
     return load_config(raw)
 
 
-def random_batch(cfg: MSNConfig, num_patches: int, device: torch.device, seed: int = 0) -> MultiViewBatch:
+def random_batch(cfg: MSNConfig, device: torch.device, seed: int = 0) -> MultiViewBatch:
     """A pre-augmented batch of the right shapes (to time the model step alone)."""
     g = torch.Generator().manual_seed(seed)
     b, v = cfg.optim.batch_size, cfg.data.views
-    keep = None
-    if cfg.mask.ratio > 0:
-        keep = sample_keep_indices(b, num_patches, cfg.mask.ratio, generator=g)
     batch = MultiViewBatch(
         target=torch.randn(b, 3, v.rand_size, v.rand_size, generator=g),
         anchor=torch.randn(b, 3, v.rand_size, v.rand_size, generator=g),
         focal=torch.randn(v.num_focal * b, 3, v.focal_size, v.focal_size, generator=g),
-        keep_indices=keep,
         labels=torch.zeros(b, dtype=torch.long),
         skipped=0,
     )
@@ -135,72 +137,62 @@ def count_flops(fn: Callable[[], Any]) -> int:
 
 # ---------------------------------------------------------------------------- steps
 
+class PerViewForward(nn.Module):
+    """The online forwards view by view (the straightforward way) instead of one forward per
+    resolution group; optionally the anchor's masked tokens zeroed, the sequence kept full
+    length, instead of removed."""
+
+    def __init__(self, network: MSNNetwork, per_view: bool = True, zero_tokens: bool = False):
+        super().__init__()
+        self.network, self.per_view, self.zero_tokens = network, per_view, zero_tokens
+
+    def _anchor(self, anchor: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+        if not (self.zero_tokens and keep is not None):
+            return self.network(anchor, keep)
+        backbone = self.network.backbone
+        tokens = backbone.embed(anchor)
+        kept = torch.zeros(tokens.shape[:2], device=tokens.device, dtype=tokens.dtype).scatter_(1, keep, 1.0)
+        tokens = backbone.vit.blocks(tokens * kept.unsqueeze(-1))
+        return self.network.head(backbone.vit.norm(tokens)[:, 0])
+
+    def forward(self, anchor: torch.Tensor, keep: torch.Tensor | None, focal: torch.Tensor) -> torch.Tensor:
+        outputs = [self._anchor(anchor, keep)]
+        if focal.numel():
+            outputs += [self.network(view) for view in focal.split(anchor.shape[0])] if self.per_view else [self.network(focal)]
+        return torch.cat(outputs)
+
+
 class StepRunner:
-    """Our training step on a fixed batch (the Trainer's own ``train_step``)."""
+    """:class:`msn.train.MSNStep` on a fixed batch; ``forward`` swaps its online-forward module
+    (``None``: the trainer's own)."""
 
-    def __init__(self, cfg: MSNConfig, channels_last: bool = False):
-        from msn.train import Trainer
-
-        self.trainer = Trainer(cfg)
-        self.device = self.trainer.device
-        self.channels_last = channels_last
-        self.batch = random_batch(cfg, self.trainer.num_patches, self.device)
+    def __init__(self, cfg: MSNConfig, channels_last: bool = False, **forward):
+        self.device = resolve_device(cfg.device)
+        self.step_fn = MSNStep.from_config(cfg, self.device, steps_per_epoch=1)
+        if forward:
+            self.step_fn.online = PerViewForward(self.step_fn.network, **forward)
+        self.batch = random_batch(cfg, self.device)
         if channels_last:
-            self.batch = MultiViewBatch(*(t.contiguous(memory_format=torch.channels_last) if t is not None and t.ndim == 4 else t
+            self.batch = MultiViewBatch(*(t.contiguous(memory_format=torch.channels_last)
                                           for t in (self.batch.target, self.batch.anchor, self.batch.focal)),
-                                        self.batch.keep_indices, self.batch.labels, 0)
-            self.trainer.network.to(memory_format=torch.channels_last)
-        self.trainer.network.train()
-        self.trainer.target.train()
+                                        self.batch.labels, 0)
+            self.step_fn.network.to(memory_format=torch.channels_last)
+        self.step_fn.train()
+        self.step = 0
 
     def __call__(self) -> None:
-        self.trainer.train_step(self.batch)
+        self.step_fn(self.batch, self.step)
+        self.step += 1
 
 
-def per_view_step(trainer, batch: MultiViewBatch, zero_tokens: bool = False) -> None:
-    """The straightforward step: every view through the encoder on its own; optionally the
-    masked tokens zeroed (sequence kept full length) instead of removed."""
-    cfg = trainer.cfg
-    values = trainer.schedules.at_update(trainer.step)
-    network: MSNNetwork = trainer.network
-    batch = batch.to(trainer.device, trainer.param_dtype)
-    b = batch.size
-    with trainer.autocast():
-        if zero_tokens and batch.keep_indices is not None:
-            tokens = network.backbone.embed(batch.anchor)
-            keep_mask = torch.zeros(tokens.shape[:2], device=tokens.device, dtype=tokens.dtype)
-            keep_mask.scatter_(1, batch.keep_indices, 1.0)
-            tokens = tokens * keep_mask.unsqueeze(-1)
-            tokens = network.backbone.vit.blocks(tokens)
-            anchor = network.head(network.backbone.vit.norm(tokens)[:, 0])
-        else:
-            anchor = network(batch.anchor, batch.keep_indices)
-        outputs = [anchor]
-        for view in batch.focal.split(b):
-            outputs.append(network(view))
-        with torch.no_grad():
-            target = trainer.target(batch.target)
-    out = msn_loss(torch.cat(outputs), target, trainer.prototypes.weight,
-                   temperature=cfg.loss.temperature, sharpen_temperature=values["sharpen_T"],
-                   use_sinkhorn=cfg.loss.use_sinkhorn, sinkhorn_iters=cfg.loss.sinkhorn_iters,
-                   memax_weight=cfg.loss.memax_weight, entropy_weight=cfg.loss.entropy_weight)
-    from msn.train import ema_update, set_lr_and_wd
-
-    set_lr_and_wd(trainer.optimizer, values["lr"], values["wd"])
-    trainer.optimizer.zero_grad(set_to_none=True)
-    out.loss.backward()
-    torch.nn.utils.clip_grad_norm_(network.parameters(), cfg.optim.clip_grad)
-    trainer.optimizer.step()
-    ema_update(trainer.target, network, values["momentum"])
-    trainer.step += 1
-
-
-def anchor_branch(trainer, batch: MultiViewBatch) -> Callable[[], None]:
+def anchor_branch(runner: StepRunner) -> Callable[[], None]:
     """Forward + backward of the masked anchors alone (the cost the mask ratio shrinks)."""
+    step_fn = runner.step_fn
+    keep = step_fn.masks(0, runner.batch.size, runner.device)
 
     def run() -> None:
-        with trainer.autocast():
-            z = trainer.network(batch.anchor, batch.keep_indices)
+        with step_fn.autocast():
+            z = step_fn.network(runner.batch.anchor, keep)
         z.float().square().mean().backward()
 
     return run
@@ -236,44 +228,26 @@ def bench_levers(model: str, batch: int, device: torch.device, precision: str, w
     for ratio in (0.0, 0.15, 0.5, 0.7):
         runner = StepRunner(bench_config(model, batch, ratio=ratio, device=str(device), precision=precision))
         add("mask ratio", f"{ratio}", timed(runner, device, warmup, repeats))
-        branch = anchor_branch(runner.trainer, runner.batch)
+        branch = anchor_branch(runner)
         rows.append({"model": model, "lever": "anchor branch (fwd+bwd)", "setting": f"mask {ratio}",
                      "step_s": timed(branch, device, warmup, repeats), "img_per_s": None})
     base = StepRunner(bench_config(model, batch, device=str(device), precision=precision))
     add("views", "one forward per resolution group (ours)", timed(base, device, warmup, repeats))
-    add("views", "one forward per view", timed(lambda: per_view_step(base.trainer, base.batch), device, warmup, repeats))
+    per_view = StepRunner(bench_config(model, batch, device=str(device), precision=precision), per_view=True)
+    add("views", "one forward per view", timed(per_view, device, warmup, repeats))
     add("attention", "sdpa (ours)", timed(base, device, warmup, repeats))
     eager = StepRunner(bench_config(model, batch, attention="eager", device=str(device), precision=precision))
     add("attention", "eager", timed(eager, device, warmup, repeats))
     add("tokens", "dropped (ours)", timed(base, device, warmup, repeats))
-    add("tokens", "zeroed (sequence kept)", timed(lambda: _zeroed_grouped(base), device, warmup, repeats))
+    zeroed = StepRunner(bench_config(model, batch, device=str(device), precision=precision), per_view=False,
+                        zero_tokens=True)
+    add("tokens", "zeroed (sequence kept)", timed(zeroed, device, warmup, repeats))
     last = StepRunner(bench_config(model, batch, device=str(device), precision=precision), channels_last=True)
     add("memory format", "channels_last", timed(last, device, warmup, repeats))
     if with_compile:
         compiled = StepRunner(bench_config(model, batch, device=str(device), precision=precision, train={"compile": True}))
         add("torch.compile", "on", timed(compiled, device, max(warmup, 2), repeats))
     return rows
-
-
-def _zeroed_grouped(runner: StepRunner) -> None:
-    """Our grouped step, but with the anchor's masked tokens zeroed instead of removed."""
-    batch = runner.batch
-    trainer = runner.trainer
-    original = trainer.network.backbone.forward_blocks
-
-    def zeroed(images, keep_indices=None, collect_last=0):
-        if keep_indices is None:
-            return original(images, None, collect_last)
-        tokens = trainer.network.backbone.embed(images)
-        mask = torch.zeros(tokens.shape[:2], device=tokens.device, dtype=tokens.dtype).scatter_(1, keep_indices, 1.0)
-        tokens = trainer.network.backbone.vit.blocks(tokens * mask.unsqueeze(-1))
-        return trainer.network.backbone.vit.norm(tokens), []
-
-    trainer.network.backbone.forward_blocks = zeroed
-    try:
-        trainer.train_step(batch)
-    finally:
-        del trainer.network.backbone.forward_blocks
 
 
 # ---------------------------------------------------------------------------- data
@@ -353,10 +327,10 @@ class ReferencePILDataset(torch.utils.data.Dataset):
         else:
             tensor, label = self.base[index]
             pil = TF.to_pil_image(tensor)
-        return self.views(pil), None, label, key
+        return self.views(pil), label, key
 
 
-def _loader(cfg: MSNConfig, dataset, batched: bool, workers: int, num_patches: int, plain: bool):
+def _loader(cfg: MSNConfig, dataset, batched: bool, workers: int, plain: bool):
     from dataclasses import replace
     from msn.data import MultiViewCollate, ResumableSampler, build_multiview_data, build_train_loader
 
@@ -366,7 +340,7 @@ def _loader(cfg: MSNConfig, dataset, batched: bool, workers: int, num_patches: i
         collate = MultiViewCollate()
     else:
         data_cfg = replace(cfg.data, augment="batched" if batched else "per_sample")
-        data, collate = build_multiview_data(dataset, data_cfg, cfg.seed, num_patches, cfg.mask.ratio, False)
+        data, collate = build_multiview_data(dataset, data_cfg, cfg.seed)
     sampler = ResumableSampler(len(dataset), cfg.optim.batch_size, cfg.seed)
     return build_train_loader(data, sampler, workers, collate=collate)
 
@@ -384,12 +358,11 @@ def bench_data(batch: int, repeats: int, workdir: Path, images: int) -> list[dic
         for name, dataset, model in (("ImageFolder JPEG 375x500 -> 224/96", folder, "vit_small_16@224"),
                                      ("28 px images -> 28/12", small, "fmnist_demo")):
             cfg = bench_config(model, batch)
-            patches = (cfg.data.views.rand_size // cfg.model.patch_size) ** 2
             ours = "ours: batched crops + photometric" if fixed_image_size(dataset) else "ours: uint8 crops + batched photometric"
             for pipeline, batched, plain in ((ours, True, False),
                                              ("torchvision v2 per image", False, False),
                                              ("plain PIL per image (reference recipe)", False, True)):
-                loader = _loader(cfg, dataset, batched, 0, patches, plain)
+                loader = _loader(cfg, dataset, batched, 0, plain)
                 runs = []
                 for _ in range(repeats):
                     start = time.perf_counter()
@@ -423,21 +396,16 @@ def bench_e2e(model: str, batch: int, steps: int, workdir: Path, workers: int) -
         dataset, data_name = ImageFolderDataset(str(folder)), "ImageFolder JPEG"
     for variant in ("ours", "baseline"):
         ours = variant == "ours"
-        cfg = bench_config(model, batch, attention="sdpa" if ours else "eager")
-        runner = StepRunner(cfg)
-        trainer = runner.trainer
-        loader = _loader(cfg, dataset, batched=ours, workers=workers, num_patches=trainer.num_patches, plain=not ours)
+        cfg = bench_config(model, batch, attention="sdpa" if ours else "eager", mask={"shared": not ours})
+        runner = StepRunner(cfg) if ours else StepRunner(cfg, per_view=True, zero_tokens=True)
+        loader = _loader(cfg, dataset, batched=ours, workers=workers, plain=not ours)
         done, start = 0, None
         for epoch in range(10**6):
             loader.sampler.set_position(epoch)
             for b in loader:
                 if done == 1:
                     start = time.perf_counter()  # the first step warms up
-                b = b.to(trainer.device)
-                if ours:
-                    trainer.train_step(b)
-                else:
-                    _baseline_step(trainer, b)
+                runner.step_fn(b, done)
                 done += 1
                 if done > steps:
                     break
@@ -446,12 +414,6 @@ def bench_e2e(model: str, batch: int, steps: int, workdir: Path, workers: int) -
         seconds = time.perf_counter() - start
         rows.append({"model": model, "data": data_name, "variant": variant, "img_per_s": steps * batch / seconds})
     return rows
-
-
-def _baseline_step(trainer, batch: MultiViewBatch) -> None:
-    keep = sample_keep_indices(batch.size, trainer.num_patches, trainer.cfg.mask.ratio, shared=True)
-    batch = MultiViewBatch(batch.target, batch.anchor, batch.focal, keep, batch.labels, 0)
-    per_view_step(trainer, batch, zero_tokens=True)
 
 
 # ---------------------------------------------------------------------------- report
@@ -470,7 +432,7 @@ def markdown_table(rows: list[dict], columns: list[str]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m msn.bench", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python benchmarks/bench_train.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--sections", default="step,levers,data,e2e", help="comma-separated: step,levers,data,e2e")
     parser.add_argument("--models", default="vit_tiny_16@224,vit_small_16@224,fmnist_demo")
     parser.add_argument("--lever-model", default="vit_tiny_16@224")

@@ -1,10 +1,15 @@
-"""Smoke test of the benchmark harness (correctness of what it runs and reports, not timing)."""
+"""Smoke test of the benchmark harness benchmarks/bench_train.py (correctness of what it runs
+and reports, not timing)."""
 
 import json
+import sys
 
 import torch
 
-from msn import bench
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import bench_train as bench  # noqa: E402
 
 
 def test_harness_runs_every_section_and_reports(tmp_path, capsys):
@@ -34,7 +39,7 @@ def test_harness_runs_every_section_and_reports(tmp_path, capsys):
 def test_flops_shrink_with_mask_ratio():
     def flops(ratio):
         runner = bench.StepRunner(bench.bench_config("fmnist_demo", 4, ratio=ratio))
-        return bench.count_flops(bench.anchor_branch(runner.trainer, runner.batch))
+        return bench.count_flops(bench.anchor_branch(runner))
 
     assert flops(0.7) < 0.45 * flops(0.0)
 
@@ -46,15 +51,16 @@ def test_per_view_step_matches_grouped_loss_without_bn():
     float64 rounding (~1e-16 of magnitudes <= 1) amplified by at most lr / eps = 1e4 stays
     below 1e-11, so 1e-9 bounds it with margin on any CPU and BLAS kernel."""
     cfg = bench.bench_config("fmnist_demo", 4, ratio=0.0, precision="fp64", head={"use_bn": False})
-    a, b = bench.StepRunner(cfg), bench.StepRunner(cfg)
-    b.trainer.network.load_state_dict(a.trainer.network.state_dict())
-    b.trainer.target.load_state_dict(a.trainer.target.state_dict())
-    b.trainer.prototypes.load_state_dict(a.trainer.prototypes.state_dict())
+    a, b = bench.StepRunner(cfg), bench.StepRunner(cfg, per_view=True)
+    assert isinstance(b.step_fn.online, bench.PerViewForward) and not isinstance(a.step_fn.online, bench.PerViewForward)
+    b.step_fn.network.load_state_dict(a.step_fn.network.state_dict())
+    b.step_fn.target.load_state_dict(a.step_fn.target.state_dict())
+    b.step_fn.prototypes.load_state_dict(a.step_fn.prototypes.state_dict())
     a()
-    bench.per_view_step(b.trainer, b.batch)
+    b()
     moved = 0
-    for p, q, p0 in zip(a.trainer.network.parameters(), b.trainer.network.parameters(),
-                        b.trainer.target.parameters()):
+    for p, q, p0 in zip(a.step_fn.network.parameters(), b.step_fn.network.parameters(),
+                        b.step_fn.target.parameters()):
         assert p.dtype == torch.float64
         torch.testing.assert_close(p, q, rtol=0, atol=1e-9)
         moved += int((p - p0).abs().max() > 1e-6)  # the step really changed the weights

@@ -1,0 +1,126 @@
+"""The training state a checkpoint holds, and how a run resumes from it (docs/formats.md Sec. 1).
+
+:func:`gather_state` assembles the checkpoint dictionary of :mod:`msn.checkpoint` from a
+:class:`msn.train.step.MSNStep` (weights, prototypes, optimiser) plus the random streams of
+every rank and the loop's bookkeeping; :func:`restore_state` puts one back. Together with the
+step-seeded data order and masks this makes a resumed run continue bitwise.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from msn import distributed
+from msn.config import MSNConfig, to_dict
+
+#: Config keys that may change between a run and its resumption without a warning.
+RESUMABLE_CHANGES = {"train.max_steps", "train.progress", "train.log_every", "resume", "logging.wandb",
+                     "data.num_workers"}
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """Seed of the global RNG streams of ``rank`` > 0 (rank 0 keeps the single-process stream)."""
+    return (seed * 1_000_003 + rank * 998_244_353 + 12_345) % (2**32)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch's, numpy's and Python's global generators."""
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+
+
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """The global generators' states (and the CUDA one of ``device``)."""
+    cuda = [torch.cuda.get_rng_state(device)] if device.type == "cuda" else []
+    return {"torch": torch.get_rng_state(), "cuda": cuda, "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def set_rng_state(rng: dict[str, Any], device: torch.device) -> None:
+    """Restore what :func:`rng_state` returned (missing entries are left alone)."""
+    if "torch" in rng:
+        torch.set_rng_state(rng["torch"])
+    cuda = rng.get("cuda") or []
+    if cuda and device.type == "cuda":
+        index = device.index or 0
+        torch.cuda.set_rng_state(cuda[0] if len(cuda) == 1 else cuda[min(index, len(cuda) - 1)], device)
+    if "numpy" in rng:
+        np.random.set_state(rng["numpy"])
+    if "python" in rng:
+        random.setstate(rng["python"])
+
+
+def gather_state(cfg: MSNConfig, step_fn, step: int, steps_per_epoch: int, extra: dict[str, Any]) -> dict[str, Any]:
+    """The full training state. Collective with several processes (every rank calls it): the
+    RNG states of all ranks are gathered into ``rng_per_rank``.
+
+    Args:
+        cfg: the run's config (saved resolved).
+        step_fn: the :class:`msn.train.step.MSNStep` (weights, prototypes, optimiser).
+        step: optimiser updates done.
+        steps_per_epoch: updates per epoch.
+        extra: the loop's bookkeeping (skipped images, wall time, world size).
+    """
+    per_rank = distributed.all_gather_object(rng_state(step_fn.device))
+    epoch, batch_in_epoch = divmod(step, steps_per_epoch)
+    return {
+        "config": to_dict(cfg),
+        "step": step,
+        "epoch": epoch,
+        "encoder": step_fn.network.state_dict(),
+        "target_encoder": step_fn.target.state_dict(),
+        "prototypes": step_fn.prototypes.weight.detach().clone(),
+        "optimizer": step_fn.optimizer.state_dict(),
+        "rng": per_rank[0],
+        "rng_per_rank": per_rank,
+        "data": {"seed": cfg.seed, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "global_batch": cfg.optim.batch_size},
+        "extra": dict(extra),
+    }
+
+
+def restore_state(state: dict[str, Any], step_fn, seed: int, rank: int) -> int:
+    """Load ``state`` into ``step_fn`` and this rank's random streams; returns the step."""
+    step_fn.network.load_state_dict(state["encoder"])
+    step_fn.target.load_state_dict(state["target_encoder"])
+    with torch.no_grad():
+        step_fn.prototypes.weight.copy_(state["prototypes"])
+    step_fn.optimizer.load_state_dict(state["optimizer"])
+    per_rank = state.get("rng_per_rank") or [state.get("rng", {})]
+    if rank < len(per_rank):
+        set_rng_state(per_rank[rank], step_fn.device)
+    else:  # more ranks than when saved: a fresh stream for this rank
+        seed_everything(rank_seed(seed, rank) + int(state["step"]))
+    return int(state["step"])
+
+
+def changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """``key: old -> new`` for every config value that differs (except :data:`RESUMABLE_CHANGES`
+    and the ``dist`` section)."""
+    changed = []
+    for key in sorted(set(old) | set(new)):
+        full = f"{prefix}{key}"
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            changed.extend(changed_keys(a, b, full + "."))
+        elif a != b and full not in RESUMABLE_CHANGES and not full.startswith("dist."):
+            changed.append(f"{full}: {a!r} -> {b!r}")
+    return changed
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop records logged after ``step`` (written after the checkpoint we resume from)."""
+    if not path.is_file():
+        return
+    with open(path, encoding="utf-8") as stream:
+        lines = [line for line in stream if line.strip() and json.loads(line).get("step", 0) <= step]
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w", encoding="utf-8") as stream:
+        stream.writelines(lines)
+    os.replace(tmp, path)

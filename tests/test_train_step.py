@@ -1,0 +1,89 @@
+"""msn.train.step.MSNStep (through the Trainer that calls it): one forward per resolution
+group, only the anchor masked, the update's order, shared masks, bf16 forwards into an fp32 loss."""
+
+import pytest
+import torch
+
+from msn.models import MSNViT
+from msn.train import Trainer
+from msn.train import step as step_module
+
+
+def _first_batch(trainer):
+    trainer.sampler.set_position(0, 0)
+    return next(iter(trainer.loader))
+
+
+def test_one_forward_per_resolution_group_and_only_anchor_masked(tiny_config, monkeypatch):
+    trainer = Trainer(tiny_config())
+    calls = []
+    original = MSNViT.forward_blocks
+
+    def spy(self, images, keep_indices=None, collect_last=0):
+        role = "target" if self is trainer.target.backbone else "online"
+        calls.append((role, tuple(images.shape), None if keep_indices is None else tuple(keep_indices.shape)))
+        return original(self, images, keep_indices, collect_last)
+
+    monkeypatch.setattr(MSNViT, "forward_blocks", spy)
+    trainer.train_step(_first_batch(trainer))
+    # 32 px views with patch 8 -> 16 patches; ratio 0.5 keeps 8 + CLS
+    assert calls == [
+        ("online", (8, 3, 32, 32), (8, 9)),      # anchors, masked, one call
+        ("online", (2 * 8, 3, 16, 16), None),    # all focal views, one call, unmasked
+        ("target", (8, 3, 32, 32), None),        # target view, unmasked
+    ]
+
+
+def test_step_order_lr_clip_and_ema(tiny_config):
+    trainer = Trainer(tiny_config(optim={"clip_grad": 1e-3}))
+    online_before = [p.detach().clone() for p in trainer.network.parameters()]
+    target_before = [p.detach().clone() for p in trainer.target.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(online_before, target_before))
+    trainer.train_step(_first_batch(trainer))
+    s = trainer.schedules
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(s.learning_rate(1))
+    assert trainer.optimizer.param_groups[0]["weight_decay"] == pytest.approx(s.weight_decay_at(1))
+    grads = [p.grad for p in trainer.network.parameters() if p.grad is not None]
+    assert torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])) <= 1e-3 * (1 + 1e-4)
+    assert trainer.prototypes.weight.grad.norm() > 1e-3  # prototypes are not clipped
+    m = s.momentum(0)
+    for t0, o1, t1 in zip(target_before, trainer.network.parameters(), trainer.target.parameters()):
+        torch.testing.assert_close(t1, m * t0 + (1 - m) * o1.detach())
+    assert not torch.equal(trainer.prototypes.weight, trainer.prototypes.weight.detach() * 0)
+    assert trainer.step == 1
+
+
+def test_shared_mask_is_one_subset_per_batch(tiny_config, monkeypatch):
+    trainer = Trainer(tiny_config(mask={"ratio": 0.5, "shared": True}))
+    seen = []
+    original = MSNViT.forward_blocks
+
+    def spy(self, images, keep_indices=None, collect_last=0):
+        if keep_indices is not None:
+            seen.append(keep_indices.clone())
+        return original(self, images, keep_indices, collect_last)
+
+    monkeypatch.setattr(MSNViT, "forward_blocks", spy)
+    batch = _first_batch(trainer)
+    trainer.train_step(batch)
+    assert len(seen) == 1 and (seen[0] == seen[0][0]).all()
+
+
+def test_bf16_forwards_feed_an_fp32_loss(tiny_config, monkeypatch):
+    """``precision=bf16`` (the CUDA default): the encoder forwards run under bf16 autocast, the
+    loss is computed in fp32 from them (reference: fp32 everywhere, ``precision=fp32``)."""
+    trainer = Trainer(tiny_config(precision="bf16"))
+    seen = {}
+    real_loss = step_module.msn_loss
+
+    def spy(anchor, target, prototypes, **kwargs):
+        out = real_loss(anchor, target, prototypes, **kwargs)
+        seen.update(anchor=anchor.dtype, target=target.dtype, loss=out.loss.dtype, ce=out.ce.dtype)
+        return out
+
+    monkeypatch.setattr(step_module, "msn_loss", spy)
+    trainer.train_step(_first_batch(trainer))
+    assert seen == {"anchor": torch.bfloat16, "target": torch.bfloat16, "loss": torch.float32, "ce": torch.float32}
+    assert Trainer(tiny_config(precision="fp32")).autocast_dtype is None
+    assert Trainer(tiny_config()).autocast_dtype is None  # auto on a CPU: fp32
+
