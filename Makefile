@@ -7,7 +7,7 @@ PYTHON := .venv/bin/python
 
 #: the float-sensitive tests (parity, benchmark equivalence, resume), run again by CI under
 #: another thread count: their claims must not depend on how the kernels split the work
-FLOAT_SENSITIVE := tests/test_losses.py tests/test_models.py tests/test_bench.py tests/test_trainer.py \
+FLOAT_SENSITIVE := tests/test_losses.py tests/test_models.py tests/test_benchmarks.py tests/test_train_step.py tests/test_trainer.py \
                    tests/test_distributed.py tests/test_export_hf.py tests/test_export_timm.py tests/test_train_schedules.py
 
 .PHONY: setup demo test test-threads results
