@@ -14,9 +14,9 @@ import shutil
 import subprocess
 import sys
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from msn.config import ConfigError, load_config
+from msn.config import ConfigError, load_config, validate
 
 log = logging.getLogger("msn")
 
@@ -32,19 +32,16 @@ def run_training(raw: DictConfig) -> dict:
     from msn.train.preemption import EXIT_PREEMPTED, Preempted
 
     try:
-        env = distributed.init_from_env(
-            device=str(_select(raw, "device", "auto")),
-            backend=str(_select(raw, "dist.backend", "auto")),
-            timeout_min=float(_select(raw, "dist.timeout_min", 30.0)),
-            slurm=str(_select(raw, "dist.slurm_env", "auto")),
-        )
-    except ValueError as error:
+        cfg = load_config(raw)  # every key checked before anything starts
+        env = distributed.init_from_env(device=cfg.device, backend=cfg.dist.backend,
+                                        timeout_min=cfg.dist.timeout_min, slurm=cfg.dist.slurm_env)
+    except (ConfigError, ValueError) as error:
         _fail(error)
     if env.rank > 0:
         log.setLevel(logging.WARNING)  # one process reports progress
     try:
         try:
-            cfg = load_config(raw, world_size=distributed.world_size())
+            validate(cfg, world_size=distributed.world_size())  # what depends on the process count
             trainer = Trainer(cfg, init_state=_init_state(cfg.init_from))
         except (ConfigError, FileNotFoundError, ValueError) as error:
             _fail(error)
@@ -65,11 +62,6 @@ def run_training(raw: DictConfig) -> dict:
         log.info("finished at step %d: loss %.4f, np %d, max_t %.3f -> %s", record["step"], record["loss"],
                  record["np"], record["max_t"], cfg.output_dir)
     return record
-
-
-def _select(raw: DictConfig | dict, key: str, default):
-    value = OmegaConf.select(OmegaConf.create(raw) if isinstance(raw, dict) else raw, key, default=default)
-    return default if value is None else value
 
 
 def _requeue(mode: str) -> str:
