@@ -29,6 +29,21 @@ def require_dir(path: Path, what: str) -> Path:
         pytest.skip(message)
     return Path(path)
 
+
+def compose_config(*overrides: str, hydra_config: bool = False):
+    """``configs/config.yaml`` composed by Hydra with ``overrides`` (not yet validated)."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        return compose("config", overrides=list(overrides), return_hydra_config=hydra_config)
+
+
+def first_batch(trainer):
+    """The first batch of a trainer's loader (epoch 0, batch 0)."""
+    trainer.sampler.set_position(0, 0)
+    return next(iter(trainer.loader))
+
+
 #: Overrides that make a run of a few steps take about a second.
 TINY_OVERRIDES = [
     "data=synthetic",

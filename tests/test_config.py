@@ -8,15 +8,10 @@ from hydra import compose, initialize_config_dir
 from msn.architectures import MODELS as ARCH_MODELS
 from msn.config import ConfigError, from_dict, load_config, to_dict, validate
 
-from conftest import ROOT, tiny_config_dict
+from conftest import ROOT, compose_config, tiny_config_dict
 
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "configs" / "experiment").glob("*.yaml"))
 MODELS = sorted(p.stem for p in (ROOT / "configs" / "model").glob("*.yaml"))
-
-
-def _compose(*overrides):
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        return compose("config", overrides=list(overrides))
 
 
 PAPER = {  # preset: (model group, mask ratio, epochs)
@@ -36,7 +31,7 @@ def test_all_presets_exist():
 
 @pytest.mark.parametrize("name", sorted(PAPER))
 def test_paper_presets_compose_and_validate(name, tmp_path):
-    raw = _compose(f"experiment={name}", f"data.root={tmp_path}")
+    raw = compose_config(f"experiment={name}", f"data.root={tmp_path}")
     cfg = load_config(raw)
     model, ratio, epochs = PAPER[name]
     assert cfg.model.name == model and cfg.mask.ratio == ratio and cfg.optim.epochs == epochs
@@ -50,35 +45,35 @@ def test_paper_presets_compose_and_validate(name, tmp_path):
 def test_every_model_composes(model, tmp_path):
     size = 28 if model.endswith("_4") else 224
     focal = 12 if size == 28 else (98 if model.endswith("_7") else 96)
-    cfg = load_config(_compose(f"model={model}", f"data.root={tmp_path}", f"data.views.rand_size={size}",
+    cfg = load_config(compose_config(f"model={model}", f"data.root={tmp_path}", f"data.views.rand_size={size}",
                                f"data.views.focal_size={focal}"))
     assert cfg.model.name == model
 
 
 def test_model_presets_come_from_the_registry_and_overrides_win(tmp_path):
     for name, preset in ARCH_MODELS.items():
-        m = load_config(_compose(f"model={name}", f"data.root={tmp_path}", "data.views.rand_size=28",
+        m = load_config(compose_config(f"model={name}", f"data.root={tmp_path}", "data.views.rand_size=28",
                                  "data.views.focal_size=28", "model.patch_size=4")).model
         assert (m.name, m.arch, m.patch_size) == (name, preset.arch, 4)
-    m = load_config(_compose("model=vit_large_7", f"data.root={tmp_path}", "data.views.focal_size=98")).model
+    m = load_config(compose_config("model=vit_large_7", f"data.root={tmp_path}", "data.views.focal_size=98")).model
     assert (m.arch, m.patch_size) == ("vit_large", 7)
-    assert from_dict(to_dict(load_config(_compose("model=vit_base_4", f"data.root={tmp_path}")))).model.patch_size == 4
+    assert from_dict(to_dict(load_config(compose_config("model=vit_base_4", f"data.root={tmp_path}")))).model.patch_size == 4
     with pytest.raises(ConfigError, match="model.name: unknown preset 'vit_huge_14'"):
-        load_config(_compose("model.name=vit_huge_14", f"data.root={tmp_path}"))
-    m = load_config(_compose("model.name=mine", "model.arch=vit_tiny", "model.patch_size=8", f"data.root={tmp_path}")).model
+        load_config(compose_config("model.name=vit_huge_14", f"data.root={tmp_path}"))
+    m = load_config(compose_config("model.name=mine", "model.arch=vit_tiny", "model.patch_size=8", f"data.root={tmp_path}")).model
     assert (m.arch, m.patch_size) == ("vit_tiny", 8)
 
 
 def test_command_line_overrides_beat_the_preset(tmp_path):
-    cfg = load_config(_compose("experiment=fmnist_demo", "data=folder", f"data.root={tmp_path}", "mask.ratio=0.3"))
+    cfg = load_config(compose_config("experiment=fmnist_demo", "data=folder", f"data.root={tmp_path}", "mask.ratio=0.3"))
     assert cfg.data.name == "folder" and cfg.data.root == str(tmp_path)
     assert cfg.model.arch == "vit_mini" and cfg.mask.ratio == 0.3
-    cfg = load_config(_compose("experiment=vits16_in1k", "model=vit_tiny_16", f"data.root={tmp_path}"))
+    cfg = load_config(compose_config("experiment=vits16_in1k", "model=vit_tiny_16", f"data.root={tmp_path}"))
     assert cfg.model.arch == "vit_tiny" and cfg.mask.ratio == 0.15
 
 
 def test_demo_preset_targets_fashion_mnist():
-    raw = _compose("experiment=fmnist_demo")
+    raw = compose_config("experiment=fmnist_demo")
     assert raw.data.name == "fashion_mnist" and raw.model.name == "vit_mini_4"
     assert load_config(raw).model.patch_size == 4
     assert raw.data.views.rand_size == 28 and raw.data.views.focal_size == 12

@@ -17,7 +17,6 @@ import time
 import pytest
 import torch
 import torch.multiprocessing as mp
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from msn import checkpoint, distributed
@@ -26,7 +25,7 @@ from msn.losses import msn_loss
 from msn.train import Trainer
 from msn.train.preemption import EXIT_PREEMPTED
 
-from conftest import ROOT, TINY_OVERRIDES, assert_same_state, tiny_config_dict
+from conftest import ROOT, TINY_OVERRIDES, assert_same_state, compose_config, tiny_config_dict
 from dist_helpers import free_port, record_keep_indices, step_worker, torchrun
 
 WORLD = 2
@@ -45,11 +44,6 @@ EXACT = 1e-9
 RESUME_OVERRIDES = [*TINY_OVERRIDES, "data.augment=per_sample", "precision=fp64"]
 
 
-def _compose(*overrides, hydra_config=False):
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        return compose("config", overrides=list(overrides), return_hydra_config=hydra_config)
-
-
 def _memax_inputs():
     generator = torch.Generator().manual_seed(3)
     batch, views, dim, k = 8, 3, 16, 8
@@ -64,7 +58,7 @@ def two_ranks(tmp_path_factory):
     """Run :func:`dist_helpers.step_worker` on 2 ranks; returns (results per rank, tmp dir)."""
     tmp = tmp_path_factory.mktemp("ddp")
     tiny = tiny_config_dict(tmp / "step", **STEP_SECTIONS)
-    runs = [OmegaConf.to_container(_compose(*RESUME_OVERRIDES, f"output_dir={tmp / name}", f"train.max_steps={steps}"),
+    runs = [OmegaConf.to_container(compose_config(*RESUME_OVERRIDES, f"output_dir={tmp / name}", f"train.max_steps={steps}"),
                                    resolve=True)
             for name, steps in (("straight", 8), ("split", 3), ("boundary", 4), ("boundary", 8))]
     mp.spawn(step_worker, args=(WORLD, free_port(), str(tmp), tiny, _memax_inputs(), runs), nprocs=WORLD, join=True)
@@ -203,7 +197,7 @@ def test_world_size_change_on_resume_keeps_the_data_order(two_ranks, tmp_path, c
     """The 2-process checkpoint of step 3 continued by ONE process (same global batch) ends
     where the uninterrupted 2-process run ends (SyncBN + per-sample augmentation)."""
     _, tmp = two_ranks
-    raw = _compose(*RESUME_OVERRIDES, f"output_dir={tmp_path / 'one'}", "train.max_steps=8",
+    raw = compose_config(*RESUME_OVERRIDES, f"output_dir={tmp_path / 'one'}", "train.max_steps=8",
                    f"resume={tmp / 'split_step3.pt'}")
     with caplog.at_level("WARNING"):
         Trainer(load_config(raw)).fit()
@@ -274,14 +268,14 @@ def test_slurm_environment_maps_to_torch_distributed():
 
 
 def test_slurm_launcher_config_composes():
-    cfg = _compose("hydra/launcher=slurm", "hydra.launcher.nodes=2", "hydra.launcher.gpus_per_node=4",
+    cfg = compose_config("hydra/launcher=slurm", "hydra.launcher.nodes=2", "hydra.launcher.gpus_per_node=4",
                    "hydra.launcher.partition=gpu", hydra_config=True)
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("submitit_launcher.SlurmLauncher")
     assert (launcher.nodes, launcher.gpus_per_node, launcher.tasks_per_node) == (2, 4, 4)
     assert launcher.partition == "gpu" and launcher.timeout_min > 0 and launcher.additional_parameters.requeue is True
     assert cfg.hydra.runtime.choices["hydra/launcher"] == "slurm"
-    stock = _compose("hydra/launcher=submitit_slurm", "hydra.launcher.tasks_per_node=8", hydra_config=True)
+    stock = compose_config("hydra/launcher=submitit_slurm", "hydra.launcher.tasks_per_node=8", hydra_config=True)
     assert stock.hydra.launcher.tasks_per_node == 8
 
 

@@ -8,10 +8,7 @@ from msn.models import MSNViT
 from msn.train import Trainer
 from msn.train import step as step_module
 
-
-def _first_batch(trainer):
-    trainer.sampler.set_position(0, 0)
-    return next(iter(trainer.loader))
+from conftest import first_batch
 
 
 def test_one_forward_per_resolution_group_and_only_anchor_masked(tiny_config, monkeypatch):
@@ -25,7 +22,7 @@ def test_one_forward_per_resolution_group_and_only_anchor_masked(tiny_config, mo
         return original(self, images, keep_indices, collect_last)
 
     monkeypatch.setattr(MSNViT, "forward_blocks", spy)
-    trainer.train_step(_first_batch(trainer))
+    trainer.train_step(first_batch(trainer))
     # 32 px views with patch 8 -> 16 patches; ratio 0.5 keeps 8 + CLS
     assert calls == [
         ("online", (8, 3, 32, 32), (8, 9)),      # anchors, masked, one call
@@ -39,7 +36,7 @@ def test_step_order_lr_clip_and_ema(tiny_config):
     online_before = [p.detach().clone() for p in trainer.network.parameters()]
     target_before = [p.detach().clone() for p in trainer.target.parameters()]
     assert all(torch.equal(a, b) for a, b in zip(online_before, target_before))
-    trainer.train_step(_first_batch(trainer))
+    trainer.train_step(first_batch(trainer))
     s = trainer.schedules
     assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(s.learning_rate(1))
     assert trainer.optimizer.param_groups[0]["weight_decay"] == pytest.approx(s.weight_decay_at(1))
@@ -64,7 +61,7 @@ def test_shared_mask_is_one_subset_per_batch(tiny_config, monkeypatch):
         return original(self, images, keep_indices, collect_last)
 
     monkeypatch.setattr(MSNViT, "forward_blocks", spy)
-    batch = _first_batch(trainer)
+    batch = first_batch(trainer)
     trainer.train_step(batch)
     assert len(seen) == 1 and (seen[0] == seen[0][0]).all()
 
@@ -82,7 +79,7 @@ def test_bf16_forwards_feed_an_fp32_loss(tiny_config, monkeypatch):
         return out
 
     monkeypatch.setattr(step_module, "msn_loss", spy)
-    trainer.train_step(_first_batch(trainer))
+    trainer.train_step(first_batch(trainer))
     assert seen == {"anchor": torch.bfloat16, "target": torch.bfloat16, "loss": torch.float32, "ce": torch.float32}
     assert Trainer(tiny_config(precision="fp32")).autocast_dtype is None
     assert Trainer(tiny_config()).autocast_dtype is None  # auto on a CPU: fp32

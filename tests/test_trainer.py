@@ -12,11 +12,6 @@ from msn.train import step as step_module
 from conftest import assert_same_state
 
 
-def _first_batch(trainer):
-    trainer.sampler.set_position(0, 0)
-    return next(iter(trainer.loader))
-
-
 def test_fit_writes_metrics_config_and_checkpoints(tiny_config):
     cfg = tiny_config(train={"checkpoint_every_epochs": 1})
     record = Trainer(cfg).fit()
