@@ -3,8 +3,9 @@
 One concern per module: :mod:`msn.eval.config` (typed options), :mod:`msn.eval.subsets`
 (labelled subsets and the reference file format), :mod:`msn.eval.features` (feature
 extraction and cache), :mod:`msn.eval.classifier` (logistic regression and k-NN),
-:mod:`msn.eval.report` (table, ``results.json``, chart) and :mod:`msn.eval.lowshot` (the
-pipeline run by ``eval_lowshot.py``).
+:mod:`msn.eval.baselines` (what is evaluated, by ``baseline`` name; the names in
+:mod:`msn.eval.baseline_names`), :mod:`msn.eval.report` (the ``results.json`` document,
+table, chart) and :mod:`msn.eval.lowshot` (the pipeline run by ``eval_lowshot.py``).
 """
 
 from msn.eval.classifier import (

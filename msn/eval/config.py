@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from msn.config import DATA_SETS, ConfigError, DataConfig
+from msn.eval.baseline_names import BASELINE_NAMES, PIXELS
 
 #: Feature kinds (docs/method.md Sec. 8; the default is the reference's).
 #:
@@ -27,9 +28,6 @@ from msn.config import DATA_SETS, ConfigError, DataConfig
 #:   through the final LayerNorm, concatenated (DINO's ``n_last_blocks`` recipe).
 #: * ``patch_mean``: mean of the patch tokens (CLS excluded) after the final LayerNorm.
 FEATURE_KINDS = ("cls_pre_ln", "cls_post_ln", "cls_concat", "patch_mean")
-
-#: Baselines computed by the same pipeline (``baseline=...``).
-BASELINES = (None, "pixels", "random", "supervised")
 
 #: Default lambda grid of the cross-validated sweep: 10^-4 ... 10^2 in half decades.
 #: Lambda is in the reference's units (see :mod:`msn.eval.classifier`): sklearn's ``C = 1/lambda``.
@@ -146,8 +144,10 @@ def validate_eval(cfg: EvalConfig) -> EvalConfig:
     """Check values that the schema's types cannot; raise :class:`ConfigError` naming the key."""
     if cfg.baseline in ("none", "null", ""):
         cfg.baseline = None
-    _check(cfg.baseline in BASELINES, "baseline", f"must be null, pixels, random or supervised, got {cfg.baseline!r}")
-    if cfg.baseline != "pixels":
+    choices = ["null" if name is None else name for name in BASELINE_NAMES]
+    _check(cfg.baseline in BASELINE_NAMES, "baseline",
+           f"must be {', '.join(choices[:-1])} or {choices[-1]}, got {cfg.baseline!r}")
+    if cfg.baseline != PIXELS:
         _check(cfg.backbone is not None, "backbone",
                "is required (a checkpoint file or run directory); only baseline=pixels runs without one")
     if cfg.backbone is not None:

@@ -1,22 +1,156 @@
-"""Reporting of low-shot results: the printed table, ``results.json`` and the PNG chart.
+"""Reporting of low-shot results: the ``results.json`` document, the printed table and the PNG chart.
 
 The MSN paper (Assran et al., 2022, Table 1 / Fig. 1; docs/method.md Sec. 8) reports top-1
 accuracy on the validation set as mean +- std over three labelled splits, per number of
 labelled images per class, plus the single 1% split. Here the std is the sample standard
 deviation over splits (``ddof=1``; 0 for a single split). The ``results.json`` schema is
-documented in ``docs/eval.md`` and in :func:`msn.eval.lowshot.run_lowshot`.
+documented in ``docs/eval.md``; :func:`results_document` assembles it.
 """
 
 from __future__ import annotations
 
+import datetime
 import json
+import logging
 import math
 import os
+import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from msn.eval.baseline_names import PIXELS, RANDOM, SUPERVISED
+from msn.eval.config import EvalConfig, eval_config_to_dict
+from msn.eval.subsets import format_percent, percent_key
+
+log = logging.getLogger(__name__)
+
 SCHEMA = "msn-lowshot-results"
 SCHEMA_VERSION = 1
+
+OBJECTIVE = "mean_i CE(W x_i, y_i) + lambda/(2N) ||W||_F^2 (no intercept; sklearn C = 1/lambda)"
+
+
+@dataclass
+class RunFacts:
+    """What one run of :func:`msn.eval.lowshot.run_lowshot` found, for :func:`results_document`.
+
+    Attributes:
+        baseline: the :class:`msn.eval.baselines.Backbone` (or baseline) evaluated.
+        backbone: the ``backbone`` section (from its ``build_encoder``).
+        encoder: the :class:`msn.eval.features.Encoder` of the run.
+        feature_dim: columns of the extracted rows.
+        device: where features and classifiers ran.
+        precision: ``bf16`` or ``fp32``, the encoder's.
+        train_images, test_images: sizes of the two splits.
+        test_images_used: test rows scored (readable, within ``test_limit``).
+        classes: number of classes.
+        labelled_images_skipped: unreadable labelled images left out.
+        records: per-split records (:func:`msn.eval.baselines.subset_record`) by subset key.
+        train_extracted, test_extracted: rows computed by this run (the rest came from the cache).
+        train_rows, test_rows: rows asked for.
+        cache_dir: the feature cache folder, ``None`` without cache.
+        timing: seconds per phase; ``total_s`` is added.
+        started: ``time.perf_counter()`` at the start of the run.
+    """
+
+    baseline: Any
+    backbone: dict[str, Any]
+    encoder: Any
+    feature_dim: int
+    device: Any
+    precision: str
+    train_images: int
+    test_images: int
+    test_images_used: int
+    classes: int
+    labelled_images_skipped: int
+    records: dict[str, list[dict[str, Any]]]
+    train_extracted: int
+    test_extracted: int
+    train_rows: int
+    test_rows: int
+    cache_dir: Any
+    timing: dict[str, float]
+    started: float
+
+
+def results_document(cfg: EvalConfig, run: RunFacts) -> dict[str, Any]:
+    """The ``results.json`` content of a run (docs/eval.md; docs/method.md Sec. 8)."""
+    shots = {str(k): summarise(run.records[str(k)]) for k in cfg.shots}
+    percent = {}
+    if cfg.percent is not None:
+        entry = summarise(run.records[percent_key(cfg.percent)])
+        percent[format_percent(cfg.percent)] = {"percent": cfg.percent, **entry}
+    wall = time.perf_counter() - run.started
+    run.timing["total_s"] = wall
+    return {
+        "schema": SCHEMA,
+        "schema_version": SCHEMA_VERSION,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(sys.argv),
+        "backbone": run.backbone,
+        "baseline": cfg.baseline,
+        "feature": {
+            "kind": run.baseline.feature_kind(),
+            "blocks": run.baseline.feature_blocks(),
+            "dim": int(run.feature_dim),
+            "image_size": run.encoder.image_size,
+            "transform": repr(run.encoder.transform),
+            "normalisation": "per row: subtract the row mean, divide by the L2 norm",
+            "device": str(run.device),
+            "precision": run.precision,
+        },
+        "data": {
+            "name": cfg.data.name,
+            "root": cfg.data.root,
+            "train_images": run.train_images,
+            "test_images": run.test_images,
+            "test_images_used": run.test_images_used,
+            "classes": run.classes,
+            "labelled_images_skipped": run.labelled_images_skipped,
+        },
+        "classifier": {
+            "type": "multinomial logistic regression, L2 penalty, no intercept",
+            "objective": OBJECTIVE,
+            "solver": "L-BFGS (strong Wolfe), full batch",
+            "lambda_fixed": cfg.lambd,
+            "lambda_grid": sorted(cfg.lambd_grid),
+            "lambda_fallback": cfg.lambd_fallback,
+            "cv_folds": cfg.cv_folds,
+            "tol": cfg.tol,
+            "max_iter": cfg.max_iter,
+            "dtype": cfg.solver_dtype,
+        },
+        "supervised": run.baseline.recipe(),
+        "knn": {"k": cfg.knn_k, "temperature": cfg.knn_temperature, "similarity": "cosine"},
+        "subsets": {
+            "generated": not cfg.subset_dirs,
+            "seed": cfg.seed,
+            "splits": len(cfg.subset_dirs) or cfg.splits,
+            "folder": str(Path(cfg.output_dir) / "subsets") if not cfg.subset_dirs else None,
+            "subset_dirs": list(cfg.subset_dirs),
+            "percent_file": cfg.percent_file,
+        },
+        "shots": shots,
+        "percent": percent,
+        "features_extracted": {"train": run.train_extracted, "test": run.test_extracted,
+                               "train_rows": run.train_rows, "test_rows": run.test_rows,
+                               "cache_dir": str(run.cache_dir) if run.cache_dir else None},
+        "timing": run.timing,
+        "wall_time_s": wall,
+        "config": eval_config_to_dict(cfg),
+    }
+
+
+def publish(results: dict[str, Any], out_dir: Path, chart: bool) -> None:
+    """Print the table, write ``results.json`` and, when ``chart``, ``lowshot.png`` into ``out_dir``."""
+    print(format_table(results), flush=True)
+    json_path = write_json(results, out_dir / "results.json")
+    if chart:
+        log.info("chart: %s", plot(results, out_dir / "lowshot.png"))
+    log.info("results: %s", json_path)
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -92,11 +226,11 @@ def describe_encoder(results: dict[str, Any]) -> str:
     baseline = results.get("baseline")
     backbone = results.get("backbone") or {}
     path = backbone.get("path")
-    if baseline == "pixels":
+    if baseline == PIXELS:
         return "raw pixels (baseline)"
-    if baseline == "random":
+    if baseline == RANDOM:
         return f"random init of the architecture of {path} (baseline)"
-    if baseline == "supervised":
+    if baseline == SUPERVISED:
         return f"supervised from scratch, architecture of {path} (baseline)"
     return f"{path} [{backbone.get('which')}]"
 
