@@ -45,6 +45,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from msn.eval.config import EvalConfig  # the solver defaults are the evaluator schema's (one home)
 from msn.runtime import resolve_device
 
 #: Rows of the test set scored per chunk (bounds memory of the [chunk, N] similarity matrix).
@@ -103,8 +104,8 @@ class SolverOptions:
         history_size: L-BFGS memory (pairs of vectors kept).
     """
 
-    tol: float = 1e-6
-    max_iter: int = 1000
+    tol: float = EvalConfig.tol
+    max_iter: int = EvalConfig.max_iter
     dtype: torch.dtype = torch.float64
     device: Optional[torch.device] = None
     history_size: int = 20

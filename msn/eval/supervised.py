@@ -22,6 +22,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from msn.data.batch_augment import resized_crops, sample_crop_boxes
+from msn.eval.config import EvalConfig  # the recipe defaults are the evaluator schema's (one home)
 from msn.eval.features import random_like
 from msn.models import MSNViT
 
@@ -43,11 +44,11 @@ class SupervisedOptions:
         hflip: horizontal flip probability.
     """
 
-    steps: int = 200
-    min_epochs: float = 30.0
-    batch_size: int = 32
-    lr: float = 1e-3
-    weight_decay: float = 0.05
+    steps: int = EvalConfig.supervised_steps
+    min_epochs: float = EvalConfig.supervised_min_epochs
+    batch_size: int = EvalConfig.supervised_batch_size
+    lr: float = EvalConfig.supervised_lr
+    weight_decay: float = EvalConfig.supervised_weight_decay
     warmup_fraction: float = 0.1
     label_smoothing: float = 0.1
     crop_scale: tuple[float, float] = (0.35, 1.0)
