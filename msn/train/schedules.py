@@ -19,6 +19,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from msn.config import LossConfig, OptimConfig
+
 
 @dataclass(frozen=True)
 class Schedules:
@@ -37,17 +39,18 @@ class Schedules:
 
     total_steps: int
     steps_per_epoch: int
-    lr: float = 1e-3
-    start_lr: float = 2e-4
-    final_lr: float = 1e-6
-    warmup_epochs: float = 15
-    weight_decay: float = 0.04
-    final_weight_decay: float = 0.4
-    ema_start: float = 0.996
-    ema_end: float = 1.0
-    sharpen_start: float = 0.25
-    sharpen_final: float = 0.25
-    schedule_stretch: float = 1.25
+    # defaults: the schema's (one home), OptimConfig's and LossConfig's
+    lr: float = OptimConfig.lr
+    start_lr: float = OptimConfig.start_lr
+    final_lr: float = OptimConfig.final_lr
+    warmup_epochs: float = OptimConfig.warmup_epochs
+    weight_decay: float = OptimConfig.weight_decay
+    final_weight_decay: float = OptimConfig.final_weight_decay
+    ema_start: float = OptimConfig.ema_start
+    ema_end: float = OptimConfig.ema_end
+    sharpen_start: float = LossConfig.sharpen_start
+    sharpen_final: float = LossConfig.sharpen_final
+    schedule_stretch: float = OptimConfig.schedule_stretch
 
     def __post_init__(self) -> None:
         if self.steps_per_epoch < 1 or self.total_steps % self.steps_per_epoch:
