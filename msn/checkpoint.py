@@ -61,6 +61,21 @@ def save_training_checkpoint(state: dict[str, Any], output_dir: str | os.PathLik
     return latest
 
 
+def remove_stale_temporaries(output_dir: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files of saves a crash interrupted (``.NAME.*.tmp``); returns them."""
+    folder = checkpoint_dir(output_dir)
+    stale = sorted(folder.glob(".*.tmp")) if folder.is_dir() else []
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
+def epoch_copies(output_dir: str | os.PathLike) -> list[Path]:
+    """The periodic copies ``epoch_XXXX.pt``, newest first."""
+    folder = checkpoint_dir(output_dir)
+    return sorted(folder.glob("epoch_[0-9]*.pt"), reverse=True) if folder.is_dir() else []
+
+
 def find_latest(output_dir: str | os.PathLike) -> Path | None:
     """Path of ``latest.pt`` in ``output_dir`` if one exists."""
     path = checkpoint_dir(output_dir) / LATEST

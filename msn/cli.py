@@ -29,35 +29,42 @@ def run_training(raw: DictConfig) -> dict:
     """
     from msn import distributed
     from msn.train import Trainer, TrainingDivergedError
-    from msn.train.preemption import EXIT_PREEMPTED, Preempted
+    from msn.train.preemption import EXIT_PREEMPTED, Preempted, PreemptionFlag
 
     try:
         cfg = load_config(raw)  # every key checked before anything starts
-        env = distributed.init_from_env(device=cfg.device, backend=cfg.dist.backend,
-                                        timeout_min=cfg.dist.timeout_min, slurm=cfg.dist.slurm_env)
-    except (ConfigError, ValueError) as error:
+    except ConfigError as error:
         _fail(error)
-    if env.rank > 0:
-        log.setLevel(logging.WARNING)  # one process reports progress
-    try:
+    # signals are caught from here on: a preemption during start-up stops at the first step boundary
+    with PreemptionFlag(cfg.dist.preempt_signals) as preemption:
         try:
-            validate(cfg, world_size=distributed.world_size())  # what depends on the process count
-            trainer = Trainer(cfg, init_state=_init_state(cfg.init_from))
-        except (ConfigError, FileNotFoundError, ValueError) as error:
+            env = distributed.init_from_env(device=cfg.device, backend=cfg.dist.backend,
+                                            timeout_min=cfg.dist.timeout_min, slurm=cfg.dist.slurm_env)
+        except ValueError as error:
             _fail(error)
+        if env.rank > 0:
+            log.setLevel(logging.WARNING)  # one process reports progress
         try:
-            record = trainer.fit()
-        except TrainingDivergedError as error:
-            _fail(error)
-        except Preempted as stop:
-            if distributed.is_main_process():
-                note = _requeue(cfg.dist.requeue)
-                print(f"preempted: {stop}; {note}", file=sys.stderr)
-            distributed.barrier()
+            try:
+                validate(cfg, world_size=distributed.world_size())  # what depends on the process count
+                trainer = Trainer(cfg, init_state=_init_state(cfg.init_from))
+            except (ConfigError, FileNotFoundError, ValueError) as error:
+                _fail(error)
+            try:
+                record = trainer.fit(preemption)
+            except (ConfigError, TrainingDivergedError) as error:  # resume problems, divergence
+                _fail(error)
+            except OSError as error:  # a read-only output directory, a full disk
+                _fail(f"cannot write the run's files: {error}")
+            except Preempted as stop:
+                if distributed.is_main_process():
+                    note = _requeue(cfg.dist.requeue)
+                    print(f"preempted: {stop}; {note}", file=sys.stderr)
+                distributed.barrier()
+                distributed.teardown()
+                sys.exit(EXIT_PREEMPTED)
+        finally:
             distributed.teardown()
-            sys.exit(EXIT_PREEMPTED)
-    finally:
-        distributed.teardown()
     if record:
         log.info("finished at step %d: loss %.4f, np %d, max_t %.3f -> %s", record["step"], record["loss"],
                  record["np"], record["max_t"], cfg.output_dir)

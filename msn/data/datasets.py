@@ -60,7 +60,10 @@ class ImageFolderDataset(ImageFolder):
     """
 
     def __init__(self, root: str, on_bad_image: str = "skip"):
-        super().__init__(root, loader=decode_rgb)
+        try:
+            super().__init__(root, loader=decode_rgb)
+        except FileNotFoundError as error:  # torchvision's message names the class, not the folder
+            raise FileNotFoundError(f"data.root={root}: {str(error).splitlines()[0]}") from None
         self.on_bad_image = on_bad_image
         self._warned: set[str] = set()
 

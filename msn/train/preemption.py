@@ -41,10 +41,11 @@ class PreemptionFlag:
 
     Args:
         names: signal names (``USR1``, ``SIGTERM``, ...).
-        device: where the one-element flag is all-reduced (the process group's device).
+        device: where the one-element flag is all-reduced (the process group's device; the
+            trainer sets it when it is known).
     """
 
-    def __init__(self, names: Iterable[str], device: torch.device):
+    def __init__(self, names: Iterable[str], device: torch.device | str = "cpu"):
         self.signals = [signal_number(name) for name in names]
         self.device = device
         self.received: int | None = None

@@ -9,6 +9,7 @@ step-seeded data order and masks this makes a resumed run continue bitwise.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 from pathlib import Path
@@ -17,8 +18,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from msn import distributed
-from msn.config import MSNConfig, to_dict
+from msn import checkpoint, distributed
+from msn.config import ConfigError, MSNConfig, to_dict
+from msn.logging import METRICS_FILE
+
+log = logging.getLogger(__name__)
 
 #: Config keys that may change between a run and its resumption without a warning.
 RESUMABLE_CHANGES = {"train.max_steps", "train.progress", "train.log_every", "resume", "logging.wandb",
@@ -85,13 +89,70 @@ def gather_state(cfg: MSNConfig, step_fn, step: int, steps_per_epoch: int, extra
     }
 
 
-def restore_state(state: dict[str, Any], step_fn, seed: int, rank: int) -> int:
-    """Load ``state`` into ``step_fn`` and this rank's random streams; returns the step."""
-    step_fn.network.load_state_dict(state["encoder"])
-    step_fn.target.load_state_dict(state["target_encoder"])
-    with torch.no_grad():
-        step_fn.prototypes.weight.copy_(state["prototypes"])
-    step_fn.optimizer.load_state_dict(state["optimizer"])
+def holds_run(output_dir: str | os.PathLike) -> Path | None:
+    """The file that shows ``output_dir`` already holds a run (a checkpoint or logged metrics)."""
+    for path in (checkpoint.checkpoint_dir(output_dir) / checkpoint.LATEST, *checkpoint.epoch_copies(output_dir),
+                 Path(output_dir) / METRICS_FILE):
+        if path.is_file() and path.stat().st_size > 0:
+            return path
+    return None
+
+
+def find_resume_state(resume: str, output_dir: str | os.PathLike, device: torch.device) -> tuple[Path, dict] | None:
+    """The checkpoint ``resume`` asks for, loaded, or ``None`` for a fresh start.
+
+    ``never`` refuses a directory that already holds a run (nothing there is overwritten);
+    ``auto`` takes ``latest.pt`` and, when that file is unreadable, the newest readable
+    ``epoch_XXXX.pt`` with a warning; a path must be a readable checkpoint.
+
+    Raises:
+        ConfigError: one line naming the directory or file at fault.
+    """
+    if resume == "never":
+        existing = holds_run(output_dir)
+        if existing is not None:
+            raise ConfigError(f"resume=never: {output_dir} already holds a run ({existing}); choose another "
+                              f"output_dir, or resume=auto to continue it")
+        return None
+    if resume != "auto":
+        try:
+            return Path(resume), checkpoint.load_checkpoint(resume, map_location=device)
+        except (ValueError, FileNotFoundError) as error:
+            raise ConfigError(f"resume: {error}") from None
+    latest = checkpoint.find_latest(output_dir)
+    candidates = ([latest] if latest else []) + checkpoint.epoch_copies(output_dir)
+    failures = []
+    for path in candidates:
+        try:
+            state = checkpoint.load_checkpoint(path, map_location=device)
+        except ValueError as error:
+            failures.append(str(error))
+            continue
+        if failures:
+            log.warning("resume=auto: %s; continuing from %s instead", "; ".join(failures), path)
+        return path, state
+    if failures:
+        raise ConfigError(f"resume=auto: no readable checkpoint in {checkpoint.checkpoint_dir(output_dir)} "
+                          f"({'; '.join(failures)})")
+    return None
+
+
+def restore_state(state: dict[str, Any], step_fn, seed: int, rank: int, path: str | os.PathLike = "the checkpoint") -> int:
+    """Load ``state`` into ``step_fn`` and this rank's random streams; returns the step.
+
+    Raises:
+        ConfigError: the checkpoint's model, head, prototypes or optimiser do not fit this config.
+    """
+    try:
+        step_fn.network.load_state_dict(state["encoder"])
+        step_fn.target.load_state_dict(state["target_encoder"])
+        with torch.no_grad():
+            step_fn.prototypes.weight.copy_(state["prototypes"])
+        step_fn.optimizer.load_state_dict(state["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as error:
+        first = next((line.strip() for line in str(error).splitlines() if "size mismatch" in line or "Missing" in line),
+                     str(error).splitlines()[0] if str(error) else type(error).__name__)
+        raise ConfigError(f"resume: {path} does not fit this config's model, head or prototypes ({first})") from None
     per_rank = state.get("rng_per_rank") or [state.get("rng", {})]
     if rank < len(per_rank):
         set_rng_state(per_rank[rank], step_fn.device)
@@ -110,8 +171,13 @@ def changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
         if isinstance(a, dict) and isinstance(b, dict):
             changed.extend(changed_keys(a, b, full + "."))
         elif a != b and full not in RESUMABLE_CHANGES and not full.startswith("dist."):
-            changed.append(f"{full}: {a!r} -> {b!r}")
+            changed.append(f"{full}: {_shown(a)} -> {_shown(b)}")
     return changed
+
+
+def _shown(value: Any) -> str:
+    """A config value in a change list (null: ``unset``, the key's derived default)."""
+    return "unset" if value is None else repr(value)
 
 
 def truncate_metrics(path: Path, step: int) -> None:

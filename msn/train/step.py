@@ -131,6 +131,12 @@ class MSNStep:
         self.online.train()
         self.target.train()
 
+    def weights_finite(self) -> bool:
+        """Whether every weight of the online network and the prototypes is finite (one
+        device synchronisation)."""
+        tensors = [p.detach() for p in self.network.parameters()] + [self.prototypes.weight.detach()]
+        return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+
     def forward_loss(self, batch: MultiViewBatch, step: int) -> MSNLossOutput:
         """Forward of every view and the MSN loss at ``step`` (``batch`` on the device)."""
         keep = self.masks(step, batch.size, self.device)

@@ -107,25 +107,27 @@ class Trainer:
                  "world_size": self.world_size}
         return train_state.gather_state(self.cfg, self.update, self.step, self.steps_per_epoch, extra)
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.step = train_state.restore_state(state, self.update, self.cfg.seed, self.rank)
+    def load_state_dict(self, state: dict[str, Any], path: str | Path = "the checkpoint") -> None:
+        self.step = train_state.restore_state(state, self.update, self.cfg.seed, self.rank, path)
         extra = state.get("extra", {})
         self.skipped_images = int(extra.get("skipped_images", 0))
         self.train_seconds = float(extra.get("train_seconds", 0.0))
 
     def maybe_resume(self) -> Path | None:
-        """Apply ``resume`` (``auto``: ``checkpoints/latest.pt`` if present; ``never``; or a path)."""
-        resume = self.cfg.resume
-        if resume == "never":
+        """Apply ``resume`` (``auto``: ``checkpoints/latest.pt``, or the newest readable epoch copy,
+        if present; ``never``: refuse a directory holding a run; or a path). Metrics logged
+        after the resumed step (or, on a fresh start, by a run killed before its first
+        checkpoint) are dropped, so ``metrics.jsonl`` holds every step once."""
+        found = train_state.find_resume_state(self.cfg.resume, self.output_dir, self.device)
+        if found is None:
+            if self.is_main:
+                train_state.truncate_metrics(self.output_dir / METRICS_FILE, 0)
             return None
-        path = checkpoint.find_latest(self.output_dir) if resume == "auto" else Path(resume)
-        if path is None:
-            return None
-        state = checkpoint.load_checkpoint(path, map_location=self.device)
+        path, state = found
         changed = train_state.changed_keys(state.get("config", {}), to_dict(self.cfg))
         if changed:
             log.warning("resuming from %s with a changed config: %s", path, ", ".join(changed))
-        self.load_state_dict(state)
+        self.load_state_dict(state, path)
         saved_world = int(state.get("extra", {}).get("world_size", 1))
         if saved_world != self.world_size:
             log.warning("resuming a run of %d process(es) with %d: the global batch (%d) and the data order are "
@@ -137,7 +139,15 @@ class Trainer:
         return path
 
     def save(self, epoch_copy: int | None = None) -> None:
-        """Rank 0 writes ``latest.pt`` atomically (every rank must call: the state is gathered)."""
+        """Rank 0 writes ``latest.pt`` atomically (every rank must call: the state is gathered).
+
+        Raises:
+            TrainingDivergedError: a weight is NaN or infinite; no checkpoint is written, so
+                the last one on disk is the last finite state.
+        """
+        if not self.update.weights_finite():
+            raise TrainingDivergedError(f"non-finite weights after step {self.step}; stopping without writing "
+                                        f"a checkpoint. {self._latest_note()}")
         state = self.state_dict()
         if self.is_main:
             checkpoint.save_training_checkpoint(state, self.output_dir, epoch_copy)
@@ -151,51 +161,66 @@ class Trainer:
         self.skipped_images += batch.skipped
         return stats
 
-    def fit(self) -> dict[str, Any]:
+    def fit(self, preemption: PreemptionFlag | None = None) -> dict[str, Any]:
         """Train until ``train.max_steps`` (or the end of ``optim.epochs``); returns the last
-        logged record."""
+        logged record.
+
+        Args:
+            preemption: an active :class:`PreemptionFlag` (the command line installs it before
+                anything else, so that a signal during start-up is honoured too); by default
+                one is active while this method runs.
+        """
         cfg = self.cfg
+        if preemption is None:
+            with PreemptionFlag(cfg.dist.preempt_signals, self.device) as preemption:
+                return self.fit(preemption)
+        preemption.device = self.device
         self.output_dir.mkdir(parents=True, exist_ok=True)
+        if self.is_main:
+            for path in checkpoint.remove_stale_temporaries(self.output_dir):
+                log.info("removed %s, left by an interrupted save", path.name)
+        self.maybe_resume()  # before anything is written: resume=never may refuse the directory
         if self.is_main:
             OmegaConf.save(OmegaConf.create(to_dict(cfg)), self.output_dir / "config.yaml")
         logger = MetricsLogger(self.output_dir, cfg.logging.wandb, to_dict(cfg), cfg.logging.project,
                                cfg.logging.run_name or cfg.name, enabled=self.is_main)
-        self.maybe_resume()
         self.update.train()
         bar = progress_bar(self.max_steps, self.step, enabled=cfg.train.progress and self.is_main)
-        window = StatsWindow(self.device)
-        record: dict[str, Any] = {}
-        last_good_step = self.step
         try:
-            with PreemptionFlag(cfg.dist.preempt_signals, self.device) as preemption:
-                while self.step < self.max_steps:
-                    for batch in start_epoch(self.loader, *divmod(self.step, self.steps_per_epoch)):
-                        window.add(self.train_step(batch))
-                        bar.update(1)
-                        epoch_done = self.step % self.steps_per_epoch == 0
-                        finished = self.step >= self.max_steps
-                        if self.step % cfg.train.log_every == 0 or finished or epoch_done:
-                            record = self._make_record(*window.close(self.world_size))
-                            if not math.isfinite(record["loss"]):
-                                raise TrainingDivergedError(
-                                    f"non-finite loss between steps {last_good_step + 1} and {self.step}; stopping. "
-                                    f"{self._latest_note()}"
-                                )
-                            last_good_step = self.step
-                            logger.log(record)
-                            bar.set_postfix(loss=f"{record['loss']:.3f}", np=int(record["np"]),
-                                            img_s=f"{record['img_per_s']:.0f}")
-                        if epoch_done or finished:
-                            epoch, every = self.step // self.steps_per_epoch, cfg.train.checkpoint_every_epochs
-                            self.save(epoch if epoch_done and every and epoch % every == 0 else None)
-                        if finished:
-                            break
-                        if preemption.agreed():
-                            self._stop(preemption.signal_name)
-                distributed.barrier()
+            return self._loop(preemption, logger, bar)
         finally:
             bar.close()
             logger.close()
+
+    def _loop(self, preemption: PreemptionFlag, logger: MetricsLogger, bar) -> dict[str, Any]:
+        """Steps until the end; a record every ``train.log_every`` steps and at epoch ends,
+        ``latest.pt`` at epoch ends; stop on a preemption signal or a non-finite loss."""
+        cfg = self.cfg
+        window = StatsWindow(self.device)
+        record: dict[str, Any] = {}
+        last_good_step = self.step
+        while self.step < self.max_steps:
+            for batch in start_epoch(self.loader, *divmod(self.step, self.steps_per_epoch)):
+                if preemption.agreed():  # before the step: a signal during start-up counts too
+                    self._stop(preemption.signal_name)
+                window.add(self.train_step(batch))
+                bar.update(1)
+                epoch_done = self.step % self.steps_per_epoch == 0
+                finished = self.step >= self.max_steps
+                if self.step % cfg.train.log_every == 0 or finished or epoch_done:
+                    record = self._make_record(*window.close(self.world_size))
+                    if not math.isfinite(record["loss"]):
+                        raise TrainingDivergedError(f"non-finite loss between steps {last_good_step + 1} and "
+                                                    f"{self.step}; stopping. {self._latest_note()}")
+                    last_good_step = self.step
+                    logger.log(record)
+                    bar.set_postfix(loss=f"{record['loss']:.3f}", np=int(record["np"]), img_s=f"{record['img_per_s']:.0f}")
+                if epoch_done or finished:
+                    epoch, every = self.step // self.steps_per_epoch, cfg.train.checkpoint_every_epochs
+                    self.save(epoch if epoch_done and every and epoch % every == 0 else None)
+                if finished:
+                    break
+        distributed.barrier()
         return record
 
     def _stop(self, signal_name: str) -> None:
@@ -217,6 +242,7 @@ class Trainer:
             **values,
             **self.schedules.at_update(self.step - 1),
             "img_per_s": steps * self.cfg.optim.batch_size / max(elapsed, 1e-9),
+            "window_steps": steps,  # steps this record averages (fewer after a resume mid-window)
             "skipped_images": self.skipped_images,
             "time_s": round(self.train_seconds, 3),
         }

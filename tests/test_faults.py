@@ -1,0 +1,141 @@
+"""Fault injection: real processes, real signals, real files (README "What survives what").
+
+Each test breaks a run the way a user's machine does (kill -9 mid-run, a corrupt or foreign
+checkpoint, litter of interrupted saves, a diverging update) and checks that nothing is
+lost and that every fault ends in one line naming the file or key.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from msn import checkpoint
+from msn.train import Trainer, TrainingDivergedError
+
+from conftest import ROOT, TINY_OVERRIDES, run_script
+
+#: 400 synthetic images in batches of 8: 50 steps per epoch, a record every step.
+LONG_EPOCH = [*TINY_OVERRIDES, "data.synthetic_size=400", "train.log_every=1"]
+
+
+def steps_logged(out) -> list[int]:
+    path = out / "metrics.jsonl"
+    return [json.loads(line)["step"] for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+def last_line(result: subprocess.CompletedProcess) -> str:
+    return result.stderr.strip().splitlines()[-1]
+
+
+def test_kill_9_before_the_first_checkpoint_then_resume_logs_every_step_once(tmp_path):
+    out = tmp_path / "run"
+    env = dict(os.environ, HYDRA_FULL_ERROR="0", WANDB_MODE="disabled")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *LONG_EPOCH, f"output_dir={out}"],
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while len(steps_logged(out)) < 3 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    logged = steps_logged(out)
+    assert len(logged) >= 3 and checkpoint.find_latest(out) is None, logged  # killed before step 50
+    again = run_script("train.py", *LONG_EPOCH, "train.max_steps=5", f"output_dir={out}")
+    assert again.returncode == 0, again.stderr
+    assert steps_logged(out) == [1, 2, 3, 4, 5]  # the killed run's records are gone, none twice
+
+
+def test_resume_never_refuses_a_directory_holding_a_run(tmp_path):
+    out = tmp_path / "run"
+    first = run_script("train.py", *TINY_OVERRIDES, "train.max_steps=2", f"output_dir={out}")
+    assert first.returncode == 0, first.stderr
+    latest = out / "checkpoints" / "latest.pt"
+    before, metrics = latest.read_bytes(), (out / "metrics.jsonl").read_text()
+    again = run_script("train.py", *TINY_OVERRIDES, "train.max_steps=4", "resume=never", f"output_dir={out}")
+    assert again.returncode == 2
+    assert last_line(again) == (f"error: resume=never: {out} already holds a run ({latest}); choose another "
+                                "output_dir, or resume=auto to continue it")
+    assert latest.read_bytes() == before and (out / "metrics.jsonl").read_text() == metrics
+
+
+def test_corrupt_latest_falls_back_to_the_newest_epoch_copy_and_litter_is_removed(tmp_path):
+    out = tmp_path / "run"
+    keep_epochs = [*TINY_OVERRIDES, "data.synthetic_size=32", "train.checkpoint_every_epochs=1"]
+    first = run_script("train.py", *keep_epochs, "train.max_steps=6", f"output_dir={out}")
+    assert first.returncode == 0, first.stderr
+    folder = out / "checkpoints"
+    assert checkpoint.load_checkpoint(folder / "epoch_0001.pt")["step"] == 4
+    (folder / "latest.pt").write_bytes((folder / "latest.pt").read_bytes()[:1000])  # a torn file
+    litter = folder / ".latest.pt.k2j4.tmp"
+    litter.write_bytes(b"\0" * 4096)
+    again = run_script("train.py", *keep_epochs, "train.max_steps=8", f"output_dir={out}")
+    assert again.returncode == 0, again.stderr
+    printed = again.stdout + again.stderr  # Hydra's log goes to stdout
+    assert "latest.pt: not a readable checkpoint" in printed and f"continuing from {folder / 'epoch_0001.pt'}" in printed
+    assert not litter.exists()
+    assert checkpoint.load_checkpoint(folder / "latest.pt")["step"] == 8
+    assert steps_logged(out) == [2, 4, 6, 8]  # step 6 logged once: the records after step 4 were cut
+
+    (folder / "latest.pt").write_bytes(b"garbage")
+    named = run_script("train.py", *TINY_OVERRIDES, f"resume={folder / 'latest.pt'}", f"output_dir={out}")
+    assert named.returncode == 2
+    assert last_line(named).startswith(f"error: resume: {folder / 'latest.pt'}: not a readable checkpoint")
+
+
+def test_resuming_with_another_model_or_prototype_count_is_one_line(tmp_path):
+    out = tmp_path / "run"
+    assert run_script("train.py", *TINY_OVERRIDES, "train.max_steps=2", f"output_dir={out}").returncode == 0
+    for change in ("model.embed_dim=48", "loss.num_prototypes=12"):
+        result = run_script("train.py", *TINY_OVERRIDES, "train.max_steps=3", change, f"output_dir={out}")
+        assert result.returncode == 2, result.stderr
+        line = last_line(result)
+        assert line.startswith(f"error: resume: {out / 'checkpoints' / 'latest.pt'} does not fit this config"), line
+        assert "Traceback" not in result.stderr
+
+
+def test_non_finite_weights_never_reach_a_checkpoint(tiny_config, monkeypatch):
+    """One-step epochs: the update of step 3 explodes the weights while its loss was finite;
+    ``latest.pt`` must stay the step-2 state and the message must name it."""
+    cfg = tiny_config(data={"synthetic_size": 8}, optim={"epochs": 6})
+    trainer = Trainer(cfg)
+    real_step = trainer.optimizer.step
+
+    def exploding_step(*args, **kwargs):
+        out = real_step(*args, **kwargs)
+        if trainer.step == 2:  # the third update (steps count from 0 inside the update)
+            with torch.no_grad():
+                next(trainer.network.parameters()).fill_(float("inf"))
+        return out
+
+    monkeypatch.setattr(trainer.optimizer, "step", exploding_step)
+    latest = checkpoint.checkpoint_dir(cfg.output_dir) / checkpoint.LATEST
+    with pytest.raises(TrainingDivergedError, match=f"non-finite weights after step 3.*last good checkpoint is {latest}"):
+        trainer.fit()
+    state = checkpoint.load_checkpoint(latest)
+    assert state["step"] == 2
+    assert all(torch.isfinite(t).all() for t in state["encoder"].values() if t.is_floating_point())
+
+
+def test_changed_config_warning_says_unset(tmp_path):
+    from msn.train.state import changed_keys
+
+    assert changed_keys({"model": {"num_heads": None}}, {"model": {"num_heads": 4}}) == ["model.num_heads: unset -> 4"]
+
+
+def test_a_class_without_images_names_the_data_root(tmp_path):
+    from PIL import Image
+
+    from msn.data import ImageFolderDataset
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "a" / "x.png")
+    with pytest.raises(FileNotFoundError, match=f"data.root={tmp_path}: Found no valid file for the classes b"):
+        ImageFolderDataset(str(tmp_path))
