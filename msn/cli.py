@@ -28,6 +28,7 @@ def run_training(raw: DictConfig) -> dict:
     with :data:`msn.train.preemption.EXIT_PREEMPTED` after the checkpoint is written.
     """
     from msn import distributed
+    from msn.data.datasets import BadImageError
     from msn.train import Trainer, TrainingDivergedError
     from msn.train.preemption import EXIT_PREEMPTED, Preempted, PreemptionFlag
 
@@ -52,7 +53,7 @@ def run_training(raw: DictConfig) -> dict:
                 _fail(error)
             try:
                 record = trainer.fit(preemption)
-            except (ConfigError, TrainingDivergedError) as error:  # resume problems, divergence
+            except (ConfigError, TrainingDivergedError, BadImageError) as error:  # resume, divergence, data
                 _fail(error)
             except OSError as error:  # a read-only output directory, a full disk
                 _fail(f"cannot write the run's files: {error}")
@@ -103,6 +104,16 @@ def _init_state(path: str | None):
     return apply
 
 
-def _fail(error: BaseException) -> None:
-    print(f"error: {error}", file=sys.stderr)
+def one_line(error: BaseException | str) -> str:
+    """The message of ``error`` on one line; for an exception re-raised from a data-loader
+    worker (``Caught X in DataLoader worker ...`` + a traceback), the original message."""
+    text = str(error).strip()
+    if text.startswith("Caught ") and "Original Traceback" in text:
+        last = text.splitlines()[-1]
+        text = last.split(": ", 1)[1] if ": " in last else last
+    return " ".join(text.split())
+
+
+def _fail(error: BaseException | str) -> None:
+    print(f"error: {one_line(error)}", file=sys.stderr)
     sys.exit(2)

@@ -16,6 +16,7 @@ from msn.data import (
     build_train_loader,
     collate_views,
 )
+from msn.data.loader import Unreadable
 
 from conftest import FASHION_MNIST, require_dir
 
@@ -52,14 +53,14 @@ def test_same_key_same_sample_other_key_differs():
 def test_collate_is_view_major_and_counts_skips():
     ds = _dataset()
     samples = [ds[(0, i)] for i in range(4)]
-    batch = collate_views(samples[:2] + [None] + samples[2:])
+    batch = collate_views(samples[:2] + [Unreadable("a/broken.jpg")] + samples[2:])
     assert batch.size == 4 and batch.skipped == 1
     assert batch.focal.shape == (3 * 4, 3, 16, 16)
     # focal row v*B + i is view v of image i
     assert torch.equal(batch.focal[1 * 4 + 2], samples[2][0][2 + 1])
     assert torch.equal(batch.anchor[3], samples[3][0][1])
-    with pytest.raises(RuntimeError, match="unreadable"):
-        collate_views([None, None])
+    with pytest.raises(RuntimeError, match="every image of a batch of 2 was unreadable, a/broken.jpg first"):
+        collate_views([Unreadable("a/broken.jpg"), Unreadable("b/x.png")])
 
 
 def test_sampler_shards_disjoint_and_resumes():

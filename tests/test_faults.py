@@ -139,3 +139,55 @@ def test_a_class_without_images_names_the_data_root(tmp_path):
     Image.new("RGB", (8, 8)).save(tmp_path / "a" / "x.png")
     with pytest.raises(FileNotFoundError, match=f"data.root={tmp_path}: Found no valid file for the classes b"):
         ImageFolderDataset(str(tmp_path))
+
+
+def _image_folder(root, broken: int, good: int):
+    from PIL import Image
+
+    for cls in ("a", "b"):
+        (root / cls).mkdir(parents=True)
+        for i in range(good):
+            Image.new("RGB", (40, 40), (10 * i, 60, 90)).save(root / cls / f"{i}.png")
+        for i in range(broken):
+            (root / cls / f"broken{i}.jpg").write_bytes(b"not an image")
+    return root
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    """Live processes whose command line contains ``text`` (loader workers are forks of the
+    main process: they carry its command line, output_dir included)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as stream:
+                    if text.encode() in stream.read():
+                        found.append(int(entry))
+            except OSError:
+                continue
+    return found
+
+
+@pytest.mark.parametrize("case", ["on_bad_image=error", "every image unreadable"])
+def test_bad_images_with_loader_workers_exit_in_seconds_with_one_line(tmp_path, case):
+    strict = case == "on_bad_image=error"
+    root = _image_folder(tmp_path / "images", broken=1 if strict else 10, good=20 if strict else 0)
+    overrides = [*TINY_OVERRIDES, "data=folder", f"data.root={root}", "data.num_workers=2", "train.max_steps=20",
+                 f"output_dir={tmp_path / 'run'}", *(["data.on_bad_image=error"] if strict else [])]
+    env = dict(os.environ, HYDRA_FULL_ERROR="0", WANDB_MODE="disabled")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *overrides], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _, stderr = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail(f"{case}: still running after 60 s")
+    assert proc.returncode == 2, stderr
+    line = stderr.strip().splitlines()[-1]
+    if strict:
+        assert line.startswith(f"error: {root / 'a' / 'broken0.jpg'}: cannot decode image"), line
+    else:
+        assert line.startswith("error: every image of a batch of 8 was unreadable, ") and "broken" in line, line
+    assert "Traceback" not in stderr
+    time.sleep(0.5)
+    assert not _processes_mentioning(str(tmp_path / "run")), "loader workers left behind"

@@ -17,6 +17,7 @@ from typing import Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from msn.data.datasets import BadImageError
 from msn.data.transforms import MultiViewTransform
 
 
@@ -45,11 +46,26 @@ class MultiViewDataset(Dataset):
         epoch, index = key
         image, label = self.base[index]
         if image is None:
-            return None
+            return Unreadable(_source(self.base, index))
         with torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(sample_seed(self.seed, epoch, index))
             views = [image] if self.transform is None else self.transform(image)
         return views, label, key
+
+
+@dataclass(frozen=True)
+class Unreadable:
+    """A sample whose image could not be decoded (``data.on_bad_image=skip``): its file."""
+
+    source: str
+
+
+def _source(base: Dataset, index: int) -> str:
+    """The file of item ``index`` (through ``Subset`` wrappers), or its index."""
+    while isinstance(base, torch.utils.data.Subset):
+        base, index = base.dataset, base.indices[index]
+    samples = getattr(base, "samples", None)
+    return str(samples[index][0]) if samples is not None else f"image {index}"
 
 
 @dataclass
@@ -79,7 +95,7 @@ class MultiViewBatch:
 
 
 def collate_views(samples: list, photometric=None, seed: int = 0, batch_views=None) -> MultiViewBatch:
-    """Stack samples view-major, dropping unreadable ones (``None``) and counting them.
+    """Stack samples view-major, dropping unreadable ones (:class:`Unreadable`) and counting them.
 
     Args:
         samples: items of :class:`MultiViewDataset`.
@@ -90,9 +106,10 @@ def collate_views(samples: list, photometric=None, seed: int = 0, batch_views=No
         batch_views: optional :class:`msn.data.batch_augment.BatchMultiView` that makes every
             view of the batch from the raw uint8 images (samples carry ``views = [image]``).
     """
-    good = [s for s in samples if s is not None]
+    good = [s for s in samples if not isinstance(s, Unreadable)]
     if not good:
-        raise RuntimeError(f"every image of a batch of {len(samples)} was unreadable")
+        raise BadImageError(f"every image of a batch of {len(samples)} was unreadable, {samples[0].source} first; "
+                            f"data.on_bad_image=skip needs one readable image per batch")
     labels = torch.tensor([s[1] for s in good])
     if batch_views is not None:
         generator = torch.Generator().manual_seed(sample_seed(seed + 1, *good[0][2]))

@@ -188,9 +188,22 @@ class Trainer:
         bar = progress_bar(self.max_steps, self.step, enabled=cfg.train.progress and self.is_main)
         try:
             return self._loop(preemption, logger, bar)
+        except BaseException:
+            self.close_loader()  # before the exception leaves: no worker is left behind
+            raise
         finally:
             bar.close()
             logger.close()
+
+    def close_loader(self) -> None:
+        """Stop the loader's worker processes now. They ignore the preemption signals (the main
+        process stops them at a step boundary), so they must be shut down through their queues
+        before the interpreter exits, or its exit would wait for them forever."""
+        iterator = getattr(self.loader, "_iterator", None)  # persistent workers live here
+        shutdown = getattr(iterator, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+        self.loader._iterator = None
 
     def _loop(self, preemption: PreemptionFlag, logger: MetricsLogger, bar) -> dict[str, Any]:
         """Steps until the end; a record every ``train.log_every`` steps and at epoch ends,
