@@ -138,3 +138,51 @@ def test_trainer_pipeline_is_independent_of_workers(tiny_config):
     for a, b in zip(*runs):
         assert torch.equal(a.target, b.target) and torch.equal(a.focal, b.focal)
     assert runs[0][0].focal.shape == (2 * 8, 3, 16, 16)
+
+
+def _decoded(tmp_path, image, name, **save):
+    from msn.data.datasets import decode_rgb
+
+    path = tmp_path / name
+    image.save(path, **save)
+    out = decode_rgb(str(path))
+    assert out.dtype == torch.uint8 and out.shape[0] == 3
+    return out
+
+
+def test_decoding_scales_16_bit_and_float_greys_instead_of_saturating(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    ramp = np.linspace(0, 65535, 256).astype(np.uint16).reshape(16, 16)
+    png16 = Image.fromarray(ramp)  # saved as a 16-bit PNG; PIL reads it back as I;16 or I
+    out = _decoded(tmp_path, png16, "deep.png")
+    with Image.open(tmp_path / "deep.png") as reread:
+        assert reread.mode in ("I;16", "I")
+    expected = torch.from_numpy(np.rint(ramp.astype(np.float64) * 255 / 65535).astype(np.uint8))
+    assert torch.equal(out[0], expected) and torch.equal(out[1], out[2])  # grey, 0..255, not 99.6% at 255
+    assert (out == 255).float().mean() < 0.01
+    wide = Image.fromarray((ramp.astype(np.int32) * 4), mode="I")  # 18-bit values: scaled by their max
+    assert _decoded(tmp_path, wide, "wide.tif")[0].max() == 255
+    unit = Image.fromarray(np.full((4, 4), 0.5, dtype=np.float32), mode="F")
+    assert torch.all(_decoded(tmp_path, unit, "unit.tif") == 128)
+
+
+def test_decoding_composites_transparency_applies_exif_and_converts_cmyk(tmp_path):
+    from PIL import Image
+
+    clear = Image.new("LA", (4, 4), (0, 0))  # black, fully transparent
+    assert torch.all(_decoded(tmp_path, clear, "clear.png") == 255)  # the white matte shows
+    palette = Image.new("P", (4, 4), 0)
+    palette.putpalette([10, 20, 30] + [200, 100, 50] * 255)
+    palette.putpixel((0, 0), 1)
+    out = _decoded(tmp_path, palette, "palette.png", transparency=0)
+    assert out[:, 0, 0].tolist() == [200, 100, 50] and out[:, 3, 3].tolist() == [255, 255, 255]
+    cmyk = Image.new("CMYK", (8, 8), (0, 255, 255, 0))  # pure red in CMYK
+    red = _decoded(tmp_path, cmyk, "cmyk.jpg", quality=100)
+    assert red[0].float().mean() > 240 and red[1:].float().mean() < 15
+    tall = Image.new("RGB", (6, 10), (0, 0, 0))
+    exif = tall.getexif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
+    rotated = _decoded(tmp_path, tall, "phone.jpg", exif=exif)
+    assert rotated.shape == (3, 6, 10)  # displayed 10 wide, 6 high

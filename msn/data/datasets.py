@@ -17,8 +17,9 @@ import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torchvision.datasets import FashionMNIST, ImageFolder
 from torchvision.transforms.v2 import functional as TF
 
@@ -41,11 +42,44 @@ class BadImageError(RuntimeError):
     """An image file could not be decoded."""
 
 
+#: Matte under transparent pixels (``LA``, ``RGBA``, ``PA``, palettes with transparency).
+ALPHA_BACKGROUND = (255, 255, 255)
+
+
+def to_rgb8(image: Image.Image) -> Image.Image:
+    """Any PIL image as 8-bit RGB, with its values scaled rather than clipped.
+
+    * EXIF orientation is applied (photos from phones are stored sideways).
+    * 16- and 32-bit integer greys (``I;16*``, ``I``: 16-bit PNGs) are scaled by 255/65535,
+      or by their maximum when it exceeds 16 bits; float greys (``F``) are taken as [0, 1]
+      when their maximum is at most 1, else as [0, 255], and clipped.
+    * Transparency is composited over :data:`ALPHA_BACKGROUND` (dropping the alpha channel
+      would show whatever colour the transparent pixels happen to hold).
+    * CMYK, YCbCr, palettes and the rest go through PIL's own conversion.
+    """
+    image = ImageOps.exif_transpose(image)
+    if image.mode.startswith("I") or image.mode == "F":
+        values = np.asarray(image, dtype=np.float64)
+        if image.mode == "F":
+            scale = 255.0 if values.size and values.max() <= 1.0 else 1.0
+        else:
+            scale = 255.0 / max(65535.0, float(values.max()) if values.size else 0.0)
+        grey = np.clip(np.rint(values * scale), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey, mode="L").convert("RGB")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("LA", "RGBA", "PA", "La", "RGBa"):
+        rgba = image.convert("RGBA")
+        matte = Image.new("RGBA", rgba.size, (*ALPHA_BACKGROUND, 255))
+        return Image.alpha_composite(matte, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
 def decode_rgb(path: str) -> torch.Tensor:
-    """Decode an image file with PIL into a uint8 RGB tensor [3, H, W]."""
+    """Decode an image file with PIL into a uint8 RGB tensor [3, H, W] (:func:`to_rgb8`)."""
     try:
         with Image.open(path) as image:
-            return TF.pil_to_tensor(image.convert("RGB"))
+            return TF.pil_to_tensor(to_rgb8(image))
     except Exception as error:  # noqa: BLE001 - any decoder failure means an unreadable file
         raise BadImageError(f"{path}: cannot decode image ({type(error).__name__}: {error})") from None
 
