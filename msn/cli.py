@@ -32,6 +32,7 @@ def run_training(raw: DictConfig) -> dict:
     from msn.train import Trainer, TrainingDivergedError
     from msn.train.preemption import EXIT_PREEMPTED, Preempted, PreemptionFlag
 
+    raw = with_job_output_dir(raw)
     try:
         cfg = load_config(raw)  # every key checked before anything starts
     except ConfigError as error:
@@ -70,6 +71,24 @@ def run_training(raw: DictConfig) -> dict:
         log.info("finished at step %d: loss %.4f, np %d, max_t %.3f -> %s", record["step"], record["loss"],
                  record["np"], record["max_t"], cfg.output_dir)
     return record
+
+
+def with_job_output_dir(raw: DictConfig) -> DictConfig:
+    """In a Hydra multirun (``-m``) every job trains in its own directory, the one Hydra made
+    for it (``multirun/NAME/N``), unless the sweep sets ``output_dir`` itself; otherwise all
+    jobs would share ``outputs/NAME`` and each would resume the previous one's checkpoint."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return raw
+    hydra_cfg = HydraConfig.get()
+    swept = any(o.lstrip("+").startswith("output_dir=") for o in hydra_cfg.overrides.task)
+    if hydra_cfg.mode != RunMode.MULTIRUN or swept:
+        return raw
+    raw = raw.copy()
+    raw.output_dir = hydra_cfg.runtime.output_dir
+    return raw
 
 
 def _requeue(mode: str) -> str:

@@ -32,3 +32,22 @@ def test_bad_config_and_missing_data_fail_with_one_line(tmp_path):
     assert missing.returncode == 2
     assert missing.stderr.strip().splitlines()[-1].startswith("error: data.root: directory not found")
     assert not (tmp_path / "b" / "checkpoints").exists()
+
+
+def test_multirun_gives_every_job_its_own_directory(tmp_path):
+    """``-m optim.lr=...,...``: two jobs, two runs of the full length with different weights
+    (they used to share ``outputs/NAME``: job 2 resumed job 1's checkpoint and trained nothing)."""
+    import torch
+
+    sweep = tmp_path / "sweep"
+    result = run_script("train.py", "-m", *TINY_OVERRIDES, "train.max_steps=3", "optim.lr=1e-3,5e-2",
+                        f"hydra.sweep.dir={sweep}")
+    assert result.returncode == 0, result.stderr
+    states = [checkpoint.load_checkpoint(sweep / str(job) / "checkpoints" / "latest.pt") for job in (0, 1)]
+    assert [s["step"] for s in states] == [3, 3]
+    assert [s["config"]["optim"]["lr"] for s in states] == [1e-3, 5e-2]
+    assert [s["config"]["output_dir"] for s in states] == [str(sweep / "0"), str(sweep / "1")]
+    first = next(iter(states[0]["encoder"]))
+    assert not torch.equal(states[0]["encoder"][first], states[1]["encoder"][first])
+    for job in (0, 1):
+        assert [json.loads(line)["step"] for line in open(sweep / str(job) / "metrics.jsonl")] == [2, 3]
