@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 from omegaconf import DictConfig
 
@@ -35,6 +36,7 @@ def run_training(raw: DictConfig) -> dict:
     raw = with_job_output_dir(raw)
     try:
         cfg = load_config(raw)  # every key checked before anything starts
+        _check_artifact_format(cfg.logging.artifact)
     except ConfigError as error:
         _fail(error)
     # signals are caught from here on: a preemption during start-up stops at the first step boundary
@@ -53,7 +55,7 @@ def run_training(raw: DictConfig) -> dict:
             except (ConfigError, FileNotFoundError, ValueError) as error:
                 _fail(error)
             try:
-                record = trainer.fit(preemption)
+                record = trainer.fit(preemption, finish=_artifact_logger(cfg))
             except (ConfigError, TrainingDivergedError, BadImageError) as error:  # resume, divergence, data
                 _fail(error)
             except OSError as error:  # a read-only output directory, a full disk
@@ -89,6 +91,33 @@ def with_job_output_dir(raw: DictConfig) -> DictConfig:
     raw = raw.copy()
     raw.output_dir = hydra_cfg.runtime.output_dir
     return raw
+
+
+def _check_artifact_format(name: str | None) -> None:
+    if name is None:
+        return
+    from msn.export.formats import writable
+
+    if name not in writable():
+        raise ConfigError(f"logging.artifact: must be null or one of {', '.join(writable())}, got {name!r}")
+
+
+def _artifact_logger(cfg):
+    """``logging.artifact=FORMAT``: after the last step, export ``latest.pt`` in that format to
+    ``OUTPUT_DIR/export-FORMAT`` and log the folder as a wandb artifact of the run."""
+    if cfg.logging.artifact is None or cfg.logging.wandb == "disabled":
+        return None
+
+    def finish(logger) -> None:
+        from msn import checkpoint
+        from msn.export import export
+
+        folder = Path(cfg.output_dir) / f"export-{cfg.logging.artifact}"
+        export(checkpoint.find_latest(cfg.output_dir), folder, cfg.logging.artifact, overwrite=True)
+        logger.log_artifact(folder, name=f"{cfg.name}-{cfg.logging.artifact}")
+        log.info("logged %s as a wandb artifact", folder)
+
+    return finish
 
 
 def _requeue(mode: str) -> str:

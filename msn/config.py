@@ -155,6 +155,10 @@ class LoggingConfig:
     wandb: str = "disabled"  #: disabled | offline | online
     project: str = "msn"  #: wandb project
     run_name: Optional[str] = None  #: wandb run name (null: the config's name)
+    entity: Optional[str] = None  #: wandb team or user (null: wandb's default)
+    tags: list[str] = field(default_factory=list)  #: wandb run tags
+    group: Optional[str] = None  #: wandb run group (e.g. one per sweep)
+    artifact: Optional[str] = None  #: null | hf | timm | msn: log the final weights, exported so, as a wandb artifact
 
 
 @dataclass

@@ -6,7 +6,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from tqdm.auto import tqdm
 
@@ -23,18 +23,26 @@ class MetricsLogger:
         config: the resolved config, recorded by wandb.
         project, run_name: wandb project and run name.
         enabled: ``False`` on non-zero ranks.
+        run_id: the wandb run to continue (a resumed run keeps its id in the checkpoint);
+            ``None`` starts a new one. :attr:`run_id` holds the id in use.
+        entity, tags, group: wandb's own settings (team or user, run tags, run group).
     """
 
     def __init__(self, output_dir: str | os.PathLike, wandb_mode: str = "disabled", config: dict | None = None,
-                 project: str = "msn", run_name: str | None = None, enabled: bool = True):
+                 project: str = "msn", run_name: str | None = None, enabled: bool = True, *,
+                 run_id: str | None = None, entity: str | None = None, tags: Sequence[str] = (),
+                 group: str | None = None):
         self.enabled = enabled
         self.path = Path(output_dir) / METRICS_FILE
+        self.run_id = run_id
         self._wandb_run = None
         if enabled and wandb_mode != "disabled":
             import wandb
 
             self._wandb_run = wandb.init(project=project, name=run_name, mode=wandb_mode, dir=str(output_dir),
-                                         config=config, resume="allow")
+                                         config=config, id=run_id, resume="allow", entity=entity,
+                                         tags=list(tags) or None, group=group)
+            self.run_id = self._wandb_run.id
 
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:
@@ -44,6 +52,16 @@ class MetricsLogger:
             stream.write(json.dumps(clean) + "\n")
         if self._wandb_run is not None:
             self._wandb_run.log({k: v for k, v in record.items() if k != "step"}, step=record.get("step"))
+
+    def log_artifact(self, folder: str | os.PathLike, name: str, kind: str = "model") -> None:
+        """Upload (or, offline, stage) a folder as a wandb artifact of this run."""
+        if self._wandb_run is None:
+            return
+        import wandb
+
+        artifact = wandb.Artifact(name, type=kind)
+        artifact.add_dir(str(folder))
+        self._wandb_run.log_artifact(artifact)
 
     def close(self) -> None:
         if self._wandb_run is not None:

@@ -97,9 +97,11 @@ def tiny_config(tmp_path):
     return make
 
 
-def run_script(script: str, *overrides: str, cwd: Path = ROOT, timeout: int = 300) -> subprocess.CompletedProcess:
-    """Run ``python <script> overrides...`` from the repo root and capture its output."""
-    env = dict(os.environ, HYDRA_FULL_ERROR="0", WANDB_MODE="disabled")
+def run_script(script: str, *overrides: str, cwd: Path = ROOT, timeout: int = 300,
+               env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run ``python <script> overrides...`` from the repo root and capture its output
+    (``env`` adds to or replaces variables of the environment)."""
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0", "WANDB_MODE": "disabled", **(env or {})}
     return subprocess.run([sys.executable, str(ROOT / script), *overrides], cwd=cwd, capture_output=True,
                           text=True, timeout=timeout, env=env)
 

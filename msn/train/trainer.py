@@ -19,7 +19,7 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from omegaconf import OmegaConf
@@ -83,6 +83,7 @@ class Trainer:
         self.step = 0
         self.skipped_images = 0
         self.train_seconds = 0.0
+        self.wandb_run_id: str | None = None
         if self.rank:
             train_state.seed_everything(train_state.rank_seed(cfg.seed, self.rank))  # per-rank global streams
 
@@ -104,7 +105,7 @@ class Trainer:
     def state_dict(self) -> dict[str, Any]:
         """The full training state (collective: every rank calls it)."""
         extra = {"skipped_images": self.skipped_images, "train_seconds": self.train_seconds,
-                 "world_size": self.world_size}
+                 "world_size": self.world_size, "wandb_run_id": self.wandb_run_id}
         return train_state.gather_state(self.cfg, self.update, self.step, self.steps_per_epoch, extra)
 
     def load_state_dict(self, state: dict[str, Any], path: str | Path = "the checkpoint") -> None:
@@ -112,6 +113,7 @@ class Trainer:
         extra = state.get("extra", {})
         self.skipped_images = int(extra.get("skipped_images", 0))
         self.train_seconds = float(extra.get("train_seconds", 0.0))
+        self.wandb_run_id = extra.get("wandb_run_id")
 
     def maybe_resume(self) -> Path | None:
         """Apply ``resume`` (``auto``: ``checkpoints/latest.pt``, or the newest readable epoch copy,
@@ -161,7 +163,8 @@ class Trainer:
         self.skipped_images += batch.skipped
         return stats
 
-    def fit(self, preemption: PreemptionFlag | None = None) -> dict[str, Any]:
+    def fit(self, preemption: PreemptionFlag | None = None,
+            finish: Callable[[MetricsLogger], None] | None = None) -> dict[str, Any]:
         """Train until ``train.max_steps`` (or the end of ``optim.epochs``); returns the last
         logged record.
 
@@ -169,11 +172,13 @@ class Trainer:
             preemption: an active :class:`PreemptionFlag` (the command line installs it before
                 anything else, so that a signal during start-up is honoured too); by default
                 one is active while this method runs.
+            finish: called on rank 0 with the open logger after the last step (the command
+                line logs the final export as a wandb artifact there).
         """
         cfg = self.cfg
         if preemption is None:
             with PreemptionFlag(cfg.dist.preempt_signals, self.device) as preemption:
-                return self.fit(preemption)
+                return self.fit(preemption, finish)
         preemption.device = self.device
         self.output_dir.mkdir(parents=True, exist_ok=True)
         if self.is_main:
@@ -182,12 +187,18 @@ class Trainer:
         self.maybe_resume()  # before anything is written: resume=never may refuse the directory
         if self.is_main:
             OmegaConf.save(OmegaConf.create(to_dict(cfg)), self.output_dir / "config.yaml")
-        logger = MetricsLogger(self.output_dir, cfg.logging.wandb, to_dict(cfg), cfg.logging.project,
-                               cfg.logging.run_name or cfg.name, enabled=self.is_main)
+        lg = cfg.logging
+        logger = MetricsLogger(self.output_dir, lg.wandb, to_dict(cfg), lg.project, lg.run_name or cfg.name,
+                               enabled=self.is_main, run_id=self.wandb_run_id, entity=lg.entity, tags=lg.tags,
+                               group=lg.group)
+        self.wandb_run_id = logger.run_id  # kept in the checkpoint: a resumed run continues this wandb run
         self.update.train()
         bar = progress_bar(self.max_steps, self.step, enabled=cfg.train.progress and self.is_main)
         try:
-            return self._loop(preemption, logger, bar)
+            record = self._loop(preemption, logger, bar)
+            if finish is not None and self.is_main:
+                finish(logger)
+            return record
         except BaseException:
             self.close_loader()  # before the exception leaves: no worker is left behind
             raise
