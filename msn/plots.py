@@ -26,8 +26,48 @@ PANELS = (
 )
 
 
-def plot_runs(run_dirs: list[str | Path], output: str | Path | None = None, labels: list[str] | None = None) -> Path:
-    """Draw the training curves of one or more runs into a PNG; returns its path."""
+LINE_STYLES = ("-", "--", "-.", ":")
+
+
+def run_styles(count: int, reference: int | None = None) -> list[dict]:
+    """A distinct colour and line style per run (``tab20``: 20 colours, then the next line
+    style), the ``reference`` run drawn black, thick and on top."""
+    import matplotlib
+
+    colours = matplotlib.colormaps["tab20"].colors
+    styles = [{"color": colours[i % len(colours)], "linestyle": LINE_STYLES[(i // len(colours) + i % 2) % len(LINE_STYLES)],
+               "linewidth": 1.2, "zorder": 2} for i in range(count)]
+    if reference is not None:
+        styles[reference] = {"color": "black", "linestyle": "-", "linewidth": 2.4, "zorder": 3}
+    return styles
+
+
+def _key_style(style: dict, key: int, keys: int, runs: int) -> dict:
+    """The style of a run's ``key``-th curve in a panel of several keys: the run's colour
+    (or, for a single run, a colour per key) and a line style per key."""
+    if keys == 1:
+        return style
+    import matplotlib
+
+    colour = style["color"] if runs > 1 else matplotlib.colormaps["tab10"].colors[key]
+    return {**style, "color": colour, "linestyle": LINE_STYLES[key % len(LINE_STYLES)]}
+
+
+def plot_runs(run_dirs: list[str | Path], output: str | Path | None = None, labels: list[str] | None = None,
+              reference: str | None = None) -> Path:
+    """Draw the training curves of one or more runs into a PNG; returns its path.
+
+    Args:
+        run_dirs: run directories (each with ``metrics.jsonl``).
+        output: the PNG (default: ``<first run>/training_curves.png``).
+        labels: legend labels, one per run (default: the directory names).
+        reference: the label of the run to emphasise (the others are compared with it).
+
+    Raises:
+        FileNotFoundError: a directory without ``metrics.jsonl``.
+        ValueError: a run with fewer than two logged points (a curve needs two) or an unknown
+            ``reference``.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -39,19 +79,25 @@ def plot_runs(run_dirs: list[str | Path], output: str | Path | None = None, labe
         if not (run / "metrics.jsonl").is_file():
             raise FileNotFoundError(f"{run}: no metrics.jsonl (is this a run directory?)")
         records[run] = read_metrics(run)
+        if len(records[run]) < 2:
+            raise ValueError(f"{run}: {len(records[run])} logged point(s) in metrics.jsonl; a curve needs two "
+                             f"(train longer or lower train.log_every)")
     labels = labels or [r.name for r in runs]
+    if reference is not None and reference not in labels:
+        raise ValueError(f"--reference: {reference!r} is not one of the labels {labels}")
+    styles = run_styles(len(runs), labels.index(reference) if reference is not None else None)
     columns = 3
     rows = (len(PANELS) + columns - 1) // columns
     fig, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.0 * rows), squeeze=False)
     for axis, (_, keys, title) in zip(axes.flat, PANELS):
-        for run, label in zip(runs, labels):
+        for run, label, style in zip(runs, labels, styles):
             steps = [r["step"] for r in records[run]]
-            for key in keys:
+            for k, key in enumerate(keys):
                 values = [r.get(key) for r in records[run]]
                 if all(v is None for v in values):
                     continue
                 name = label if len(keys) == 1 else f"{label} {key}"
-                axis.plot(steps, [float("nan") if v is None else v for v in values], label=name, linewidth=1.2)
+                axis.plot(steps, [float("nan") if v is None else v for v in values], label=name, **_key_style(style, k, len(keys), len(runs)))
         axis.set_title(title, fontsize=9)
         axis.set_xlabel("step", fontsize=8)
         axis.tick_params(labelsize=7)
@@ -73,10 +119,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("runs", nargs="+", help="run directories (each with metrics.jsonl)")
     parser.add_argument("--output", "-o", help="PNG path (default: <first run>/training_curves.png)")
     parser.add_argument("--labels", nargs="*", help="legend labels, one per run")
+    parser.add_argument("--reference", help="label of the run to draw emphasised")
     args = parser.parse_args(argv)
     try:
-        path = plot_runs(args.runs, args.output, args.labels)
-    except FileNotFoundError as error:
+        path = plot_runs(args.runs, args.output, args.labels, args.reference)
+    except (FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(path)

@@ -362,7 +362,8 @@ def main(argv: list[str] | None = None) -> int:
         figures["growth"] = plot_growth(growth, methods[1][1], figures_dir / "growth.png")
     if ablations:
         figures["ablation_curves"] = plot_runs([out / "ablations" / a.name for a, _, _ in ablations],
-                                               figures_dir / "ablation_curves.png", [a.name for a, _, _ in ablations])
+                                               figures_dir / "ablation_curves.png", [a.name for a, _, _ in ablations],
+                                               reference="reference")
     notes = None if args.smoke else Path(args.notes)
     write_report(report_path, pipe, methods, growth, ablations, main_run, figures, notes,
                  time.perf_counter() - start)

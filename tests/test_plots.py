@@ -17,3 +17,23 @@ def test_plot_runs_writes_png(tmp_path):
     assert path == tmp_path / "a" / "training_curves.png"
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
     assert main([str(tmp_path / "missing")]) == 2
+
+
+def test_every_run_gets_its_own_colour_and_style_and_the_reference_stands_out():
+    from msn.plots import run_styles
+
+    styles = run_styles(18, reference=0)
+    looks = {(s["color"], s["linestyle"]) for s in styles}
+    assert len(looks) == 18  # 18 ablation runs: no two drawn alike (a 10-colour cycle repeated 8)
+    assert styles[0]["color"] == "black" and styles[0]["linewidth"] > max(s["linewidth"] for s in styles[1:])
+    assert len(run_styles(45)) == len({(s["color"], s["linestyle"]) for s in run_styles(45)})
+
+
+def test_a_run_with_one_point_is_refused_with_one_line(tmp_path, capsys):
+    run = tmp_path / "short"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 2, "loss": 5.0}) + "\n")
+    assert main([str(run)]) == 2
+    assert capsys.readouterr().err.strip() == (f"error: {run}: 1 logged point(s) in metrics.jsonl; a curve needs two "
+                                               "(train longer or lower train.log_every)")
+    assert not (run / "training_curves.png").exists()
