@@ -79,7 +79,7 @@ class DataConfig:
 
     name: str = "imagenet"  #: one of :data:`DATA_SETS`
     root: Optional[str] = None  #: data directory (null: the data set's default)
-    num_workers: int = 8  #: loader worker processes
+    num_workers: Optional[int] = None  #: loader worker processes (null: the CPUs this process may use, at most 8)
     on_bad_image: str = "skip"  #: skip (log once, count in skipped_images) | error
     augment: str = "batched"  #: batched (per-image parameters, batched ops) | per_sample (torchvision per image)
     subset: Optional[int] = None  #: train on the first N images only
@@ -233,7 +233,7 @@ def validate(cfg: MSNConfig, world_size: int = 1) -> MSNConfig:
     _check(d.on_bad_image in ("skip", "error"), "data.on_bad_image", f"must be skip or error, got {d.on_bad_image!r}")
     _check(d.subset is None or d.subset > 0, "data.subset", f"must be positive, got {d.subset}")
     _check(d.augment in ("batched", "per_sample"), "data.augment", f"must be batched or per_sample, got {d.augment!r}")
-    _check(d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}")
+    _check(d.num_workers is None or d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}")
     if d.name in ("imagenet", "folder"):
         _check(d.root is not None, "data.root", f"is required for data={d.name} (an ImageFolder root)")
     if d.name != "synthetic" and d.root is not None:

@@ -3,6 +3,7 @@ training, evaluation and benchmarks (bottom floor: imports nothing from ``msn``)
 
 from __future__ import annotations
 
+import os
 from contextlib import nullcontext
 from typing import ContextManager
 
@@ -53,3 +54,17 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> ContextManager:
     if dtype is None:
         return nullcontext()
     return torch.autocast(device.type, dtype=dtype)
+
+
+#: Loader workers a process starts at most when ``data.num_workers`` is null.
+MAX_DEFAULT_WORKERS = 8
+
+
+def loader_workers(requested: int | None) -> int:
+    """``data.num_workers``: the number asked for, or (null) as many as the CPUs this
+    process may use, at most :data:`MAX_DEFAULT_WORKERS` (more would only make torch warn on
+    a small machine and compete with the step for the cores)."""
+    if requested is not None:
+        return requested
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return min(MAX_DEFAULT_WORKERS, cpus)

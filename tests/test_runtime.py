@@ -36,3 +36,15 @@ def test_autocast_rule():
         assert not torch.is_autocast_enabled("cpu")
     with autocast(cpu, torch.bfloat16):
         assert torch.is_autocast_enabled("cpu") and (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
+
+
+def test_loader_workers_default_to_the_cpus_this_process_may_use(monkeypatch):
+    import os
+
+    from msn.runtime import MAX_DEFAULT_WORKERS, loader_workers
+
+    assert loader_workers(3) == 3 and loader_workers(0) == 0
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert loader_workers(None) == 2  # a 2-core machine: 2, not 8 (torch warned about 8)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    assert loader_workers(None) == MAX_DEFAULT_WORKERS

@@ -190,7 +190,7 @@ def validate_eval(cfg: EvalConfig) -> EvalConfig:
     _check(cfg.precision in ("auto", "fp32", "bf16"), "precision", f"must be auto, fp32 or bf16, got {cfg.precision!r}")
     d = cfg.data
     _check(d.name in DATA_SETS, "data.name", f"unknown data set {d.name!r}; choose from {list(DATA_SETS)}")
-    _check(d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}")
+    _check(d.num_workers is None or d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}")
     _check(d.on_bad_image in ("skip", "error"), "data.on_bad_image", f"must be skip or error, got {d.on_bad_image!r}")
     if d.name in ("imagenet", "folder"):
         _check(d.root is not None, "data.root", f"is required for data={d.name} (an ImageFolder root)")

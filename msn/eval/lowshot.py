@@ -155,7 +155,7 @@ def extract(cfg: EvalConfig, encoder: Encoder, splits: Splits, subsets: list[Lab
     if cfg.cache:
         cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else Path(
             os.environ.get("MSN_CACHE_DIR", Path.home() / ".cache" / "msn")) / "features"
-    common = dict(batch_size=cfg.batch_size, num_workers=cfg.data.num_workers, device=device,
+    common = dict(batch_size=cfg.batch_size, num_workers=runtime.loader_workers(cfg.data.num_workers), device=device,
                   precision=cfg.precision, cache_dir=cache_dir, progress=cfg.progress)
     wanted = sorted({i for subset in subsets for i in subset.indices})
     tick = time.perf_counter()

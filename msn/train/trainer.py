@@ -28,7 +28,7 @@ from msn import checkpoint, distributed
 from msn.config import MSNConfig, to_dict
 from msn.data import ResumableSampler, build_dataset, build_multiview_data, build_train_loader, start_epoch
 from msn.logging import METRICS_FILE, MetricsLogger, progress_bar
-from msn.runtime import resolve_device
+from msn.runtime import loader_workers, resolve_device
 from msn.train import state as train_state
 from msn.train.preemption import IgnoreSignals, Preempted, PreemptionFlag
 from msn.train.step import STAT_NAMES, InitState, MSNStep
@@ -72,13 +72,14 @@ class Trainer:
 
         train_data, collate = build_multiview_data(self.dataset, cfg.data, cfg.seed)
         self.sampler = ResumableSampler(len(self.dataset), global_batch, cfg.seed, self.rank, self.world_size)
+        workers = loader_workers(cfg.data.num_workers)
         self.loader = build_train_loader(
-            train_data, self.sampler, cfg.data.num_workers,
+            train_data, self.sampler, workers,
             pin_memory=cfg.data.pin_memory and self.device.type == "cuda",
             persistent_workers=cfg.data.persistent_workers,
             collate=collate,
         )
-        if cfg.data.num_workers > 0:  # Slurm signals every process: workers leave it to the main one
+        if workers > 0:  # Slurm signals every process: workers leave it to the main one
             self.loader.worker_init_fn = IgnoreSignals(cfg.dist.preempt_signals)
         self.step = 0
         self.skipped_images = 0
