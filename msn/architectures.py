@@ -80,6 +80,3 @@ def timm_candidates(embed_dim: int, depth: int, num_heads: int, patch_size: int,
         return []
     names = [f"{arch}_patch{patch_size}_{image_size}", f"{arch}_patch{patch_size}_224"]
     return list(dict.fromkeys(names))
-
-#: Temporary, until the timm exporter uses :func:`timm_candidates` (removed in the next commit).
-TIMM_NAMES: dict[int, str] = {ARCHITECTURES[n]["embed_dim"]: f"{n}_patch16_224" for n in PUBLISHED}

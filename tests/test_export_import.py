@@ -233,3 +233,31 @@ def test_unrecognised_file(tmp_path):
     torch.save({"foo.weight": torch.zeros(2)}, tmp_path / "odd2.pt")
     with pytest.raises(ValueError, match="no ViT backbone found"):
         load_backbone(tmp_path / "odd2.pt")
+
+
+def test_one_table_names_every_format(our_run, reference, tmp_path):
+    """The CLI's --format choices, the readers' source["format"] and the messages all use FORMATS."""
+    from msn.export import FORMATS
+    from msn.export.cli import build_parser
+
+    writable = tuple(name for name, fmt in FORMATS.items() if fmt.write is not None)
+    choices = next(action.choices for action in build_parser()._actions if action.dest == "format")
+    assert tuple(choices) == writable and set(writable) == {"hf", "timm", "msn"}
+    assert load_backbone(our_run["path"]).source["format"] == "msn-checkpoint"
+    assert load_backbone(reference["path"]).source["format"] == "msn-reference-release"
+    for name in writable:
+        export(our_run["path"], tmp_path / name, name)
+        loaded = load_backbone(tmp_path / name)
+        assert loaded.source["format"] == name and loaded.source["export"] == name
+    # a bare state dict is read by the format whose names it uses
+    torch.save(our_run["target"].state_dict(), tmp_path / "network.pt")
+    torch.save(our_run["target"].backbone.vit.state_dict(), tmp_path / "timm.pt")
+    for file, name in (("network.pt", "msn-checkpoint"), ("timm.pt", "timm")):
+        source = load_backbone(tmp_path / file).source
+        assert (source["format"], source["variant"]) == (name, "state dict")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="a folder of none of the formats") as error:
+        load_backbone(tmp_path / "empty")
+    assert all(name in str(error.value) for name in FORMATS)
+    with pytest.raises(ValueError, match="must be one of msn, hf, timm"):
+        export(our_run["path"], tmp_path / "x", "msn-checkpoint")

@@ -14,7 +14,8 @@ import msn.checkpoint
 import msn.config
 import msn.models
 from msn.export import WeightsMismatchError, export, load_backbone
-from weights_helpers import EXACT, float64, write_run
+from msn.export.timm_format import VIT_MSN, register_vit_msn, timm_architecture
+from weights_helpers import EXACT, float64, randomize, write_run
 
 DEPTH, WIDTH, HEADS, PATCH, SIZE = 2, 64, 4, 8, 32
 
@@ -73,6 +74,8 @@ def test_timm_export_strict_load_gives_the_same_features(run, timm_dir):
         torch.testing.assert_close(model(x), tokens[:, 0], **EXACT)  # num_classes=0: post-LN CLS
     info = json.loads((timm_dir / "msn_export.json").read_text())
     assert info["format"] == "timm" and info["source"]["step"] == 5 and info["feature"]["recommended"] == "pre-LN CLS"
+    # timm registers no 64-wide 2-block ViT: the generic entry, not a borrowed name
+    assert config["architecture"] == VIT_MSN and info["timm_architecture_registered_by"] == "msn"
 
 
 def test_timm_local_dir_route(run, timm_dir):
@@ -127,3 +130,60 @@ def test_unexpected_timm_tensor_is_reported(run, tmp_path):
     torch.save(state, tmp_path / "extra.pth")
     with pytest.raises(WeightsMismatchError, match=r"unexpected key fc_norm.weight with shape \(64,\)"):
         load_backbone(tmp_path / "extra.pth", num_heads=HEADS)
+
+
+def export_bare_backbone(backbone, tmp_path, name, num_heads=None):
+    """Export a bare backbone state dict as a timm folder; returns (folder, config, msn_export.json)."""
+    torch.save(backbone.vit.state_dict(), tmp_path / f"{name}.pth")
+    export(tmp_path / f"{name}.pth", tmp_path / name, "timm", num_heads=num_heads)
+    return (tmp_path / name, json.loads((tmp_path / name / "config.json").read_text()),
+            json.loads((tmp_path / name / "msn_export.json").read_text()))
+
+
+def assert_both_timm_routes_match(folder, config, backbone):
+    """create_model(architecture, **model_args) + strict load, and local-dir:, give our features."""
+    by_name = timm.create_model(config["architecture"], pretrained=False, num_classes=0, **config["model_args"])
+    by_name.load_state_dict(load_file(folder / "model.safetensors"), strict=True)
+    by_folder = timm.create_model(f"local-dir:{folder}", pretrained=True)
+    x = images().double()
+    with torch.no_grad():
+        expected = float64(backbone).forward_blocks(x)[0]
+        for model in (by_name, by_folder):
+            assert model.num_classes == 0
+            torch.testing.assert_close(model.double().eval().forward_features(x), expected, **EXACT)
+
+
+def test_a_published_shape_gets_timms_own_name(tmp_path):
+    """A real ViT-Ti/16 (all 12 blocks; 32 px keeps it fast) is timm's vit_tiny_patch16_224."""
+    backbone = randomize(msn.models.build_vit("vit_tiny", 16, SIZE), 3).eval()
+    folder, config, info = export_bare_backbone(backbone, tmp_path, "vit_tiny")
+    assert config["architecture"] == "vit_tiny_patch16_224" and info["timm_architecture_registered_by"] == "timm"
+    assert_both_timm_routes_match(folder, config, backbone)
+
+
+def test_an_unregistered_shape_is_named_vit_msn(tmp_path):
+    """Our 128-wide vit_mini has no timm name: vit_msn, registered by importing msn.export."""
+    backbone = randomize(msn.models.build_vit("vit_mini", PATCH, SIZE), 4).eval()
+    folder, config, info = export_bare_backbone(backbone, tmp_path, "vit_mini", num_heads=4)
+    assert config["architecture"] == VIT_MSN and info["timm_architecture_registered_by"] == "msn"
+    assert_both_timm_routes_match(folder, config, backbone)
+
+
+def test_timm_names_are_true_or_vit_msn():
+    def arch(width, depth, heads, patch, size=224, mlp_ratio=4.0):
+        return {"embed_dim": width, "depth": depth, "num_heads": heads, "mlp_ratio": mlp_ratio, "patch_size": patch, "image_size": size}
+
+    assert timm_architecture(arch(384, 12, 6, 16)) == ("vit_small_patch16_224", "timm")
+    assert timm_architecture(arch(384, 12, 6, 16, size=96)) == ("vit_small_patch16_224", "timm")
+    assert timm_architecture(arch(768, 12, 12, 8)) == ("vit_base_patch8_224", "timm")
+    assert timm_architecture(arch(768, 12, 12, 4)) == (VIT_MSN, "msn")  # ViT-B/4: timm registers none
+    assert timm_architecture(arch(1024, 24, 16, 7)) == (VIT_MSN, "msn")  # ViT-L/7
+    assert timm_architecture(arch(384, 12, 6, 16, mlp_ratio=2.0)) == (VIT_MSN, "msn")
+    assert timm_architecture(arch(384, 2, 6, 16)) == (VIT_MSN, "msn")  # a ViT-S width, not ViT-S
+
+
+def test_vit_msn_registration_is_idempotent(recwarn):
+    register_vit_msn()
+    register_vit_msn()
+    assert timm.is_model(VIT_MSN) and timm.list_models(VIT_MSN) == [VIT_MSN]
+    assert not [w for w in recwarn if "Overwriting" in str(w.message)]

@@ -1,4 +1,4 @@
-"""``msn-export`` / ``python -m msn.export``: write a backbone as transformers, timm or msn files.
+"""``msn-export`` / ``python -m msn.export``: write a backbone in a writable format of the table.
 
 Examples::
 
@@ -18,9 +18,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from msn.export.loading import LoadedBackbone, load_backbone
-
-FORMATS = ("hf", "timm", "msn")
+from msn.export.formats import FORMATS, writable
+from msn.export.loading import load_backbone
 
 
 def read_labels(path: str | os.PathLike) -> list[str]:
@@ -44,7 +43,8 @@ def export(
     """Export ``source`` (anything :func:`msn.export.load_backbone` reads) to ``output``.
 
     Args:
-        format: ``hf`` (transformers ViTMSN), ``timm`` or ``msn`` (backbone + head + prototypes).
+        format: a writable name of :data:`msn.export.formats.FORMATS`: ``hf`` (transformers
+            ViTMSN), ``timm`` or ``msn`` (backbone + head + prototypes).
         which: ``target`` (default) or ``online`` encoder.
         labels: class names; with ``format="hf"`` writes a ``ViTMSNForImageClassification``.
         num_heads: heads of a bare state dict whose width is not in the known table.
@@ -53,38 +53,31 @@ def export(
     Returns:
         the written files.
     """
-    if format not in FORMATS:
-        raise ValueError(f"--format: must be one of {', '.join(FORMATS)}, got {format!r}")
-    if labels and format != "hf":
-        raise ValueError("--num-labels/--labels: only with --format hf")
+    if format not in writable():
+        raise ValueError(f"--format: must be one of {', '.join(writable())}, got {format!r}")
+    target = FORMATS[format]
+    if labels and not target.takes_labels:
+        with_labels = ", ".join(name for name in writable() if FORMATS[name].takes_labels)
+        raise ValueError(f"--num-labels/--labels: only with --format {with_labels}")
     output = Path(output)
     if output.exists() and not output.is_dir():
         raise ValueError(f"--output: {output} exists and is not a folder")
     if output.is_dir() and any(output.iterdir()) and not overwrite:
         raise ValueError(f"--output: {output} is not empty (pass --overwrite to write into it)")
-    loaded: LoadedBackbone = load_backbone(source, which, num_heads=num_heads)
-    if format == "hf":
-        from msn.export.hf import export_hf
-
-        return export_hf(loaded, output, labels)
-    if format == "timm":
-        from msn.export.timm_format import export_timm
-
-        return export_timm(loaded, output)
-    from msn.export.native import export_native
-
-    return export_native(loaded, output)
+    loaded = load_backbone(source, which, num_heads=num_heads)
+    return target.write(loaded, output, labels) if target.takes_labels else target.write(loaded, output)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="msn-export",
-        description="Export an MSN backbone (training checkpoint, reference .pth.tar, transformers/timm "
-        "weights) as a transformers ViTMSN folder, a timm folder, or our own msn layout.",
+        description=f"Export an MSN backbone from any format ({', '.join(FORMATS)}) to a writable one "
+        f"({', '.join(writable())}); docs/formats.md describes them.",
     )
-    parser.add_argument("source", help="training checkpoint (.pt), run folder, reference .pth.tar, or an hf/timm/msn folder or weights file")
+    parser.add_argument("source", help="a weights file, run folder or export folder in any of those formats")
     parser.add_argument("--output", "-o", required=True, help="output folder (created; must be empty unless --overwrite)")
-    parser.add_argument("--format", "-f", choices=FORMATS, default="hf", help="hf (default): transformers ViTMSN; timm; msn: backbone+head+prototypes")
+    kinds = "; ".join(f"{name}: {FORMATS[name].summary}" for name in writable())
+    parser.add_argument("--format", "-f", choices=writable(), default="hf", help=f"{kinds} (default: hf)")
     parser.add_argument("--which", choices=("target", "online"), default="target", help="encoder to export (default: target, the EMA encoder)")
     labels = parser.add_mutually_exclusive_group()
     labels.add_argument("--num-labels", type=int, help="hf only: write ViTMSNForImageClassification with N classes (labels LABEL_0..)")

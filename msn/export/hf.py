@@ -1,7 +1,7 @@
-"""transformers export (``--format hf``): a ``ViTMSNModel`` or ``ViTMSNForImageClassification`` folder.
+"""transformers ViTMSN (``hf``), both directions (docs/formats.md Sec. 3).
 
-Written without importing transformers (the files are plain JSON + safetensors), with the
-on-disk names that transformers 4.x and 5.x both read (``names.HF_VIT_MSN``; formats.md):
+Written without importing transformers (plain JSON + safetensors), with the on-disk names
+that transformers 4.x and 5.x both read (``names.HF_VIT_MSN``):
 
 * ``config.json``: ``model_type: vit_msn`` and the architecture fields;
 * ``model.safetensors`` (metadata ``{"format": "pt"}``);
@@ -13,25 +13,102 @@ on-disk names that transformers 4.x and 5.x both read (``names.HF_VIT_MSN``; for
 With labels, the classification model is written by hand (keys under ``vit.`` plus
 ``classifier.*``): transformers 5.x's own ``save_pretrained`` of that class writes mixed
 prefixes that 4.x loads silently wrong.
+
+Read: such folders (also the hub's ``pytorch_model.bin`` ones), and weight files in the
+classic names, the 5.x in-memory names or under ``vit.`` (a classifier's, whose
+``classifier.*`` is ignored).
 """
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
 from msn.export import names
-from msn.export.loading import EXPORT_INFO, LoadedBackbone, describe_backbone
-from msn.export.native import export_info, preprocessing, save_safetensors, write_json
+from msn.export.common import (EXPORT_INFO, IMAGENET_MEAN, IMAGENET_STD, EncoderWeights, LoadedBackbone,
+                               WeightsSource, describe_backbone, parse_wrapped, read_model_weights,
+                               save_safetensors, square_side, write_json)
+from msn.export.native import apply_export_info, export_info, preprocessing
 
+if TYPE_CHECKING:  # the table module imports this one
+    from msn.export.formats import Probe
+
+#: Format name (a key of :data:`msn.export.formats.FORMATS`).
+HF = "hf"
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
 PREPROCESSOR = "preprocessor_config.json"
+MODEL_TYPES = ("vit_msn", "vit")
+#: Keys that mark a bare state dict in transformers names.
+STATE_MARKERS = ("embeddings.cls_token", names.HF_BASE_PREFIX + "embeddings.cls_token")
 
 
+# --- reading --------------------------------------------------------------------------------------
+def sniff(probe: Probe) -> bool:
+    """A folder whose ``config.json`` has ``model_type`` vit_msn (or vit)."""
+    config = probe.json(CONFIG) if probe.is_folder else None
+    return config is not None and config.get("model_type") in MODEL_TYPES
+
+
+def parse_state(state: dict[str, torch.Tensor]) -> EncoderWeights:
+    """transformers names (classic or 5.x in-memory, optionally under ``vit.``) -> ours."""
+    prefixed = STATE_MARKERS[1] in state
+    state = dict(state)
+    classifier = {k: state.pop(k) for k in names.HF_CLASSIFIER if k in state} or None
+    hf_state, rest = names.split_by_prefix(state, names.HF_BASE_PREFIX) if prefixed else (state, {})
+    backbone, origin, leftover = names.HF_VIT_MSN.import_(hf_state)
+    variant = ""
+    if leftover:
+        more, more_origin, leftover = names.HF_VIT_MSN_V5_MEMORY.import_(leftover)
+        if more:
+            classic = any(name.startswith("encoder.layer.") for name in origin.values())
+            variant = "mixed names" if classic else "5.x in-memory names"
+        backbone.update(more)
+        origin.update(more_origin)
+    pre = names.HF_BASE_PREFIX if prefixed else ""
+    origin = {k: " + ".join(pre + part for part in v.split(" + ")) for k, v in origin.items()}
+    for key, tensor in {**leftover, **rest}.items():  # reported by the strict load
+        backbone[key] = tensor
+        origin[key] = (pre + key) if key in leftover else key
+    return EncoderWeights(backbone, None, classifier, origin, variant=variant)
+
+
+def read_state(state: dict[str, Any], path: str) -> WeightsSource:
+    """A bare weights file in transformers names."""
+    encoder = parse_wrapped(state, parse_state)
+    return WeightsSource(path, HF, {"single": encoder}, info={"variant": encoder.variant or None})
+
+
+def read(probe: Probe) -> WeightsSource:
+    """A transformers ViTMSN folder: architecture from ``config.json``, mean/std from the preprocessor."""
+    folder, path, config = probe.location, probe.path, probe.json(CONFIG)
+    for key, wanted in (("hidden_act", "gelu"), ("qkv_bias", True), ("num_channels", 3)):
+        if key in config and config[key] != wanted:
+            raise ValueError(f"{path}/{CONFIG}: {key}={config[key]!r} is not supported (MSN ViTs use {wanted!r})")
+    eps = config.get("layer_norm_eps", 1e-6)
+    if not math.isclose(eps, 1e-6, rel_tol=1e-3):
+        raise ValueError(f"{path}/{CONFIG}: layer_norm_eps={eps} is not supported (MSN ViTs use 1e-06)")
+    hidden = config.get("hidden_size", 768)
+    arch = {
+        "embed_dim": hidden,
+        "depth": config.get("num_hidden_layers", 12),
+        "num_heads": config.get("num_attention_heads", 12),
+        "mlp_ratio": config.get("intermediate_size", 4 * hidden) / hidden,
+        "patch_size": square_side(config.get("patch_size", 16)),
+    }
+    processor = probe.json(PREPROCESSOR) or {}
+    source = read_state(read_model_weights(folder), path)
+    source.arch, source.image_size = arch, square_side(config.get("image_size", 224))
+    source.mean = tuple(processor.get("image_mean", IMAGENET_MEAN))
+    source.std = tuple(processor.get("image_std", IMAGENET_STD))
+    return apply_export_info(source, folder)
+
+
+# --- writing --------------------------------------------------------------------------------------
 def hf_config(loaded: LoadedBackbone, labels: Sequence[str] | None = None) -> dict[str, Any]:
     """``config.json`` of a ViTMSN export (classification when ``labels`` is given)."""
     arch = describe_backbone(loaded.backbone)
@@ -106,8 +183,7 @@ def export_hf(loaded: LoadedBackbone, output: str | os.PathLike, labels: Sequenc
         save_safetensors(hf_state(loaded, len(labels) if labels else 0), output / WEIGHTS),
         write_json(preprocessor_config(loaded), output / PREPROCESSOR),
     ]
-    fmt = "hf-classification" if labels else "hf"
     extra = {"num_labels": len(labels)} if labels else {}
-    info = export_info(loaded, fmt, [path.name for path in files] + [EXPORT_INFO], extra)
+    info = export_info(loaded, HF, [path.name for path in files] + [EXPORT_INFO], extra)
     files.append(write_json(info, output / EXPORT_INFO))
     return files

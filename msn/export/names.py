@@ -8,7 +8,7 @@ drift. "Ours" is always timm's ``VisionTransformer`` naming for the backbone (wh
 A rule maps one of our names to one foreign name, or to three (a fused timm ``qkv``
 tensor split by rows ``[0:D]`` query, ``[D:2D]`` key, ``[2D:3D]`` value). Templates use
 ``{i}`` for a block index and ``{p}`` for a parameter name (``weight`` / ``bias``).
-``docs/export.md`` describes the layouts.
+docs/formats.md Sec. 6 lists the layouts.
 """
 
 from __future__ import annotations
@@ -141,7 +141,7 @@ def prefix_table(name: str, prefix: str) -> NameTable:
 
 
 # --- transformers ViTMSN -------------------------------------------------------------------------
-#: The on-disk names that transformers 4.x reads and 5.x reads and writes (formats.md).
+#: The on-disk names that transformers 4.x reads and 5.x reads and writes (docs/formats.md Sec. 3).
 HF_VIT_MSN = NameTable(
     "transformers ViTMSN",
     [

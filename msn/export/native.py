@@ -1,32 +1,44 @@
-"""Our own export layout (``--format msn``) and the ``msn_export.json`` that every export writes.
+"""Our own files, both directions (docs/formats.md Secs. 1-2).
 
-``--format msn`` folder::
+* ``msn-checkpoint``: a training checkpoint (``checkpoints/latest.pt`` / ``epoch_XXXX.pt``,
+  or a run folder holding one). :mod:`msn.checkpoint` writes it; read here.
+* ``msn``: the export folder that continues pre-training elsewhere (``init_from=<folder>``)::
 
-    weights.safetensors   backbone.<timm name>   the encoder (``MSNViT.vit`` state dict)
-                          head.<fc1|bn1|fc2|bn2|fc3>.*   projection head, BN running stats included
-                          prototypes             [K, D], un-normalised
-    msn_export.json       see :func:`export_info`
+      weights.safetensors   backbone.<timm name>            the encoder (``MSNViT.vit`` state dict)
+                            head.<fc1|bn1|fc2|bn2|fc3>.*    projection head, BN running stats included
+                            prototypes                      [K, D], un-normalised
+      msn_export.json       see :func:`export_info`
 
-Continue pre-training from it with ``init_from=<folder>`` (``msn.export.load_init_weights``).
+* ``msn_export.json``, which every export folder carries: :func:`export_info` writes it,
+  :func:`apply_export_info` reads it back.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from msn.config import to_dict
+from msn import checkpoint
+from msn.config import from_dict, to_dict
 from msn.export import names
-from msn.export.loading import EXPORT_INFO, NATIVE_WEIGHTS, LoadedBackbone, describe_backbone
+from msn.export.common import (EXPORT_INFO, IMAGENET_MEAN, IMAGENET_STD, EncoderWeights, LoadedBackbone,
+                               WeightsSource, as_tensor, describe_backbone, parse_wrapped, read_json, read_tensors,
+                               save_safetensors, split_head, torch_load, unwrap_state, write_json)
 
+if TYPE_CHECKING:  # the table module imports this one
+    from msn.export.formats import Probe
+
+#: Format names (keys of :data:`msn.export.formats.FORMATS`).
+CHECKPOINT = checkpoint.FORMAT
+EXPORT = "msn"
+NATIVE_WEIGHTS = "weights.safetensors"
 EXPORT_VERSION = 1
 
-#: The low-shot feature of the reference (msn-reference.md Sec. 8), per export format.
+#: The low-shot feature of the reference (docs/method.md Sec. 8), per export format.
 FEATURE_RECOMMENDATION = {
     "recommended": "pre-LN CLS",
     "why": "the MSN reference's low-shot evaluation uses the CLS token of the last block BEFORE the "
@@ -39,6 +51,105 @@ FEATURE_RECOMMENDATION = {
 }
 
 
+def prefixed_encoder(state: dict[str, torch.Tensor], backbone_prefix: str) -> EncoderWeights:
+    """An encoder stored as ``<backbone_prefix><timm name>`` + ``head.<head name>``.
+
+    Keys under neither prefix stay with the backbone, where the strict load reports them.
+    """
+    backbone, rest = names.split_by_prefix(state, backbone_prefix)
+    head, rest, _ = split_head(rest, ("head.",))
+    origin = {k: backbone_prefix + k for k in backbone} | {k: "head." + k for k in head or {}}
+    backbone.update(rest)
+    return EncoderWeights(backbone, head, origin=origin)
+
+
+# --- msn-checkpoint: our training checkpoints (read only) -----------------------------------------
+def run_checkpoint(folder: Path) -> Path | None:
+    """``latest.pt`` of a run folder, or of its ``checkpoints/`` folder; None when absent."""
+    latest = checkpoint.find_latest(folder)
+    if latest is None and (folder / checkpoint.LATEST).is_file():
+        latest = folder / checkpoint.LATEST
+    return latest
+
+
+def sniff_checkpoint(probe: Probe) -> bool:
+    """A run folder with ``latest.pt``, or a file with ``format: msn-checkpoint``."""
+    if probe.is_folder:
+        return run_checkpoint(probe.location) is not None
+    contents = probe.contents()
+    return isinstance(contents, dict) and contents.get("format") == CHECKPOINT
+
+
+def parse_network_state(state: dict[str, torch.Tensor]) -> EncoderWeights:
+    """An :class:`msn.models.MSNNetwork` state dict: ``backbone.vit.*`` + ``head.*``."""
+    return prefixed_encoder(state, "backbone.vit.")
+
+
+def read_checkpoint(probe: Probe) -> WeightsSource:
+    """Both encoders, the prototypes and the config of a training checkpoint."""
+    if probe.is_folder:
+        file = run_checkpoint(probe.location)
+        path, contents = os.fspath(file), torch_load(os.fspath(file))
+    else:
+        path, contents = probe.path, probe.contents()
+    cfg = from_dict(contents["config"])
+    encoders = {role: parse_wrapped(contents[key], parse_network_state)
+                for role, key in (("online", "encoder"), ("target", "target_encoder"))}
+    views = cfg.data.views
+    return WeightsSource(path, CHECKPOINT, encoders, prototypes=as_tensor(contents["prototypes"]), config=cfg,
+                         image_size=views.rand_size, mean=tuple(views.mean), std=tuple(views.std),
+                         info={"step": contents.get("step"), "epoch": contents.get("epoch")})
+
+
+def read_network_state(state: dict[str, Any], path: str) -> WeightsSource:
+    """A bare ``MSNNetwork`` state dict (one encoder of unrecorded role)."""
+    return WeightsSource(path, CHECKPOINT, {"single": parse_wrapped(state, parse_network_state)})
+
+
+# --- msn: our export folder -----------------------------------------------------------------------
+def sniff_export(probe: Probe) -> bool:
+    """A folder holding ``weights.safetensors``."""
+    return probe.is_folder and (probe.location / NATIVE_WEIGHTS).is_file()
+
+
+def parse_export_state(state: dict[str, torch.Tensor]) -> EncoderWeights:
+    """``weights.safetensors`` names: ``backbone.*`` + ``head.*`` (``prototypes`` set aside)."""
+    return prefixed_encoder({k: v for k, v in state.items() if k != names.NATIVE_PROTOTYPES}, "backbone.")
+
+
+def read_export_state(state: dict[str, Any], path: str) -> WeightsSource:
+    """Tensors in ``weights.safetensors`` names, from the folder or a bare file."""
+    prototypes = unwrap_state(state)[0].get(names.NATIVE_PROTOTYPES)
+    return WeightsSource(path, EXPORT, {"single": parse_wrapped(state, parse_export_state)}, prototypes=prototypes)
+
+
+def read_export(probe: Probe) -> WeightsSource:
+    """An ``msn`` export folder."""
+    state = read_tensors(os.fspath(probe.location / NATIVE_WEIGHTS))
+    return apply_export_info(read_export_state(state, probe.path), probe.location)
+
+
+def native_state(loaded: LoadedBackbone) -> dict[str, torch.Tensor]:
+    """``weights.safetensors`` contents: ``backbone.*``, ``head.*``, ``prototypes``."""
+    for part, value in (("projection head", loaded.network), ("prototypes", loaded.prototypes)):
+        if value is None:
+            raise ValueError(f"{loaded.source.get('path')}: has no {part}; --format msn needs backbone + head + prototypes")
+    state = names.NATIVE_BACKBONE.export(loaded.backbone.vit.state_dict())
+    state.update(names.NATIVE_HEAD.export(loaded.network.head.state_dict()))
+    state[names.NATIVE_PROTOTYPES] = loaded.prototypes
+    return state
+
+
+def export_native(loaded: LoadedBackbone, output: str | os.PathLike) -> list[Path]:
+    """Write the ``msn`` folder; returns the written files."""
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    weights = save_safetensors(native_state(loaded), output / NATIVE_WEIGHTS)
+    info = write_json(export_info(loaded, EXPORT, [NATIVE_WEIGHTS, EXPORT_INFO]), output / EXPORT_INFO)
+    return [weights, info]
+
+
+# --- msn_export.json, in every export folder ------------------------------------------------------
 def preprocessing(loaded: LoadedBackbone, resize_ratio: float = 256 / 224) -> dict[str, Any]:
     """The evaluation transform the backbone was trained for: Resize -> CenterCrop -> normalise."""
     size = loaded.image_size
@@ -67,7 +178,7 @@ def _versions() -> dict[str, str]:
 
 
 def export_info(loaded: LoadedBackbone, fmt: str, files: list[str], extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The ``msn_export.json`` document of an export.
+    """The ``msn_export.json`` document of an export (docs/formats.md Sec. 2).
 
     Records the source (path, format, step, epoch), which encoder, the architecture, the
     training config when known, the evaluation preprocessing and the recommended feature.
@@ -97,47 +208,25 @@ def export_info(loaded: LoadedBackbone, fmt: str, files: list[str], extra: dict[
     return info
 
 
-def write_json(document: dict[str, Any], path: str | os.PathLike) -> Path:
-    path = Path(path)
-    with open(path, "w") as stream:
-        json.dump(document, stream, indent=2, sort_keys=False, default=_json_default)
-        stream.write("\n")
-    return path
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.tolist()
-    if isinstance(value, tuple):
-        return list(value)
-    raise TypeError(f"cannot write {type(value).__name__} to JSON")
-
-
-def save_safetensors(state: dict[str, torch.Tensor], path: str | os.PathLike) -> Path:
-    """Write tensors as contiguous CPU copies with metadata ``{"format": "pt"}``."""
-    from safetensors.torch import save_file
-
-    tensors = {key: value.detach().to("cpu").contiguous().clone() for key, value in state.items()}
-    save_file(tensors, os.fspath(path), metadata={"format": "pt"})
-    return Path(path)
-
-
-def native_state(loaded: LoadedBackbone) -> dict[str, torch.Tensor]:
-    """``weights.safetensors`` contents: ``backbone.*``, ``head.*``, ``prototypes``."""
-    if loaded.network is None:
-        raise ValueError(f"{loaded.source.get('path')}: has no projection head; --format msn needs backbone + head + prototypes")
-    if loaded.prototypes is None:
-        raise ValueError(f"{loaded.source.get('path')}: has no prototypes; --format msn needs backbone + head + prototypes")
-    state = names.NATIVE_BACKBONE.export(loaded.backbone.vit.state_dict())
-    state.update(names.NATIVE_HEAD.export(loaded.network.head.state_dict()))
-    state[names.NATIVE_PROTOTYPES] = loaded.prototypes
-    return state
-
-
-def export_native(loaded: LoadedBackbone, output: str | os.PathLike) -> list[Path]:
-    """Write the ``--format msn`` folder; returns the written files."""
-    output = Path(output)
-    output.mkdir(parents=True, exist_ok=True)
-    weights = save_safetensors(native_state(loaded), output / NATIVE_WEIGHTS)
-    info = write_json(export_info(loaded, "msn", [NATIVE_WEIGHTS, EXPORT_INFO]), output / EXPORT_INFO)
-    return [weights, info]
+def apply_export_info(source: WeightsSource, folder: Path) -> WeightsSource:
+    """Fill what ``msn_export.json`` records (config, encoder role, step, preprocessing), if present."""
+    info_path = folder / EXPORT_INFO
+    if not info_path.is_file():
+        return source
+    info = read_json(info_path)
+    if info.get("which") in ("target", "online") and "single" in source.encoders:
+        source.encoders = {info["which"]: source.encoders.pop("single")}
+    if info.get("config"):
+        source.config = from_dict(info["config"])
+    prep = info.get("preprocessing") or {}
+    source.mean = tuple(prep.get("mean", source.mean or IMAGENET_MEAN))
+    source.std = tuple(prep.get("std", source.std or IMAGENET_STD))
+    source.image_size = source.image_size or prep.get("image_size")
+    arch = info.get("architecture") or {}
+    for key in ("embed_dim", "depth", "num_heads", "mlp_ratio", "patch_size"):
+        if key in arch:
+            source.arch.setdefault(key, arch[key])
+    src = info.get("source") or {}
+    source.info.update({"export": info.get("format"), "exported_from": src.get("path"),
+                        "step": src.get("step"), "epoch": src.get("epoch")})
+    return source
