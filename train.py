@@ -11,10 +11,17 @@ import sys
 # processes) spinning threads slow every step several-fold; on a quiet machine it costs nothing.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import hydra
-from omegaconf import DictConfig
+from msn.config import DistConfig  # noqa: E402 - light: no torch yet
+from msn.train.preemption import PreemptionFlag  # noqa: E402
 
-from msn.cli import run_training
+#: Preemption signals are caught from here on, before the heavy imports (torch, Hydra): one
+#: arriving during start-up stops the run at its first step boundary, not with -15.
+EARLY_SIGNALS = PreemptionFlag(DistConfig().preempt_signals).__enter__()
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from msn.cli import run_training  # noqa: E402
 
 
 def _quiet_non_main_ranks(argv: list[str]) -> None:
@@ -30,7 +37,7 @@ def _quiet_non_main_ranks(argv: list[str]) -> None:
 
 @hydra.main(config_path="configs", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    run_training(cfg)
+    run_training(cfg, EARLY_SIGNALS)
 
 
 if __name__ == "__main__":

@@ -22,11 +22,16 @@ from msn.config import ConfigError, load_config, validate
 log = logging.getLogger("msn")
 
 
-def run_training(raw: DictConfig) -> dict:
+def run_training(raw: DictConfig, preemption=None) -> dict:
     """Set up the process group (torchrun / srun), validate ``raw`` and pre-train.
 
     A bad config or missing data exits with one line (status 2); a preemption signal exits
     with :data:`msn.train.preemption.EXIT_PREEMPTED` after the checkpoint is written.
+
+    Args:
+        raw: the composed config.
+        preemption: a :class:`~msn.train.preemption.PreemptionFlag` already watching (so
+            that signals of the start-up count); by default one is installed here.
     """
     from msn import distributed
     from msn.data.datasets import BadImageError
@@ -39,8 +44,11 @@ def run_training(raw: DictConfig) -> dict:
         _check_artifact_format(cfg.logging.artifact)
     except ConfigError as error:
         _fail(error)
-    # signals are caught from here on: a preemption during start-up stops at the first step boundary
-    with PreemptionFlag(cfg.dist.preempt_signals) as preemption:
+    # signals are caught from here on (train.py catches them from its first lines and passes
+    # its flag): a preemption during start-up stops the run at the first step boundary
+    if preemption is None:
+        preemption = PreemptionFlag(cfg.dist.preempt_signals)
+    with preemption.watch(cfg.dist.preempt_signals):
         try:
             env = distributed.init_from_env(device=cfg.device, backend=cfg.dist.backend,
                                             timeout_min=cfg.dist.timeout_min, slurm=cfg.dist.slurm_env)

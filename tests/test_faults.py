@@ -191,3 +191,30 @@ def test_bad_images_with_loader_workers_exit_in_seconds_with_one_line(tmp_path, 
     assert "Traceback" not in stderr
     time.sleep(0.5)
     assert not _processes_mentioning(str(tmp_path / "run")), "loader workers left behind"
+
+
+def _catches(pid: int, sig: int) -> bool:
+    """Whether process ``pid`` has a handler for ``sig`` (the SigCgt mask of /proc)."""
+    try:
+        with open(f"/proc/{pid}/status") as stream:
+            mask = next(int(line.split()[1], 16) for line in stream if line.startswith("SigCgt:"))
+    except (OSError, StopIteration):
+        return False
+    return bool(mask >> (sig - 1) & 1)
+
+
+def test_sigterm_during_start_up_stops_at_step_0_with_exit_75(tmp_path):
+    """The handler is installed in train.py's first lines, before torch is imported: a SIGTERM
+    sent then (the run is still starting) ends with a step-0 checkpoint and exit 75, not -15."""
+    out = tmp_path / "run"
+    env = dict(os.environ, HYDRA_FULL_ERROR="0", WANDB_MODE="disabled")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *TINY_OVERRIDES, f"output_dir={out}"],
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not _catches(proc.pid, signal.SIGTERM) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 75, stderr
+    assert "preempted: stopped by SIGTERM at step 0" in stderr
+    assert checkpoint.load_checkpoint(out / "checkpoints" / "latest.pt")["step"] == 0

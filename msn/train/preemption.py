@@ -13,9 +13,8 @@ import signal
 import threading
 from typing import Any, Iterable
 
-import torch
-
-from msn import distributed
+# torch and msn.distributed are imported in :meth:`PreemptionFlag.agreed` only: ``train.py``
+# installs the flag before the heavy imports, so that a signal during start-up is caught
 
 #: Exit status of a run stopped by a preemption signal after writing ``latest.pt``
 #: (``EX_TEMPFAIL``: run the same command again, ``resume: auto`` continues).
@@ -45,7 +44,7 @@ class PreemptionFlag:
             trainer sets it when it is known).
     """
 
-    def __init__(self, names: Iterable[str], device: torch.device | str = "cpu"):
+    def __init__(self, names: Iterable[str], device="cpu"):
         self.signals = [signal_number(name) for name in names]
         self.device = device
         self.received: int | None = None
@@ -54,13 +53,23 @@ class PreemptionFlag:
     def __enter__(self) -> "PreemptionFlag":
         if threading.current_thread() is threading.main_thread():
             for sig in self.signals:
-                self._previous[sig] = signal.signal(sig, self._handle)
+                if sig not in self._previous:
+                    self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def __exit__(self, *exc) -> None:
         for sig, previous in self._previous.items():
             signal.signal(sig, previous)
         self._previous.clear()
+
+    def watch(self, names: Iterable[str]) -> "PreemptionFlag":
+        """Watch ``names`` instead (the config's ``dist.preempt_signals``, once it is read);
+        a signal already received is kept."""
+        wanted = [signal_number(name) for name in names]
+        for sig in [s for s in self._previous if s not in wanted]:
+            signal.signal(sig, self._previous.pop(sig))
+        self.signals = wanted
+        return self.__enter__()
 
     def _handle(self, signum, frame) -> None:  # noqa: ARG002 - signal handler signature
         if self.received is None:
@@ -72,6 +81,10 @@ class PreemptionFlag:
 
     def agreed(self) -> bool:
         """True on every rank when any rank received a signal (one all-reduce per call)."""
+        import torch
+
+        from msn import distributed
+
         if not distributed.is_distributed():
             return self.received is not None
         flag = torch.tensor([0.0 if self.received is None else 1.0], device=self.device)
