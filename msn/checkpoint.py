@@ -43,12 +43,22 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
             torch.save(obj, stream)
             stream.flush()
             os.fsync(stream.fileno())
+        respect_umask(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
     return path
+
+
+def respect_umask(path: str | os.PathLike) -> Path:
+    """Give ``path`` the mode any new file of this process gets (``0o666`` less the umask):
+    ``tempfile.mkstemp`` and safetensors create files readable by their owner only."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+    return Path(path)
 
 
 def save_training_checkpoint(state: dict[str, Any], output_dir: str | os.PathLike, epoch_copy: int | None = None) -> Path:

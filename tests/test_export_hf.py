@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import pytest
@@ -111,7 +112,10 @@ def test_which_online_exports_the_online_encoder(run, tmp_path):
 def test_export_info(run, hf_dir):
     info = json.loads((hf_dir / "msn_export.json").read_text())
     assert info["format"] == "hf" and info["which"] == "target"
-    assert info["source"]["path"] == str(run["path"].resolve()) and info["source"]["step"] == 3
+    # the source relative to the export folder: the folder names no machine's layout
+    assert info["source"]["path"] == os.path.relpath(run["path"].resolve(), hf_dir.resolve()) and info["source"]["step"] == 3
+    assert not os.path.isabs(info["source"]["path"])
+    assert load_backbone(hf_dir).source["exported_from"] == os.path.normpath(hf_dir / info["source"]["path"])
     assert info["model"]["embed_dim"] == WIDTH and info["model"]["depth"] == DEPTH and info["model"]["patch_size"] == PATCH
     assert info["architecture"] == {"embed_dim": WIDTH, "depth": DEPTH, "num_heads": HEADS, "mlp_ratio": 4.0,
                                     "patch_size": PATCH, "image_size": SIZE}
@@ -132,11 +136,18 @@ def test_preprocessor_is_the_training_eval_transform(hf_dir):
     assert prep["do_center_crop"] is True and prep["resample"] == 2
     assert prep["image_mean"] == pytest.approx(MEAN) and prep["image_std"] == pytest.approx(STD)
     processor = AutoImageProcessor.from_pretrained(hf_dir)
-    pixels = torch.linspace(0, 255, 45 * 60 * 3).reshape(45, 60, 3).round().to(torch.uint8)
-    ours = eval_transform(SIZE, MEAN, STD)(pixels.permute(2, 0, 1))
-    theirs = processor(images=Image.fromarray(pixels.numpy()), return_tensors="pt")["pixel_values"][0]
-    assert theirs.shape == ours.shape == (3, SIZE, SIZE)
-    torch.testing.assert_close(theirs, ours, atol=0.05, rtol=0)  # PIL vs torchvision bilinear resize
+    generator = torch.Generator().manual_seed(0)
+    # resized to 37 px on the short side: long sides 37, 40, 51, 54 and 66 leave margins of
+    # 5, 8, 19, 22 and 34 px around the 32 px crop (19: where rounding half to even and
+    # flooring disagree); random pixels, so a one-pixel shift cannot hide
+    for height, width in ((37, 37), (37, 40), (37, 51), (54, 37), (45, 66), (375, 500)):
+        pixels = torch.randint(0, 256, (height, width, 3), dtype=torch.uint8, generator=generator)
+        ours = eval_transform(SIZE, MEAN, STD)(pixels.permute(2, 0, 1))
+        theirs = processor(images=Image.fromarray(pixels.numpy()), return_tensors="pt")["pixel_values"][0]
+        assert theirs.shape == ours.shape == (3, SIZE, SIZE)
+        # the same pixels: PIL's and torchvision's uint8 bilinear resize agree exactly, the
+        # crops start at the same offsets; only float32 rounding of the normalisation differs
+        torch.testing.assert_close(theirs, ours, atol=1e-6, rtol=0, msg=f"{height}x{width}")
 
 
 def test_classification_export_loads_and_runs_in_pipeline(run, tmp_path):
@@ -227,3 +238,18 @@ def test_mismatching_hf_folder_names_key_and_shapes(hf_dir, tmp_path):
     assert "\n" not in message
     assert "embeddings.position_embeddings" in message
     assert f"(1, {1 + (SIZE // PATCH) ** 2}, {WIDTH})" in message and f"(1, {1 + (2 * SIZE // PATCH) ** 2}, {WIDTH})" in message
+
+
+def test_written_files_respect_the_umask(run, tmp_path):
+    """safetensors and mkstemp create files readable by their owner only; exports and
+    checkpoints get the mode of any other new file (0o666 less the umask)."""
+    previous = os.umask(0o022)
+    try:
+        out = tmp_path / "hf"
+        export(run["path"], out, "hf")
+        modes = {path.name: path.stat().st_mode & 0o777 for path in out.iterdir()}
+        assert modes and set(modes.values()) == {0o644}, modes
+        saved = msn.checkpoint.atomic_save({"x": 1}, tmp_path / "ckpt" / "latest.pt")
+        assert saved.stat().st_mode & 0o777 == 0o644
+    finally:
+        os.umask(previous)

@@ -81,15 +81,34 @@ class MultiViewTransform:
         return views
 
 
-def eval_transform(image_size: int, mean, std, resize_ratio: float = 256 / 224) -> v2.Compose:
-    """Evaluation transform: Resize(image_size * 256/224) -> CenterCrop(image_size) -> normalise.
+class CenterCrop(torch.nn.Module):
+    """A centred ``size`` x ``size`` crop whose offsets are ``(H - size) // 2`` and
+    ``(W - size) // 2``: transformers' image processors use this rule, so an exported model's
+    ``preprocessor_config.json`` reproduces our evaluation pixel for pixel. (torchvision's
+    ``CenterCrop`` rounds half to even, one pixel further when a margin is 3 modulo 4.)"""
 
-    At 224 px this is the reference's Resize(256) -> CenterCrop(224).
+    def __init__(self, size: int):
+        super().__init__()
+        self.size = size
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        height, width = image.shape[-2:]
+        if height < self.size or width < self.size:
+            raise ValueError(f"a {height}x{width} image is smaller than the {self.size} px centre crop")
+        top, left = (height - self.size) // 2, (width - self.size) // 2
+        return image[..., top: top + self.size, left: left + self.size]
+
+
+def eval_transform(image_size: int, mean, std, resize_ratio: float = 256 / 224) -> v2.Compose:
+    """Evaluation transform: Resize(image_size * 256/224) -> centre crop -> normalise.
+
+    At 224 px this is the reference's Resize(256) -> CenterCrop(224) (the crop's offset rule:
+    :class:`CenterCrop`).
     """
     return v2.Compose(
         [
             v2.Resize(int(round(image_size * resize_ratio)), antialias=True),
-            v2.CenterCrop(image_size),
+            CenterCrop(image_size),
             v2.ToDtype(torch.float32, scale=True),
             v2.Normalize(list(mean), list(std)),
         ]

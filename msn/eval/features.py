@@ -38,7 +38,7 @@ from msn.runtime import autocast_dtype
 log = logging.getLogger(__name__)
 
 #: Bump when the meaning of cached rows changes.
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: the centre crop of msn.data.transforms.CenterCrop
 
 
 def backbone_features(backbone: MSNViT, images: torch.Tensor, kind: str = "cls_pre_ln", blocks: int = 4) -> torch.Tensor:

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from msn.architectures import HEADS_BY_WIDTH, arch_for_width
+from msn.checkpoint import respect_umask
 from msn.config import MSNConfig
 from msn.export import names
 from msn.models import MSNNetwork, MSNViT, build_vit
@@ -218,7 +219,7 @@ def save_safetensors(state: dict[str, Tensor], path: str | os.PathLike) -> Path:
 
     tensors = {key: value.detach().to("cpu").contiguous().clone() for key, value in state.items()}
     save_file(tensors, os.fspath(path), metadata={"format": "pt"})
-    return Path(path)
+    return respect_umask(path)
 
 
 def is_tensor_dict(obj: Any) -> bool:

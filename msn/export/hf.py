@@ -184,6 +184,6 @@ def export_hf(loaded: LoadedBackbone, output: str | os.PathLike, labels: Sequenc
         write_json(preprocessor_config(loaded), output / PREPROCESSOR),
     ]
     extra = {"num_labels": len(labels)} if labels else {}
-    info = export_info(loaded, HF, [path.name for path in files] + [EXPORT_INFO], extra)
+    info = export_info(loaded, HF, [path.name for path in files] + [EXPORT_INFO], output, extra)
     files.append(write_json(info, output / EXPORT_INFO))
     return files

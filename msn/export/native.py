@@ -145,7 +145,7 @@ def export_native(loaded: LoadedBackbone, output: str | os.PathLike) -> list[Pat
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     weights = save_safetensors(native_state(loaded), output / NATIVE_WEIGHTS)
-    info = write_json(export_info(loaded, EXPORT, [NATIVE_WEIGHTS, EXPORT_INFO]), output / EXPORT_INFO)
+    info = write_json(export_info(loaded, EXPORT, [NATIVE_WEIGHTS, EXPORT_INFO], output), output / EXPORT_INFO)
     return [weights, info]
 
 
@@ -177,11 +177,13 @@ def _versions() -> dict[str, str]:
     return versions
 
 
-def export_info(loaded: LoadedBackbone, fmt: str, files: list[str], extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The ``msn_export.json`` document of an export (docs/formats.md Sec. 2).
+def export_info(loaded: LoadedBackbone, fmt: str, files: list[str], output: str | os.PathLike,
+                extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The ``msn_export.json`` document of an export in the folder ``output`` (docs/formats.md Sec. 2).
 
-    Records the source (path, format, step, epoch), which encoder, the architecture, the
-    training config when known, the evaluation preprocessing and the recommended feature.
+    Records the source (its path relative to ``output``, so the folder names no machine's
+    layout; format, step, epoch), which encoder, the architecture, the training config when
+    known, the evaluation preprocessing and the recommended feature.
     """
     source = loaded.source
     cfg = to_dict(loaded.config) if loaded.config is not None else None
@@ -189,7 +191,7 @@ def export_info(loaded: LoadedBackbone, fmt: str, files: list[str], extra: dict[
         "msn_export_version": EXPORT_VERSION,
         "format": fmt,
         "source": {
-            "path": os.path.abspath(source["path"]) if source.get("path") else None,
+            "path": os.path.relpath(os.path.abspath(source["path"]), os.path.abspath(output)) if source.get("path") else None,
             "format": source.get("format"),
             "step": source.get("step"),
             "epoch": source.get("epoch"),
@@ -227,6 +229,7 @@ def apply_export_info(source: WeightsSource, folder: Path) -> WeightsSource:
         if key in arch:
             source.arch.setdefault(key, arch[key])
     src = info.get("source") or {}
-    source.info.update({"export": info.get("format"), "exported_from": src.get("path"),
+    origin = os.path.normpath(folder / src["path"]) if src.get("path") else None  # recorded relative to the folder
+    source.info.update({"export": info.get("format"), "exported_from": origin,
                         "step": src.get("step"), "epoch": src.get("epoch")})
     return source

@@ -181,7 +181,7 @@ def export_timm(loaded: LoadedBackbone, output: str | os.PathLike) -> list[Path]
         write_json(timm_config(loaded), output / CONFIG),
     ]
     registered_by = timm_architecture(describe_backbone(loaded.backbone))[1]
-    info = export_info(loaded, TIMM, [path.name for path in files] + [EXPORT_INFO],
+    info = export_info(loaded, TIMM, [path.name for path in files] + [EXPORT_INFO], output,
                        {"timm_architecture_registered_by": registered_by})
     files.append(write_json(info, output / EXPORT_INFO))
     return files
