@@ -218,3 +218,25 @@ def test_sigterm_during_start_up_stops_at_step_0_with_exit_75(tmp_path):
     assert proc.returncode == 75, stderr
     assert "preempted: stopped by SIGTERM at step 0" in stderr
     assert checkpoint.load_checkpoint(out / "checkpoints" / "latest.pt")["step"] == 0
+
+
+def test_an_unwritable_checkpoint_folder_is_one_line(tmp_path):
+    """A write that the file system refuses (here ``checkpoints`` is a file; a full disk or a
+    read-only folder raise the same OSError) ends in one line, exit 2."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "checkpoints").write_text("in the way")
+    result = run_script("train.py", *TINY_OVERRIDES, "train.max_steps=4", f"output_dir={out}")
+    assert result.returncode == 2, result.stderr
+    assert last_line(result).startswith("error: cannot write the run's files: ") and "checkpoints" in last_line(result)
+    assert "Traceback" not in result.stderr
+
+
+def test_a_record_after_a_resume_says_how_many_steps_it_averages(tmp_path):
+    out = tmp_path / "run"
+    common = [*TINY_OVERRIDES, "data.synthetic_size=32", "optim.epochs=4", "train.log_every=4", f"output_dir={out}"]
+    assert run_script("train.py", *common, "train.max_steps=4").returncode == 0
+    assert run_script("train.py", *common, "train.max_steps=7").returncode == 0  # stopped mid-window
+    assert run_script("train.py", *common, "train.max_steps=8").returncode == 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["window_steps"]) for r in records] == [(4, 4), (7, 3), (8, 1)]
