@@ -17,7 +17,7 @@ from msn.eval.classifier import (
     select_lambda,
 )
 
-sklearn_linear = pytest.importorskip("sklearn.linear_model")
+from sklearn import linear_model as sklearn_linear  # noqa: E402 - a test dependency, never skipped
 
 
 def make_problem(n: int, dim: int, classes: int, noise: float, seed: int, mean_seed: int | None = None):

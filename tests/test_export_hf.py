@@ -14,9 +14,9 @@ import msn.config
 import msn.models
 from msn.export import WeightsMismatchError, export, load_backbone
 from msn.export.cli import main
-from weights_helpers import EXACT_BUT_FP32_SOFTMAX, float64, write_run
+from weights_helpers import random_images, small_config, EXACT_BUT_FP32_SOFTMAX, float64, write_run
 
-transformers = pytest.importorskip("transformers")
+import transformers  # noqa: E402,F401 - a test dependency: missing means a broken set-up, not a skip
 from safetensors import safe_open  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 from transformers import ViTMSNConfig, ViTMSNForImageClassification, ViTMSNModel  # noqa: E402
@@ -26,12 +26,7 @@ MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
 
 
 def tiny_cfg():
-    return msn.config.load_config({
-        "data": {"name": "synthetic", "views": {"rand_size": SIZE, "focal_size": 16, "mean": list(MEAN), "std": list(STD)}},
-        "model": {"arch": "vit_mini", "depth": DEPTH, "embed_dim": WIDTH, "num_heads": HEADS, "patch_size": PATCH},
-        "head": {"hidden_dim": 64, "output_dim": 32},
-        "loss": {"num_prototypes": 16},
-    })
+    return small_config(SIZE, WIDTH, DEPTH, HEADS, PATCH, mean=MEAN, std=STD)
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +43,7 @@ def hf_dir(run, tmp_path_factory):
 
 
 def images(batch: int = 3, seed: int = 0) -> torch.Tensor:
-    return torch.randn(batch, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(seed))
+    return random_images(batch, SIZE, seed)
 
 
 def classic_names(depth: int, prefix: str = "") -> set[str]:

@@ -25,7 +25,7 @@ from msn.export import (
 )
 from msn.export.cli import main
 from msn.models import Prototypes
-from weights_helpers import randomize as shared_randomize
+from weights_helpers import random_images, randomize as shared_randomize
 
 ROOT = Path(__file__).resolve().parents[1]
 # width 192 (ViT-Ti) so that bare files exercise the heads-by-width table (192 -> 3)
@@ -59,7 +59,7 @@ def reference_state(network: msn.models.MSNNetwork) -> dict[str, torch.Tensor]:
 
 
 def images(batch: int = 3, seed: int = 0) -> torch.Tensor:
-    return torch.randn(batch, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(seed))
+    return random_images(batch, SIZE, seed)
 
 
 def assert_same_state(module: torch.nn.Module, other: torch.nn.Module) -> None:

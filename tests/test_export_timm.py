@@ -15,18 +15,13 @@ import msn.config
 import msn.models
 from msn.export import WeightsMismatchError, export, load_backbone
 from msn.export.timm_format import VIT_MSN, register_vit_msn, timm_architecture
-from weights_helpers import EXACT, float64, randomize, write_run
+from weights_helpers import random_images, small_config, EXACT, float64, randomize, write_run
 
 DEPTH, WIDTH, HEADS, PATCH, SIZE = 2, 64, 4, 8, 32
 
 
 def tiny_cfg():
-    return msn.config.load_config({
-        "data": {"name": "synthetic", "views": {"rand_size": SIZE, "focal_size": 16}},
-        "model": {"arch": "vit_mini", "depth": DEPTH, "embed_dim": WIDTH, "num_heads": HEADS, "patch_size": PATCH},
-        "head": {"hidden_dim": 64, "output_dim": 32},
-        "loss": {"num_prototypes": 16},
-    })
+    return small_config(SIZE, WIDTH, DEPTH, HEADS, PATCH)
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +37,7 @@ def timm_dir(run, tmp_path_factory):
 
 
 def images(batch: int = 3, seed: int = 0) -> torch.Tensor:
-    return torch.randn(batch, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(seed))
+    return random_images(batch, SIZE, seed)
 
 
 def our_features(network, x):

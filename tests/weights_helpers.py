@@ -54,3 +54,22 @@ def write_run(out, cfg, size: int, seeds: tuple[int, int], step: int, epoch: int
         out,
     )
     return {"path": path, "online": online.eval(), "target": target.eval(), "cfg": cfg}
+
+
+def small_config(size: int = 32, width: int = 64, depth: int = 2, heads: int = 4, patch: int = 8,
+                 mean=None, std=None) -> msn.config.MSNConfig:
+    """The validated config of a small ViT (64 wide, 2 blocks by default) on synthetic data."""
+    views = {"rand_size": size, "focal_size": 16}
+    if mean is not None:
+        views.update(mean=list(mean), std=list(std))
+    return msn.config.load_config({
+        "data": {"name": "synthetic", "views": views},
+        "model": {"arch": "vit_mini", "depth": depth, "embed_dim": width, "num_heads": heads, "patch_size": patch},
+        "head": {"hidden_dim": 64, "output_dim": 32},
+        "loss": {"num_prototypes": 16},
+    })
+
+
+def random_images(batch: int, size: int, seed: int = 0) -> torch.Tensor:
+    """``batch`` normal-noise images of ``size`` px, the same for the same seed."""
+    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
