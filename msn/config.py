@@ -34,6 +34,7 @@ class ModelConfig:
     mlp_ratio: float = 4.0  #: MLP hidden width over the embedding width
     attention: str = "sdpa"  #: sdpa (fused) | eager
     grad_checkpointing: bool = False  #: activation checkpointing of the blocks (ViT-L/7-sized runs)
+    drop_path_rate: float = 0.0  #: stochastic depth of the last block, online encoder only (0 in the released configs)
     sync_bn: bool = True  #: synchronised batch norms in the heads (online and target) with several processes
 
     def apply_preset(self) -> "ModelConfig":
@@ -211,6 +212,7 @@ def validate(cfg: MSNConfig, world_size: int = 1) -> MSNConfig:
            f"unknown preset {m.name!r}; choose from {sorted(MODELS)} or set model.arch and model.patch_size")
     _check(m.arch in ARCHITECTURES, "model.arch", f"unknown model {m.arch!r}; choose from {sorted(ARCHITECTURES)}")
     _check(m.patch_size > 0, "model.patch_size", f"must be positive, got {m.patch_size}")
+    _check(0.0 <= m.drop_path_rate < 1.0, "model.drop_path_rate", f"must be in [0, 1), got {m.drop_path_rate}")
     _check(m.attention in ("sdpa", "eager"), "model.attention", f"must be sdpa or eager, got {m.attention!r}")
     for key, size in (("data.views.rand_size", v.rand_size), ("data.views.focal_size", v.focal_size)):
         _check(size > 0 and size % m.patch_size == 0, key, f"{size} px is not a positive multiple of model.patch_size={m.patch_size}")

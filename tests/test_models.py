@@ -142,3 +142,26 @@ def test_prototypes_init_and_freeze():
     assert protos.weight.abs().max() <= bound and protos.weight.requires_grad
     torch.testing.assert_close(protos().norm(dim=1), torch.ones(64))
     assert not Prototypes(4, 16, frozen=True).weight.requires_grad
+
+
+def test_drop_path_is_stochastic_depth_in_training_only():
+    from timm.layers import DropPath
+
+    from msn.models import disable_drop_path
+
+    torch.manual_seed(0)
+    vit = build_vit("vit_mini", 8, 32, depth=4, embed_dim=32, num_heads=2, drop_path_rate=0.3)
+    rates = [block.drop_path1.drop_prob if isinstance(block.drop_path1, DropPath) else 0.0 for block in vit.vit.blocks]
+    assert rates == pytest.approx([0.0, 0.1, 0.2, 0.3])  # rising linearly to the last block (DeiT)
+    plain = build_vit("vit_mini", 8, 32, depth=4, embed_dim=32, num_heads=2)
+    plain.load_state_dict(vit.state_dict())  # the same names: drop path has no weights
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    vit.train()
+    assert not torch.equal(vit(x), vit(x))  # blocks dropped at random while training
+    vit.eval(), plain.eval()
+    assert torch.equal(vit(x), plain(x))  # inactive in eval mode
+    disable_drop_path(vit.train())
+    plain.train()
+    assert torch.equal(vit(x), plain(x))
+    with pytest.raises(ValueError, match="drop_path_rate"):
+        build_vit("vit_mini", 8, 32, drop_path_rate=1.0)

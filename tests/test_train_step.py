@@ -84,3 +84,18 @@ def test_bf16_forwards_feed_an_fp32_loss(tiny_config, monkeypatch):
     assert Trainer(tiny_config(precision="fp32")).autocast_dtype is None
     assert Trainer(tiny_config()).autocast_dtype is None  # auto on a CPU: fp32
 
+
+
+def test_drop_path_acts_on_the_online_encoder_only(tiny_config):
+    from timm.layers import DropPath
+
+    trainer = Trainer(tiny_config(model={"drop_path_rate": 0.4}))
+    online = [m.drop_prob for m in trainer.network.modules() if isinstance(m, DropPath)]
+    target = [m.drop_prob for m in trainer.target.modules() if isinstance(m, DropPath)]
+    assert online and max(online) == pytest.approx(0.4) and set(target) == {0.0}
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    trainer.target.train()
+    with torch.no_grad():
+        assert torch.equal(trainer.target.backbone(x), trainer.target.backbone(x))  # no block dropped
+    trainer.train_step(first_batch(trainer))
+    assert trainer.step == 1

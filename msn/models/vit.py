@@ -13,6 +13,7 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
+from timm.layers import DropPath
 from timm.models._manipulate import checkpoint_seq
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
@@ -135,9 +136,10 @@ def build_vit(
     mlp_ratio: float = 4.0,
     attention: str = "sdpa",
     grad_checkpointing: bool = False,
+    drop_path_rate: float = 0.0,
 ) -> MSNViT:
-    """Build a timm ViT for MSN (pre-norm, qkv bias, LayerNorm eps 1e-6, no drop-path; the
-    patch embedding initialised like the reference, :func:`init_patch_embed`).
+    """Build a timm ViT for MSN (pre-norm, qkv bias, LayerNorm eps 1e-6; the patch embedding
+    initialised like the reference, :func:`init_patch_embed`).
 
     Args:
         arch: a key of :data:`ARCHITECTURES`.
@@ -148,7 +150,11 @@ def build_vit(
         mlp_ratio: MLP hidden width over ``embed_dim``.
         attention: ``sdpa`` (fused scaled-dot-product attention) or ``eager``.
         grad_checkpointing: activation checkpointing of the blocks during training.
+        drop_path_rate: stochastic depth of the last block (rising linearly from 0 at the
+            first, the DeiT rule the reference follows); active in training mode only.
     """
+    if not 0.0 <= drop_path_rate < 1.0:
+        raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}")
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {arch!r}; choose from {sorted(ARCHITECTURES)}")
     if attention not in ("sdpa", "eager"):
@@ -164,7 +170,7 @@ def build_vit(
         qkv_bias=True,
         class_token=True,
         drop_rate=0.0,
-        drop_path_rate=0.0,
+        drop_path_rate=drop_path_rate,
         norm_layer=partial(nn.LayerNorm, eps=1e-6),
         **dims,
     )
@@ -174,3 +180,12 @@ def build_vit(
         block.attn.fused_attn = attention == "sdpa"
     vit.set_grad_checkpointing(grad_checkpointing)
     return MSNViT(vit)
+
+
+def disable_drop_path(module: nn.Module) -> nn.Module:
+    """Switch stochastic depth off in ``module`` (the EMA target, which runs in training mode
+    for its batch norms but must see every block); returns it."""
+    for layer in module.modules():
+        if isinstance(layer, DropPath):
+            layer.drop_prob = 0.0
+    return module

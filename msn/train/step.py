@@ -26,7 +26,7 @@ from msn.config import MSNConfig
 from msn.data import MultiViewBatch
 from msn.losses import MSNLossOutput, msn_loss
 from msn.masking import AnchorMasks
-from msn.models import MSNNetwork, Prototypes, build_network, use_sync_batchnorm
+from msn.models import MSNNetwork, Prototypes, build_network, disable_drop_path, use_sync_batchnorm
 from msn.runtime import autocast, autocast_dtype
 from msn.train.ema import ema_update
 from msn.train.optim import build_optimizer, parameter_groups, set_lr_and_wd
@@ -94,7 +94,7 @@ class MSNStep:
             _non_reentrant_checkpointing()
         network = build_network(cfg.model, cfg.head, cfg.data.views.rand_size).to(device)
         prototypes = Prototypes(cfg.loss.num_prototypes, cfg.head.output_dim, cfg.loss.freeze_prototypes).to(device)
-        target = copy.deepcopy(network)
+        target = disable_drop_path(copy.deepcopy(network))  # stochastic depth: online encoder only
         if init_state is not None:
             init_state(network, target, prototypes)
         target.requires_grad_(False)
