@@ -248,3 +248,21 @@ def test_written_files_respect_the_umask(run, tmp_path):
         assert saved.stat().st_mode & 0o777 == 0o644
     finally:
         os.umask(previous)
+
+
+def test_export_carries_a_model_card_and_the_transformers_version(run, hf_dir, tmp_path):
+    from importlib.metadata import version
+
+    config = json.loads((hf_dir / "config.json").read_text())
+    assert config["transformers_version"] == version("transformers")
+    card = (hf_dir / "README.md").read_text()
+    front = card.split("---")[1]
+    assert "library_name: transformers" in front and "pipeline_tag: image-feature-extraction" in front
+    assert "license: " in front and "- msn" in front
+    assert f"Width {WIDTH}, {DEPTH} blocks, {HEADS} heads" in card and f"patch {PATCH} px, {SIZE} px inputs" in card
+    assert "after 3 optimiser steps" in card and "Data: synthetic" in card and "16 prototypes" in card
+    assert "README.md" in json.loads((hf_dir / "msn_export.json").read_text())["files"]
+    labelled = tmp_path / "cls"
+    export(run["path"], labelled, "hf", labels=["cat", "dog"])
+    card = (labelled / "README.md").read_text()
+    assert "pipeline_tag: image-classification" in card and "2 classes: cat, dog" in card

@@ -32,6 +32,7 @@ from msn.export import names
 from msn.export.common import (EXPORT_INFO, IMAGENET_MEAN, IMAGENET_STD, EncoderWeights, LoadedBackbone,
                                WeightsSource, describe_backbone, parse_wrapped, read_model_weights,
                                save_safetensors, square_side, write_json)
+from msn.export.model_card import write_model_card
 from msn.export.native import apply_export_info, export_info, preprocessing
 
 if TYPE_CHECKING:  # the table module imports this one
@@ -130,10 +131,23 @@ def hf_config(loaded: LoadedBackbone, labels: Sequence[str] | None = None) -> di
         "qkv_bias": True,
         "torch_dtype": "float32",
     }
+    version = _transformers_version()
+    if version is not None:
+        config["transformers_version"] = version
     if labels:
         config["id2label"] = {str(index): label for index, label in enumerate(labels)}
         config["label2id"] = {label: index for index, label in enumerate(labels)}
     return config
+
+
+def _transformers_version() -> str | None:
+    """The installed transformers release (written like its own ``save_pretrained`` does), if any."""
+    try:
+        from importlib.metadata import version
+
+        return version("transformers")
+    except Exception:  # noqa: BLE001 - not installed: nothing to record
+        return None
 
 
 def preprocessor_config(loaded: LoadedBackbone) -> dict[str, Any]:
@@ -182,6 +196,7 @@ def export_hf(loaded: LoadedBackbone, output: str | os.PathLike, labels: Sequenc
         write_json(hf_config(loaded, labels), output / CONFIG),
         save_safetensors(hf_state(loaded, len(labels) if labels else 0), output / WEIGHTS),
         write_json(preprocessor_config(loaded), output / PREPROCESSOR),
+        write_model_card(loaded, output, labels),
     ]
     extra = {"num_labels": len(labels)} if labels else {}
     info = export_info(loaded, HF, [path.name for path in files] + [EXPORT_INFO], output, extra)
