@@ -7,3 +7,14 @@ Sub-packages own one concern each: ``msn.models`` (encoder, head, prototypes),
 """
 
 __version__ = "0.1.0"
+
+#: The Python API (:mod:`msn.api`), imported on first use so that ``import msn`` stays light.
+_API = ("pretrain", "load_backbone", "lowshot", "Backbone")
+
+
+def __getattr__(name: str):
+    if name in _API:
+        import importlib
+
+        return getattr(importlib.import_module("msn.api"), name)
+    raise AttributeError(f"module 'msn' has no attribute {name!r}")

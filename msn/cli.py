@@ -59,7 +59,7 @@ def run_training(raw: DictConfig, preemption=None) -> dict:
         try:
             try:
                 validate(cfg, world_size=distributed.world_size())  # what depends on the process count
-                trainer = Trainer(cfg, init_state=_init_state(cfg.init_from))
+                trainer = Trainer(cfg, init_state=init_state(cfg.init_from))
             except (ConfigError, FileNotFoundError, ValueError) as error:
                 _fail(error)
             try:
@@ -143,7 +143,7 @@ def _requeue(mode: str) -> str:
     return f"requeued Slurm job {job}"
 
 
-def _init_state(path: str | None):
+def init_state(path: str | None):
     """``init_from``: a callable loading weights into (network, target, prototypes)."""
     if path is None:
         return None

@@ -19,6 +19,7 @@ FLOORS = {
     "msn.losses": 2, "msn.models": 2,
     "msn.export": 3, "msn.train": 3,
     "msn.eval": 4, "msn.cli": 4,
+    "msn.api": 5,
 }
 PACKAGES = ("msn.data", "msn.models", "msn.train", "msn.export", "msn.eval")
 
