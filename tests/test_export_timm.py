@@ -182,3 +182,4 @@ def test_vit_msn_registration_is_idempotent(recwarn):
     register_vit_msn()
     assert timm.is_model(VIT_MSN) and timm.list_models(VIT_MSN) == [VIT_MSN]
     assert not [w for w in recwarn if "Overwriting" in str(w.message)]
+

@@ -33,7 +33,7 @@ def test_wandb_offline_resume_continues_the_run_and_logs_the_export(tmp_path):
 
 
 def test_artifact_format_is_checked_before_training(tmp_path):
-    bad = run_script("train.py", *TINY_OVERRIDES, "logging.artifact=onnx", f"output_dir={tmp_path / 'r'}")
+    bad = run_script("train.py", *TINY_OVERRIDES, "logging.artifact=tflite", f"output_dir={tmp_path / 'r'}")
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines()[-1].startswith("error: logging.artifact: must be null or one of ")
     assert not (tmp_path / "r" / "checkpoints").exists()

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from msn.export import hf, native, reference, timm_format
+from msn.export import hf, native, onnx_format, reference, timm_format
 from msn.export.common import WeightsSource, is_tensor_dict, read_json, read_tensors, torch_load, unwrap_state
 
 _UNREAD = object()
@@ -103,6 +103,8 @@ FORMATS: dict[str, Format] = {fmt.name: fmt for fmt in (
            hf.STATE_MARKERS, hf.read_state, write=hf.export_hf, takes_labels=True),
     Format(timm_format.TIMM, "timm VisionTransformer", "config.json with architecture", timm_format.sniff,
            timm_format.read, timm_format.STATE_MARKERS, timm_format.read_state, write=timm_format.export_timm),
+    Format(onnx_format.ONNX, "ONNX graph of the CLS feature (inference only)", "model.onnx", onnx_format.sniff,
+           onnx_format.read, write=onnx_format.export_onnx),
 )}
 
 
