@@ -60,19 +60,21 @@ def gather_tokens(tokens: torch.Tensor, keep_indices: torch.Tensor) -> torch.Ten
     return torch.gather(tokens, 1, index)
 
 
-def mask_generator(seed: int, step: int) -> torch.Generator:
+def mask_generator(seed: int, step: int, row: int = -1) -> torch.Generator:
     """The generator of ``step``'s masks: seeded without the rank, so that every rank draws
-    the same masks of the global batch (the reference seeds every rank identically)."""
-    return torch.Generator().manual_seed((seed * 7_919 + step * 104_729 + 17) % (2**63 - 1))
+    the same masks (the reference seeds every rank identically). ``row``: the image's place in
+    the global batch (per-image masks); -1 for the one shared subset."""
+    return torch.Generator().manual_seed((seed * 7_919 + step * 104_729 + (row + 1) * 15_485_863 + 17) % (2**63 - 1))
 
 
 class AnchorMasks:
     """Every anchor mask of a run, drawn in one place (paper Sec. 3, "Input Masking").
 
     The masks of step ``s`` depend on ``(seed, s)`` only: not on loader workers, not on where a
-    run was resumed, and not on the number of processes. Rank ``r`` of ``world_size`` takes
-    the rows of its contiguous share of the global batch (the sampler's split), so N
-    processes use exactly the masks of one process on the concatenated batch.
+    run was resumed, and not on the number of processes. A per-image mask is drawn from a
+    generator of its row in the global batch, so rank ``r`` of ``world_size`` draws only the
+    rows of its contiguous share (the sampler's split) and N processes use exactly the masks of
+    one process on the concatenated batch, at the cost of the local batch alone.
 
     Args:
         num_patches: patch tokens N of an anchor view.
@@ -85,18 +87,18 @@ class AnchorMasks:
 
     def __init__(self, num_patches: int, ratio: float, shared: bool, seed: int, global_batch: int,
                  rank: int = 0, world_size: int = 1):
-        num_kept_patches(num_patches, ratio)  # validates the ratio
+        self.kept = num_kept_patches(num_patches, ratio)  # validates the ratio
         self.num_patches, self.ratio, self.shared, self.seed = num_patches, ratio, shared, seed
         self.first_row = rank * (global_batch // world_size)
-        self.global_batch = global_batch
 
     def __call__(self, step: int, batch_size: int, device: torch.device | str | None = None) -> torch.Tensor | None:
         """Keep indices [batch_size, 1 + K] of this rank's anchors at ``step`` (CLS first)."""
         if self.ratio == 0:
             return None
-        generator = mask_generator(self.seed, step)
         if self.shared:
             return sample_keep_indices(batch_size, self.num_patches, self.ratio, shared=True,
-                                       generator=generator, device=device)
-        rows = sample_keep_indices(self.global_batch, self.num_patches, self.ratio, generator=generator)
-        return rows[self.first_row: self.first_row + batch_size].to(device)
+                                       generator=mask_generator(self.seed, step), device=device)
+        rows = [torch.randperm(self.num_patches, generator=mask_generator(self.seed, step, row))[: self.kept]
+                for row in range(self.first_row, self.first_row + batch_size)]
+        chosen = torch.stack(rows).sort(dim=1).values + 1
+        return torch.cat([torch.zeros(batch_size, 1, dtype=torch.long), chosen], dim=1).to(device)
