@@ -186,3 +186,51 @@ def test_decoding_composites_transparency_applies_exif_and_converts_cmyk(tmp_pat
     exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
     rotated = _decoded(tmp_path, tall, "phone.jpg", exif=exif)
     assert rotated.shape == (3, 6, 10)  # displayed 10 wide, 6 high
+
+
+def test_min_decode_pixels_by_hand():
+    from msn.data.transforms import min_decode_pixels
+
+    # focal views bind: 96^2 / (0.05 * 3/4) = 245760 (the 224 px pair needs 224^2 / 0.225 = 223004.4)
+    assert min_decode_pixels(ViewsConfig()) == 245760
+    assert min_decode_pixels(ViewsConfig(num_focal=0, focal_size=8, focal_scale=(0.5, 1.0))) == 223005
+
+
+def test_reduced_decode_keeps_enough_pixels_and_leaves_small_images_alone(tmp_path):
+    """A 1600x1200 JPEG holds 1.92 M pixels: halving twice leaves 400x300 = 120000 >= 100000,
+    an eighth (200x150) would not; a 300x200 JPEG and a PNG are decoded in full, bit for bit."""
+    from PIL import Image
+
+    from msn.data.datasets import decode_rgb
+
+    g = torch.Generator().manual_seed(0)
+
+    def save(name, width, height):
+        low = torch.rand(1, 3, height // 20, width // 20, generator=g)
+        pixels = torch.nn.functional.interpolate(low, size=(height, width), mode="bilinear")[0]
+        path = tmp_path / name
+        Image.fromarray((pixels * 255).to(torch.uint8).permute(1, 2, 0).numpy()).save(path)
+        return str(path)
+
+    big = save("big.jpg", 1600, 1200)
+    reduced, full = decode_rgb(big, min_pixels=100_000), decode_rgb(big)
+    assert full.shape == (3, 1200, 1600) and reduced.shape == (3, 300, 400)
+    shrunk = torch.nn.functional.interpolate(full[None].float(), size=(300, 400), mode="area")[0]
+    assert (reduced.float() - shrunk).abs().mean() < 3  # the same picture (smooth image: a few grey levels)
+    for small in (save("small.jpg", 300, 200), save("big.png", 1600, 1200)):
+        assert torch.equal(decode_rgb(small, min_pixels=50_000), decode_rgb(small))
+
+
+def test_pre_training_folders_decode_reduced_evaluation_folders_in_full(tmp_path, tiny_config):
+    from PIL import Image
+
+    from msn.data import build_dataset
+    from msn.data.transforms import min_decode_pixels
+
+    (tmp_path / "images" / "a").mkdir(parents=True)
+    Image.new("RGB", (40, 40)).save(tmp_path / "images" / "a" / "x.jpg")
+    data_cfg = tiny_config(data={"name": "folder", "root": str(tmp_path / "images")}).data
+    assert build_dataset(data_cfg, train=True).min_pixels == min_decode_pixels(data_cfg.views)
+    assert build_dataset(data_cfg, train=False).min_pixels is None
+    data_cfg.reduced_decode = False
+    assert build_dataset(data_cfg, train=True).min_pixels is None

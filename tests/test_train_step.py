@@ -99,3 +99,42 @@ def test_drop_path_acts_on_the_online_encoder_only(tiny_config):
         assert torch.equal(trainer.target.backbone(x), trainer.target.backbone(x))  # no block dropped
     trainer.train_step(first_batch(trainer))
     assert trainer.step == 1
+
+
+def test_compiled_step_is_static_and_never_recompiles_after_warm_up(tiny_config):
+    """``train.compile``: one static graph per view group (masked anchors, focal views, target
+    views), compiled in the first step; five more steps trigger no compilation (dynamo's
+    counters). A recording backend checks that every traced graph input has concrete sizes
+    (no symbolic shapes) and runs the graph as traced; tests/test_cuda.py runs inductor (its C++
+    build takes minutes on a 2-core CPU)."""
+    from torch._dynamo import register_backend
+    from torch._dynamo.utils import counters
+
+    graphs = []
+
+    @register_backend(name="msn_test_record_shapes")
+    def record(graph_module, example_inputs):
+        traced = [node.meta.get("example_value") for node in graph_module.graph.nodes if node.op == "placeholder"]
+        assert not any(isinstance(value, torch.SymInt) for value in traced)  # no size passed as an input
+        shapes = [tuple(value.shape) for value in traced if isinstance(value, torch.Tensor)]
+        assert all(isinstance(size, int) for shape in shapes for size in shape)  # no symbolic size
+        graphs.append(shapes)
+        return graph_module.forward
+
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = {"train": {"compile": True, "compile_backend": "msn_test_record_shapes"}, "mask": {"ratio": 0.25}}
+    trainer = Trainer(tiny_config(**compiled))
+    batch = first_batch(trainer)
+    trainer.train_step(batch)
+    watched = ("stats", "frames", "recompiles")
+    warm = {name: dict(counters[name]) for name in watched}
+    assert warm["stats"]["unique_graphs"] == 3 and len(graphs) == 3
+    shapes = {shape for inputs in graphs for shape in inputs}
+    assert (8, 13) in shapes and (2 * 8, 3, 16, 16) in shapes  # kept tokens (CLS + 12 of 16 patches), focal views
+    for _ in range(5):
+        trainer.train_step(batch)
+    assert {name: dict(counters[name]) for name in watched} == warm and len(graphs) == 3
+    torch.testing.assert_close(Trainer(tiny_config(mask={"ratio": 0.25})).train_step(batch),
+                               Trainer(tiny_config(**compiled)).train_step(batch), rtol=1e-5, atol=1e-5)
+    torch._dynamo.reset()

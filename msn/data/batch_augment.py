@@ -102,6 +102,20 @@ def gaussian_blur(images: torch.Tensor, sigma: torch.Tensor, kernel_size: int) -
     return x.view(n, c, h, w)
 
 
+def _update_rows(x: torch.Tensor, chosen: torch.Tensor, op, by_mask: bool) -> torch.Tensor:
+    """``x`` with the rows where ``chosen`` holds replaced by ``op(rows)``.
+
+    ``by_mask`` runs ``op`` on every row (``rows`` is a slice) and selects with
+    ``torch.where``; otherwise only the chosen rows are gathered, transformed and written back.
+    """
+    if by_mask:
+        return torch.where(chosen.view(-1, 1, 1, 1), op(slice(None)), x)
+    rows = chosen.nonzero().flatten()
+    if rows.numel():
+        x[rows] = op(rows)
+    return x
+
+
 JITTER_OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
 
 
@@ -153,24 +167,27 @@ class BatchPhotometric:
             sigma=lo + (hi - lo) * torch.rand(n, generator=generator),
         )
 
-    def apply(self, images: torch.Tensor, params: PhotometricParams) -> torch.Tensor:
-        """uint8 or float [N, 3, H, W] -> normalised float32 views."""
+    def apply(self, images: torch.Tensor, params: PhotometricParams, select: str = "auto") -> torch.Tensor:
+        """uint8 or float [N, 3, H, W] -> normalised float32 views.
+
+        Args:
+            select: how an operation reaches the images that drew it. ``index``: gathered and
+                written back (no wasted work; each gather synchronises a GPU with the host);
+                ``mask``: computed for every image and kept where drawn (``torch.where``, no
+                synchronisation: the GPU path). ``auto``: ``index`` on the CPU, else ``mask``.
+                Both give the same values up to float rounding (tested).
+        """
         device = images.device
         x = images.float().div_(255.0) if images.dtype == torch.uint8 else images.float().clone()
-        jitter = params.jitter.to(device)
-        factors = params.factors.to(device)
-        order = params.order.to(device)
+        jitter, factors, order = params.jitter.to(device), params.factors.to(device), params.order.to(device)
+        gray, blur, sigma = params.gray.to(device), params.blur.to(device), params.sigma.to(device)
+        by_mask = select == "mask" or (select == "auto" and device.type != "cpu")
         for position in range(4):
             for op_index, op in enumerate(JITTER_OPS):
-                chosen = (jitter & (order[:, position] == op_index)).nonzero().flatten()
-                if chosen.numel():
-                    x[chosen] = op(x[chosen], factors[chosen, op_index])
-        gray = params.gray.to(device).nonzero().flatten()
-        if gray.numel():
-            x[gray] = grayscale(x[gray]).expand(-1, 3, -1, -1)
-        blur = params.blur.to(device).nonzero().flatten()
-        if blur.numel():
-            x[blur] = gaussian_blur(x[blur], params.sigma.to(device)[blur], self.kernel_size)
+                chosen = jitter & (order[:, position] == op_index)
+                x = _update_rows(x, chosen, lambda rows: op(x[rows], factors[rows, op_index]), by_mask)
+        x = _update_rows(x, gray, lambda rows: grayscale(x[rows]).expand(-1, 3, -1, -1), by_mask)
+        x = _update_rows(x, blur, lambda rows: gaussian_blur(x[rows], sigma[rows], self.kernel_size), by_mask)
         return (x - self.mean.to(device)) / self.std.to(device)
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -218,25 +235,40 @@ def resized_crops(images: torch.Tensor, boxes: torch.Tensor, image_index: torch.
     """Crop ``boxes`` out of ``images[image_index]`` and resize each to ``size x size``.
 
     Bilinear sampling with 2x2 samples averaged per output pixel (``roi_align``), so shrinking
-    crops are smoothed; optional horizontal flip per crop. Float in, float out.
+    crops are smoothed; optional horizontal flip per crop (selected without a device
+    synchronisation off the CPU). Float in, float out.
     """
     from torchvision.ops import roi_align
 
     rois = torch.cat([image_index.to(boxes.dtype).unsqueeze(1), boxes], dim=1).to(images.device, images.dtype)
     crops = roi_align(images, rois, output_size=(size, size), spatial_scale=1.0, sampling_ratio=2, aligned=True)
     if flip is not None:
-        flipped = flip.to(crops.device).nonzero().flatten()
-        if flipped.numel():
-            crops[flipped] = crops[flipped].flip(-1)
+        crops = _update_rows(crops, flip.to(crops.device), lambda rows: crops[rows].flip(-1), crops.device.type != "cpu")
     return crops
+
+
+@dataclass
+class ViewPlan:
+    """Every random choice :class:`BatchMultiView` makes for one batch, drawn on the host:
+    crop boxes, flips and photometric parameters of the target/anchor pair (``rand_*``, view
+    0 of every image, then view 1) and of the focal views (``focal_*``, view-major)."""
+
+    rand_boxes: torch.Tensor
+    rand_flip: torch.Tensor
+    rand_params: PhotometricParams
+    focal_boxes: torch.Tensor | None
+    focal_flip: torch.Tensor | None
+    focal_params: PhotometricParams | None
 
 
 class BatchMultiView:
     """All views of a batch of equal-size uint8 images at once: crops, flips, photometric.
 
-    Used by ``data.augment=batched`` when the data set has a fixed image size (Fashion-MNIST,
-    synthetic): every crop box, flip and photometric parameter is drawn per view and image,
-    as torchvision would image by image, but each operation runs once over the batch.
+    Used by ``data.augment=batched`` (and ``device``) when the data set has a fixed image size
+    (Fashion-MNIST, synthetic): every crop box, flip and photometric parameter is drawn per
+    view and image, as torchvision would image by image, but each operation runs once over the
+    batch. :meth:`sample` draws them (host, seeded generator), :meth:`render` applies them on
+    whatever device holds the images.
 
     Args:
         views_cfg: a :class:`msn.config.ViewsConfig`.
@@ -247,21 +279,67 @@ class BatchMultiView:
         self.rand = BatchPhotometric(views_cfg, views_cfg.rand_size)
         self.focal = BatchPhotometric(views_cfg, views_cfg.focal_size)
 
-    def __call__(self, images: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """uint8 [B, 3, H, W] -> (target [B], anchor [B], focal [V*B] view-major), normalised."""
+    def sample(self, count: int, height: int, width: int, generator: torch.Generator) -> ViewPlan:
+        """The plan of a batch of ``count`` images of ``height x width``."""
         cfg = self.cfg
-        b, _, height, width = images.shape
-        x = images.float().div_(255.0)
-        index = torch.arange(b)
 
-        def views(count: int, size: int, scale) -> torch.Tensor:
-            image_index = index.repeat(count)  # view-major: view 0 of every image, then view 1...
-            boxes = sample_crop_boxes(count * b, height, width, tuple(scale), generator)
-            flip = torch.rand(count * b, generator=generator) < cfg.hflip
-            return resized_crops(x, boxes, image_index, size, flip)
+        def geometry(views: int, scale) -> tuple[torch.Tensor, torch.Tensor]:
+            boxes = sample_crop_boxes(views * count, height, width, tuple(scale), generator)
+            return boxes, torch.rand(views * count, generator=generator) < cfg.hflip
 
-        pair = self.rand(views(2, cfg.rand_size, cfg.rand_scale), generator)
-        focal = views(cfg.num_focal, cfg.focal_size, cfg.focal_scale) if cfg.num_focal else x.new_zeros(0, 3, cfg.focal_size, cfg.focal_size)
+        rand_boxes, rand_flip = geometry(2, cfg.rand_scale)
+        rand_params = self.rand.sample(2 * count, generator)
+        focal_boxes = focal_flip = focal_params = None
         if cfg.num_focal:
-            focal = self.focal(focal, generator)
+            focal_boxes, focal_flip = geometry(cfg.num_focal, cfg.focal_scale)
+            focal_params = self.focal.sample(cfg.num_focal * count, generator)
+        return ViewPlan(rand_boxes, rand_flip, rand_params, focal_boxes, focal_flip, focal_params)
+
+    def render(self, images: torch.Tensor, plan: ViewPlan) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """uint8 [B, 3, H, W] -> (target [B], anchor [B], focal [V*B] view-major), normalised."""
+        cfg, b = self.cfg, images.shape[0]
+        x = images.float().div_(255.0)
+        index = torch.arange(b)  # view-major: view 0 of every image, then view 1...
+        pair = resized_crops(x, plan.rand_boxes, index.repeat(2), cfg.rand_size, plan.rand_flip)
+        pair = self.rand.apply(pair, plan.rand_params)
+        if plan.focal_boxes is None:
+            focal = x.new_zeros(0, 3, cfg.focal_size, cfg.focal_size)
+        else:
+            focal = resized_crops(x, plan.focal_boxes, index.repeat(cfg.num_focal), cfg.focal_size, plan.focal_flip)
+            focal = self.focal.apply(focal, plan.focal_params)
         return pair[:b], pair[b:], focal
+
+    def __call__(self, images: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Sample and render at once (``data.augment=batched``)."""
+        return self.render(images, self.sample(images.shape[0], *images.shape[-2:], generator))
+
+
+# ---------------------------------------------------------------------------- device augmentation
+# ``data.augment=device``: the loader draws every parameter and ships uint8 pixels with one of
+# these; ``MultiViewBatch.to(device)`` runs it there (docs/method.md Sec. 1).
+
+@dataclass
+class DeferredPhotometric:
+    """Photometric augmentation still to run on uint8 crops (data sets of varying image size)."""
+
+    rand: BatchPhotometric
+    focal: BatchPhotometric
+    rand_params: PhotometricParams
+    focal_params: PhotometricParams | None
+
+    def apply(self, target: torch.Tensor, anchor: torch.Tensor, focal: torch.Tensor):
+        both = self.rand.apply(torch.cat([target, anchor]), self.rand_params)
+        focal = focal.float() if self.focal_params is None else self.focal.apply(focal, self.focal_params)
+        return both[: target.shape[0]], both[target.shape[0]:], focal
+
+
+@dataclass
+class DeferredViews:
+    """Every view still to make from the raw uint8 images (``target`` holds them; the anchor
+    and focal tensors are empty), by :meth:`BatchMultiView.render` of ``plan``."""
+
+    views: BatchMultiView
+    plan: ViewPlan
+
+    def apply(self, images: torch.Tensor, anchor: torch.Tensor, focal: torch.Tensor):
+        return self.views.render(images, self.plan)

@@ -12,7 +12,7 @@ continues the uninterrupted run's.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -71,30 +71,40 @@ def _source(base: Dataset, index: int) -> str:
 @dataclass
 class MultiViewBatch:
     """A collated batch: ``target`` [B,3,H,W], ``anchor`` [B,3,H,W], ``focal`` [V*B,3,h,w]
-    view-major, ``labels`` [B], ``skipped`` bad images."""
+    view-major, ``labels`` [B], ``skipped`` bad images.
+
+    With ``data.augment=device`` the images are still uint8 and ``pending`` holds the
+    augmentation left to run (:class:`~msn.data.batch_augment.DeferredPhotometric` or
+    :class:`~msn.data.batch_augment.DeferredViews`, every parameter already drawn);
+    :meth:`to` runs it on the training device.
+    """
 
     target: torch.Tensor
     anchor: torch.Tensor
     focal: torch.Tensor
     labels: torch.Tensor
     skipped: int
+    pending: Any = None
 
     def pin_memory(self) -> "MultiViewBatch":
         return MultiViewBatch(self.target.pin_memory(), self.anchor.pin_memory(), self.focal.pin_memory(),
-                              self.labels.pin_memory(), self.skipped)
+                              self.labels.pin_memory(), self.skipped, self.pending)
 
     def to(self, device: torch.device, dtype: torch.dtype | None = None) -> "MultiViewBatch":
-        """On ``device``; the images (not the labels) also in ``dtype`` if given."""
-        image = lambda t: t.to(device, dtype, non_blocking=True)  # noqa: E731 - dtype None keeps it
-        return MultiViewBatch(image(self.target), image(self.anchor), image(self.focal),
-                              self.labels.to(device, non_blocking=True), self.skipped)
+        """On ``device``, augmented there if ``pending``; the images (not the labels) also in
+        ``dtype`` if given."""
+        views = [t.to(device, non_blocking=True) for t in (self.target, self.anchor, self.focal)]
+        if self.pending is not None:
+            views = self.pending.apply(*views)
+        target, anchor, focal = (t.to(dtype) if dtype is not None else t for t in views)
+        return MultiViewBatch(target, anchor, focal, self.labels.to(device, non_blocking=True), self.skipped)
 
     @property
     def size(self) -> int:
         return self.target.shape[0]
 
 
-def collate_views(samples: list, photometric=None, seed: int = 0, batch_views=None) -> MultiViewBatch:
+def collate_views(samples: list, photometric=None, seed: int = 0, batch_views=None, defer: bool = False) -> MultiViewBatch:
     """Stack samples view-major, dropping unreadable ones (:class:`Unreadable`) and counting them.
 
     Args:
@@ -105,16 +115,25 @@ def collate_views(samples: list, photometric=None, seed: int = 0, batch_views=No
         seed: run seed.
         batch_views: optional :class:`msn.data.batch_augment.BatchMultiView` that makes every
             view of the batch from the raw uint8 images (samples carry ``views = [image]``).
+        defer: draw the batched augmentation's parameters here but leave its work to the
+            training device (``data.augment=device``): the batch carries uint8 pixels and a
+            ``pending`` augmentation, and equals the ``batched`` one once moved.
     """
+    from msn.data.batch_augment import DeferredPhotometric, DeferredViews
+
     good = [s for s in samples if not isinstance(s, Unreadable)]
     if not good:
         raise BadImageError(f"every image of a batch of {len(samples)} was unreadable, {samples[0].source} first; "
                             f"data.on_bad_image=skip needs one readable image per batch")
-    labels = torch.tensor([s[1] for s in good])
+    labels, skipped = torch.tensor([s[1] for s in good]), len(samples) - len(good)
+    generator = torch.Generator().manual_seed(sample_seed(seed + 1, *good[0][2]))
     if batch_views is not None:
-        generator = torch.Generator().manual_seed(sample_seed(seed + 1, *good[0][2]))
-        target, anchor, focal = batch_views(torch.stack([s[0][0] for s in good]), generator)
-        return MultiViewBatch(target, anchor, focal, labels, len(samples) - len(good))
+        images = torch.stack([s[0][0] for s in good])
+        plan = batch_views.sample(len(good), *images.shape[-2:], generator)
+        if defer:
+            empty = images.new_zeros(0)
+            return MultiViewBatch(images, empty, empty, labels, skipped, DeferredViews(batch_views, plan))
+        return MultiViewBatch(*batch_views.render(images, plan), labels, skipped)
     num_focal = len(good[0][0]) - 2
     target = torch.stack([s[0][0] for s in good])
     anchor = torch.stack([s[0][1] for s in good])
@@ -122,24 +141,24 @@ def collate_views(samples: list, photometric=None, seed: int = 0, batch_views=No
         focal = torch.stack([s[0][2 + v] for v in range(num_focal) for s in good])
     else:
         focal = torch.empty(0, *anchor.shape[1:], dtype=anchor.dtype)
-    if photometric is not None:
-        epoch, index = good[0][2]
-        generator = torch.Generator().manual_seed(sample_seed(seed + 1, epoch, index))
-        rand, small = photometric
-        both = rand(torch.cat([target, anchor]), generator)
-        target, anchor = both[: len(good)], both[len(good):]
-        focal = small(focal, generator) if num_focal else focal.float()
-    return MultiViewBatch(target, anchor, focal, labels, len(samples) - len(good))
+    if photometric is None:
+        return MultiViewBatch(target, anchor, focal, labels, skipped)
+    rand, small = photometric
+    pending = DeferredPhotometric(rand, small, rand.sample(2 * len(good), generator),
+                                  small.sample(focal.shape[0], generator) if num_focal else None)
+    if defer:
+        return MultiViewBatch(target, anchor, focal, labels, skipped, pending)
+    return MultiViewBatch(*pending.apply(target, anchor, focal), labels, skipped)
 
 
 class MultiViewCollate:
     """Picklable ``collate_fn`` for DataLoader workers (see :func:`collate_views`)."""
 
-    def __init__(self, photometric=None, seed: int = 0, batch_views=None):
-        self.photometric, self.seed, self.batch_views = photometric, seed, batch_views
+    def __init__(self, photometric=None, seed: int = 0, batch_views=None, defer: bool = False):
+        self.photometric, self.seed, self.batch_views, self.defer = photometric, seed, batch_views, defer
 
     def __call__(self, samples: list) -> MultiViewBatch:
-        return collate_views(samples, self.photometric, self.seed, self.batch_views)
+        return collate_views(samples, self.photometric, self.seed, self.batch_views, self.defer)
 
 
 class ResumableSampler(Sampler):
@@ -221,16 +240,19 @@ def build_multiview_data(dataset: Dataset, data_cfg, seed: int) -> tuple[MultiVi
     * ``batched`` on a data set of fixed image size: every view of the batch made at once
       (:class:`~msn.data.batch_augment.BatchMultiView`).
     * ``batched`` otherwise: uint8 crops image by image, photometric ops per batch.
+    * ``device``: as ``batched``, the same parameters drawn in the loader, but the batched
+      work (photometric ops; for fixed-size data the crops too) runs on the training device
+      (:meth:`MultiViewBatch.to`).
     """
     from msn.data.batch_augment import BatchMultiView, BatchPhotometric
     from msn.data.datasets import fixed_image_size
 
-    views = data_cfg.views
+    views, defer = data_cfg.views, data_cfg.augment == "device"
     if data_cfg.augment == "per_sample":
         transform, collate = MultiViewTransform(views, photometric=True), MultiViewCollate(seed=seed)
     elif fixed_image_size(dataset) is not None:
-        transform, collate = None, MultiViewCollate(seed=seed, batch_views=BatchMultiView(views))
+        transform, collate = None, MultiViewCollate(seed=seed, batch_views=BatchMultiView(views), defer=defer)
     else:
         photometric = (BatchPhotometric(views, views.rand_size), BatchPhotometric(views, views.focal_size))
-        transform, collate = MultiViewTransform(views, photometric=False), MultiViewCollate(photometric, seed)
+        transform, collate = MultiViewTransform(views, photometric=False), MultiViewCollate(photometric, seed, defer=defer)
     return MultiViewDataset(dataset, transform, seed), collate

@@ -20,6 +20,22 @@ def blur_kernel_size(sigma_max: float, image_size: int) -> int:
     return max(3, min(size, largest_odd))
 
 
+#: RandomResizedCrop's aspect-ratio range (torchvision's default, the reference's)
+CROP_RATIO = (3 / 4, 4 / 3)
+
+
+def min_decode_pixels(views_cfg) -> int:
+    """The fewest pixels a decoded image may have so that every random-resized crop of every
+    view is still shrunk (or kept) to its output size, never enlarged: a crop of area fraction
+    ``s`` and aspect ``r`` of an ``A``-pixel image has sides ``sqrt(s A r)`` and ``sqrt(s A / r)``,
+    the shorter at least ``sqrt(s_min A 3/4)``, which must reach the view's side ``size``:
+    ``A >= size^2 / (s_min * 3/4)``. Decoding a JPEG down to that size changes no crop's
+    box (the fractions are drawn as before) and enlarges no crop."""
+    shortest = min(CROP_RATIO[0], 1 / CROP_RATIO[1])
+    groups = ((views_cfg.rand_size, views_cfg.rand_scale[0]), (views_cfg.focal_size, views_cfg.focal_scale[0]))
+    return max(math.ceil(size**2 / (scale * shortest)) for size, scale in groups)
+
+
 def view_transform(views_cfg, size: int, scale: tuple[float, float]) -> v2.Compose:
     """Augmentation of one view on a uint8 tensor [3, H, W] -> normalised float32 [3, size, size].
 

@@ -111,9 +111,11 @@ class MSNStep:
             online = DistributedDataParallel(online, device_ids=[device.index] if device.type == "cuda" else None,
                                              **_no_forward_buffer_sync())
         if cfg.train.compile:
-            # in place (state-dict names unchanged); dynamic shapes: token counts vary per view group
-            network.backbone.compile(dynamic=True)
-            target.backbone.compile(dynamic=True)
+            # in place (state-dict names unchanged). Static shapes: every view group has one
+            # shape for a given config (target, masked anchor, focal), so each compiles once
+            # and no later step recompiles (tests/test_train_step.py counts it)
+            for module in (network.backbone, target.backbone):
+                module.compile(dynamic=False, backend=cfg.train.compile_backend)
         o = cfg.optim
         fused = o.fused == "true" or (o.fused == "auto" and device.type == "cuda")
         optimizer = build_optimizer(parameter_groups(network, prototypes.weight, o.decay_pos_embed), o.betas, o.eps, fused)
