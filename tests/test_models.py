@@ -165,3 +165,57 @@ def test_drop_path_is_stochastic_depth_in_training_only():
     assert torch.equal(vit(x), plain(x))
     with pytest.raises(ValueError, match="drop_path_rate"):
         build_vit("vit_mini", 8, 32, drop_path_rate=1.0)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_cls_only_last_block_equals_the_full_block_with_gradients(attention):
+    """The last block computes the CLS row only (ClassTokenBlock): output and every weight's
+    gradient equal those of the full block's CLS row, in float64."""
+    torch.manual_seed(0)
+    model = build_vit("vit_mini", 8, 32, depth=2, embed_dim=32, num_heads=2, attention=attention).double()
+    x = randn(3, 3, 32, 32)
+    keep = sample_keep_indices(3, 16, 0.25, generator=torch.Generator().manual_seed(2))
+
+    def run(cls_only):
+        model.zero_grad()
+        out = model(x, keep) if cls_only else model.forward_blocks(x, keep)[0][:, 0]
+        (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    (fast, fast_grads), (full, full_grads) = run(True), run(False)
+    torch.testing.assert_close(fast, full, **EXACT)
+    assert fast_grads.keys() == full_grads.keys()
+    for name in full_grads:
+        torch.testing.assert_close(fast_grads[name], full_grads[name], **EXACT, msg=name)
+
+
+def test_cls_only_last_block_draws_stochastic_depth_like_the_full_block():
+    torch.manual_seed(0)
+    model = build_vit("vit_mini", 8, 32, depth=2, embed_dim=32, num_heads=2, drop_path_rate=0.5).double().train()
+    x = randn(8, 3, 32, 32)
+    torch.manual_seed(5)
+    fast = model(x)
+    torch.manual_seed(5)
+    full = model.forward_blocks(x)[0][:, 0]
+    torch.testing.assert_close(fast, full, **EXACT)
+
+
+def test_cls_only_last_block_saves_its_share_of_flops():
+    """ViT-S/16 at 224 px: the last of 12 blocks spends 2 of its 12 D x D products on the 196
+    patch tokens (keys, values) instead of 12, and one attention row instead of 197 (eager
+    attention: its matmuls are counted, the CPU's fused kernel is not)."""
+    model = build_vit("vit_small", 16, 224, attention="eager")
+    x = torch.randn(1, 3, 224, 224)
+
+    def flops(fn):
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            fn()
+        return counter.get_total_flops()
+
+    full, fast = flops(lambda: model.forward_blocks(x)), flops(lambda: model(x))
+    d, n, blocks = 384, 197, 12
+    linear = 2 * 12 * d * d * n  # qkv 3, proj 1, MLP 8 products per token and block
+    attention = 2 * 2 * n * n * d
+    saved = 2 * 10 * d * d * (n - 1) + 2 * 2 * (n - 1) * n * d
+    assert full - fast == pytest.approx(saved, rel=1e-6)
+    assert (full - fast) / (blocks * (linear + attention)) > 0.07

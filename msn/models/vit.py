@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from timm.layers import DropPath
 from timm.models._manipulate import checkpoint_seq
-from timm.models.vision_transformer import VisionTransformer
+from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
 from msn.architectures import ARCHITECTURES
@@ -48,6 +48,46 @@ def init_patch_embed(conv: nn.Conv2d) -> None:
     nn.init.kaiming_normal_(conv.weight, mode="fan_in", nonlinearity="relu")
     if conv.bias is not None:
         nn.init.zeros_(conv.bias)
+
+
+class ClassTokenBlock(Block):
+    """timm's pre-norm transformer block, plus a ``cls_only`` mode for the last block of an
+    encoder whose only output is the CLS token (MSN's representation, paper Sec. 3).
+
+    With ``cls_only``, keys and values are computed for every token but the query, the
+    attention output, the projection and the MLP for the CLS token alone: equal to
+    ``block(x)[:, :1]`` in exact arithmetic (no other row reaches the CLS output), for 2
+    instead of 12 ``D x D`` products per other token. Same parameters and state-dict names as
+    timm's ``Block``; the call goes through the module, so wrappers' hooks (FSDP) still run.
+    """
+
+    def forward(self, x: torch.Tensor, *args, cls_only: bool = False, **kwargs) -> torch.Tensor:
+        if not cls_only or getattr(self.attn, "gate", None) is not None:
+            out = super().forward(x, *args, **kwargs)
+            return out[:, :1] if cls_only else out
+        cls = x[:, :1] + self.drop_path1(self.ls1(self._cls_attention(self.norm1(x))))
+        return cls + self.drop_path2(self.ls2(self.mlp(self.norm2(cls))))
+
+    def _cls_attention(self, y: torch.Tensor) -> torch.Tensor:
+        """timm's ``Attention`` for the CLS query only: [B, N, D] -> [B, 1, D]."""
+        attn = self.attn
+        batch, length, _ = y.shape
+        width = attn.qkv.out_features // 3
+        heads = attn.num_heads
+        weight, bias = attn.qkv.weight, attn.qkv.bias
+        q = F.linear(y[:, :1], weight[:width], None if bias is None else bias[:width])
+        kv = F.linear(y, weight[width:], None if bias is None else bias[width:])
+        q = q.reshape(batch, 1, heads, width // heads).transpose(1, 2)
+        k, v = kv.reshape(batch, length, 2, heads, width // heads).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = attn.q_norm(q), attn.k_norm(k)
+        if attn.fused_attn:
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=attn.attn_drop.p if self.training else 0.0)
+        else:
+            weights = attn.attn_drop(((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1))
+            out = weights @ v
+        out = out.transpose(1, 2).reshape(batch, 1, width)
+        out = getattr(attn, "norm", nn.Identity())(out)
+        return attn.proj_drop(attn.proj(out))
 
 
 class MSNViT(nn.Module):
@@ -120,9 +160,23 @@ class MSNViT(nn.Module):
         return self.vit.norm(tokens), collected
 
     def forward(self, images: torch.Tensor, keep_indices: torch.Tensor | None = None) -> torch.Tensor:
-        """CLS token after the final LayerNorm, [B, D] (the representation fed to the head)."""
-        tokens, _ = self.forward_blocks(images, keep_indices)
-        return tokens[:, 0]
+        """CLS token after the final LayerNorm, [B, D] (the representation fed to the head).
+
+        Only the CLS token leaves the last block, so that block runs in
+        :meth:`ClassTokenBlock.forward`'s ``cls_only`` mode: the same value as the full block's
+        CLS row, for about 1/12 fewer FLOPs of the whole encoder, forward and backward.
+        """
+        tokens = self.embed(images)
+        if keep_indices is not None:
+            tokens = gather_tokens(tokens, keep_indices)
+        tokens = self.vit.norm_pre(tokens)
+        *blocks, last = self.vit.blocks
+        if self.vit.grad_checkpointing and torch.is_grad_enabled():
+            tokens = checkpoint_seq(nn.Sequential(*blocks), tokens)
+        else:
+            for block in blocks:
+                tokens = block(tokens)
+        return self.vit.norm(last(tokens, cls_only=True))[:, 0]
 
 
 def build_vit(
@@ -172,6 +226,7 @@ def build_vit(
         drop_rate=0.0,
         drop_path_rate=drop_path_rate,
         norm_layer=partial(nn.LayerNorm, eps=1e-6),
+        block_fn=ClassTokenBlock,
         **dims,
     )
     nn.init.trunc_normal_(vit.cls_token, std=0.02)
