@@ -82,8 +82,10 @@ class DataConfig:
     root: Optional[str] = None  #: data directory (null: the data set's default)
     num_workers: Optional[int] = None  #: loader worker processes (null: the CPUs this process may use, at most 8)
     on_bad_image: str = "skip"  #: skip (log once, count in skipped_images) | error
-    augment: str = "batched"  #: batched (per-image parameters, batched ops) | per_sample (torchvision per image)
+    augment: str = "batched"  #: batched (per-image parameters, batched ops) | device (the same, run on the training device) | per_sample (torchvision per image)
+    reduced_decode: bool = True  #: decode large JPEGs scaled down by 2, 4 or 8 when every view's crop is still downscaled (msn.data.transforms.min_decode_pixels); false: full decode like the reference
     subset: Optional[int] = None  #: train on the first N images only
+    shard_order: str = "global"  #: data=shards only: global (the ImageFolder order, every rank reads all shards) | local (each rank reads its own run of shards; docs/formats.md Sec. 9)
     synthetic_size: int = 256  #: images of data=synthetic
     synthetic_classes: int = 10  #: classes of data=synthetic
     synthetic_image_size: int = 64  #: image side of data=synthetic
@@ -135,7 +137,7 @@ class OptimConfig:
     ema_end: float = 1.0  #: ... approached at the end of the stretched schedule
     schedule_stretch: float = 1.25  #: schedule length over the run length
     decay_pos_embed: bool = True  #: weight decay on CLS token and position embedding (the reference)
-    fused: str = "auto"  #: fused AdamW: auto (on CUDA) | true | false
+    fused: str = "auto"  #: fused AdamW: auto (PyTorch's fused kernel on CPU and CUDA) | true | false (its default kernel)
 
 
 @dataclass
@@ -146,7 +148,8 @@ class TrainLoopConfig:
     log_every: int = 10  #: steps per metrics record
     checkpoint_every_epochs: int = 50  #: keep checkpoints/epoch_XXXX.pt every N epochs (0: only latest.pt)
     progress: bool = True  #: progress bar
-    compile: bool = False  #: torch.compile the encoders (dynamic shapes; the first steps compile)
+    compile: bool = False  #: torch.compile the encoders, one static graph per view group (the first steps compile, no later one)
+    compile_backend: str = "inductor"  #: torch.compile backend (inductor; aot_eager or eager to check graphs quickly)
 
 
 @dataclass
@@ -167,6 +170,7 @@ class DistConfig:
     """Multi-process training and preemption (``docs/scaling.md``)."""
 
     backend: str = "auto"  #: auto (nccl on CUDA, gloo on CPU) | nccl | gloo
+    strategy: str = "ddp"  #: ddp (weights replicated, DistributedDataParallel) | fsdp2 (weights, gradients and AdamW moments sharded with fully_shard)
     timeout_min: float = 30.0  #: collective timeout in minutes
     slurm_env: str = "auto"  #: auto: without torchrun, build the process group from srun's SLURM_* variables | never
     #: signals that checkpoint at the next step boundary, then exit with code 75
@@ -196,7 +200,9 @@ class MSNConfig:
     dist: DistConfig = field(default_factory=DistConfig)
 
 
-DATA_SETS = ("imagenet", "folder", "fashion_mnist", "synthetic")
+AUGMENT_MODES = ("batched", "device", "per_sample")
+DATA_SETS = ("imagenet", "folder", "shards", "fashion_mnist", "synthetic")
+SHARD_ORDERS = ("global", "local")
 PREEMPT_SIGNALS = ("USR1", "USR2", "TERM", "INT", "HUP", "CONT")
 
 
@@ -234,12 +240,15 @@ def validate(cfg: MSNConfig, world_size: int = 1) -> MSNConfig:
     _check(d.name in DATA_SETS, "data.name", f"unknown data set {d.name!r}; choose from {list(DATA_SETS)}")
     _check(d.on_bad_image in ("skip", "error"), "data.on_bad_image", f"must be skip or error, got {d.on_bad_image!r}")
     _check(d.subset is None or d.subset > 0, "data.subset", f"must be positive, got {d.subset}")
-    _check(d.augment in ("batched", "per_sample"), "data.augment", f"must be batched or per_sample, got {d.augment!r}")
+    _check(d.augment in AUGMENT_MODES, "data.augment", f"must be one of {list(AUGMENT_MODES)}, got {d.augment!r}")
     _check(d.num_workers is None or d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}")
     if d.name in ("imagenet", "folder"):
         _check(d.root is not None, "data.root", f"is required for data={d.name} (an ImageFolder root)")
+    _check(d.name != "shards" or d.root is not None, "data.root", "is required for data=shards (a folder written by msn-shards)")
     if d.name != "synthetic" and d.root is not None:
         _check(os.path.isdir(d.root), "data.root", f"directory not found: {d.root}")
+    _check(d.shard_order in SHARD_ORDERS, "data.shard_order", f"must be global or local, got {d.shard_order!r}")
+    _check(d.shard_order == "global" or d.name == "shards", "data.shard_order", f"local needs data=shards, got data={d.name}")
     _check(cfg.device == "auto" or cfg.device == "cpu" or cfg.device.startswith("cuda"), "device", f"must be auto, cpu or cuda[:N], got {cfg.device!r}")
     _check(cfg.precision in ("auto", "fp32", "bf16", "fp64"), "precision",
            f"must be auto, fp32, bf16 or fp64, got {cfg.precision!r}")
@@ -247,6 +256,7 @@ def validate(cfg: MSNConfig, world_size: int = 1) -> MSNConfig:
     _check(cfg.optim.fused in ("auto", "true", "false"), "optim.fused", f"must be auto, true or false, got {cfg.optim.fused!r}")
     _check(cfg.loss.proto_grad_reduce in ("mean", "sum"), "loss.proto_grad_reduce", f"must be mean or sum, got {cfg.loss.proto_grad_reduce!r}")
     _check(cfg.dist.backend in ("auto", "nccl", "gloo"), "dist.backend", f"must be auto, nccl or gloo, got {cfg.dist.backend!r}")
+    _check(cfg.dist.strategy in ("ddp", "fsdp2"), "dist.strategy", f"must be ddp or fsdp2, got {cfg.dist.strategy!r}")
     _check(cfg.dist.timeout_min > 0, "dist.timeout_min", f"must be positive, got {cfg.dist.timeout_min}")
     _check(cfg.dist.slurm_env in ("auto", "never"), "dist.slurm_env", f"must be auto or never, got {cfg.dist.slurm_env!r}")
     _check(cfg.dist.requeue in ("auto", "never"), "dist.requeue", f"must be auto or never, got {cfg.dist.requeue!r}")

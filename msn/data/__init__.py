@@ -42,4 +42,20 @@ __all__ = [
     "geometric_transform",
     "start_epoch",
     "view_transform",
+    "ShardLocalSampler",
+    "ShardedImages",
+    "build_sampler",
+    "write_shards",
 ]
+
+_SHARD_NAMES = ("ShardLocalSampler", "ShardedImages", "build_sampler", "write_shards")
+
+
+def __getattr__(name: str):
+    """``msn.data.shards`` loads on first use, so that ``python -m msn.data.shards`` runs it
+    once, as ``__main__``."""
+    if name in _SHARD_NAMES:
+        import importlib
+
+        return getattr(importlib.import_module("msn.data.shards"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

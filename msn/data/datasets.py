@@ -12,6 +12,7 @@ augmentation then crops whole batches at once.
 from __future__ import annotations
 
 import gzip
+import math
 import logging
 import os
 import shutil
@@ -22,6 +23,8 @@ import torch
 from PIL import Image, ImageOps
 from torchvision.datasets import FashionMNIST, ImageFolder
 from torchvision.transforms.v2 import functional as TF
+
+from msn.data.transforms import min_decode_pixels
 
 log = logging.getLogger(__name__)
 
@@ -75,13 +78,37 @@ def to_rgb8(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def decode_rgb(path: str) -> torch.Tensor:
-    """Decode an image file with PIL into a uint8 RGB tensor [3, H, W] (:func:`to_rgb8`)."""
+def decode_rgb(path, min_pixels: int | None = None, name: str | None = None) -> torch.Tensor:
+    """Decode an image file with PIL into a uint8 RGB tensor [3, H, W] (:func:`to_rgb8`).
+
+    Args:
+        path: the file's path, or a binary file object (a sample read from a shard).
+        min_pixels: when given, a JPEG is decoded at a reduced size (:func:`reduce_on_decode`)
+            that keeps at least this many pixels.
+        name: what an error message calls the image (default: ``path``).
+    """
     try:
         with Image.open(path) as image:
+            if min_pixels:
+                reduce_on_decode(image, min_pixels)
             return TF.pil_to_tensor(to_rgb8(image))
     except Exception as error:  # noqa: BLE001 - any decoder failure means an unreadable file
-        raise BadImageError(f"{path}: cannot decode image ({type(error).__name__}: {error})") from None
+        raise BadImageError(f"{name or path}: cannot decode image ({type(error).__name__}: {error})") from None
+
+
+def reduce_on_decode(image: Image.Image, min_pixels: int) -> int:
+    """Ask the JPEG decoder for the image scaled by 1/2, 1/4 or 1/8 in the DCT domain (PIL's
+    ``draft``: several times faster than a full decode) -- the largest factor that still
+    leaves ``min_pixels`` pixels; other formats are decoded in full. Returns the factor."""
+    if image.format != "JPEG":
+        return 1
+    width, height = image.size
+    factor = 1
+    while factor < 8 and math.ceil(width / (2 * factor)) * math.ceil(height / (2 * factor)) >= min_pixels:
+        factor *= 2
+    if factor > 1:
+        image.draft(image.mode, (math.ceil(width / factor), math.ceil(height / factor)))
+    return factor
 
 
 class ImageFolderDataset(ImageFolder):
@@ -91,20 +118,23 @@ class ImageFolderDataset(ImageFolder):
         root: folder with one sub-folder per class.
         on_bad_image: ``skip`` returns ``None`` for an unreadable file (warned once per file
             and process; the collate function drops it and counts it) or ``error`` raises.
+        min_pixels: decode JPEGs at a reduced size keeping at least this many pixels
+            (:func:`reduce_on_decode`; pre-training passes
+            :func:`msn.data.transforms.min_decode_pixels`), or in full when ``None``.
     """
 
-    def __init__(self, root: str, on_bad_image: str = "skip"):
+    def __init__(self, root: str, on_bad_image: str = "skip", min_pixels: int | None = None):
         try:
             super().__init__(root, loader=decode_rgb)
         except FileNotFoundError as error:  # torchvision's message names the class, not the folder
             raise FileNotFoundError(f"data.root={root}: {str(error).splitlines()[0]}") from None
-        self.on_bad_image = on_bad_image
+        self.on_bad_image, self.min_pixels = on_bad_image, min_pixels
         self._warned: set[str] = set()
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor | None, int]:
         path, label = self.samples[index]
         try:
-            return decode_rgb(path), label
+            return decode_rgb(path, self.min_pixels), label
         except BadImageError as error:
             if self.on_bad_image == "error":
                 raise
@@ -221,7 +251,8 @@ def build_dataset(data_cfg, train: bool = True) -> torch.utils.data.Dataset:
     """The data set named by ``data_cfg.name`` (a :class:`msn.config.DataConfig`).
 
     ``imagenet`` reads ``<root>/train`` (or ``<root>/val`` when ``train`` is false);
-    ``folder`` reads ``<root>`` itself (or ``<root>/train`` / ``<root>/val`` when present).
+    ``folder`` reads ``<root>`` itself (or ``<root>/train`` / ``<root>/val`` when present);
+    ``shards`` likewise, for folders written by ``msn-shards`` (:mod:`msn.data.shards`).
     """
     name = data_cfg.name
     if name in ("imagenet", "folder"):
@@ -231,7 +262,12 @@ def build_dataset(data_cfg, train: bool = True) -> torch.utils.data.Dataset:
             root = root / split
         if not root.is_dir():
             raise FileNotFoundError(f"data.root: image folder not found: {root}")
-        return ImageFolderDataset(str(root), data_cfg.on_bad_image)
+        min_pixels = min_decode_pixels(data_cfg.views) if train and data_cfg.reduced_decode else None
+        return ImageFolderDataset(str(root), data_cfg.on_bad_image, min_pixels)
+    if name == "shards":
+        from msn.data.shards import sharded_dataset
+
+        return sharded_dataset(data_cfg, train)
     if name == "fashion_mnist":
         return FashionMNISTDataset(data_cfg.root, train=train)
     if name == "synthetic":

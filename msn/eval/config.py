@@ -194,6 +194,7 @@ def validate_eval(cfg: EvalConfig) -> EvalConfig:
     _check(d.on_bad_image in ("skip", "error"), "data.on_bad_image", f"must be skip or error, got {d.on_bad_image!r}")
     if d.name in ("imagenet", "folder"):
         _check(d.root is not None, "data.root", f"is required for data={d.name} (an ImageFolder root)")
+    _check(d.name != "shards" or d.root is not None, "data.root", "is required for data=shards (a folder written by msn-shards)")
     if d.name != "synthetic" and d.root is not None:
         _check(os.path.isdir(d.root), "data.root", f"directory not found: {d.root}")
     return cfg

@@ -26,7 +26,7 @@ from omegaconf import OmegaConf
 
 from msn import checkpoint, distributed
 from msn.config import MSNConfig, to_dict
-from msn.data import ResumableSampler, build_dataset, build_multiview_data, build_train_loader, start_epoch
+from msn.data import build_dataset, build_multiview_data, build_sampler, build_train_loader, start_epoch
 from msn.logging import METRICS_FILE, MetricsLogger, progress_bar
 from msn.runtime import loader_workers, resolve_device
 from msn.train import state as train_state
@@ -71,7 +71,7 @@ class Trainer:
         self.update = MSNStep.from_config(cfg, self.device, self.steps_per_epoch, init_state)
 
         train_data, collate = build_multiview_data(self.dataset, cfg.data, cfg.seed)
-        self.sampler = ResumableSampler(len(self.dataset), global_batch, cfg.seed, self.rank, self.world_size)
+        self.sampler = build_sampler(self.dataset, cfg.data, global_batch, cfg.seed, self.rank, self.world_size)
         workers = loader_workers(cfg.data.num_workers)
         self.loader = build_train_loader(
             train_data, self.sampler, workers,
@@ -121,7 +121,9 @@ class Trainer:
         if present; ``never``: refuse a directory holding a run; or a path). Metrics logged
         after the resumed step (or, on a fresh start, by a run killed before its first
         checkpoint) are dropped, so ``metrics.jsonl`` holds every step once."""
-        found = train_state.find_resume_state(self.cfg.resume, self.output_dir, self.device)
+        # fsdp2: the full state stays in CPU memory, each rank moves only its shard to the device
+        load_to = torch.device("cpu") if self.cfg.dist.strategy == "fsdp2" else self.device
+        found = train_state.find_resume_state(self.cfg.resume, self.output_dir, load_to)
         if found is None:
             if self.is_main:
                 train_state.truncate_metrics(self.output_dir / METRICS_FILE, 0)

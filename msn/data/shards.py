@@ -1,0 +1,476 @@
+"""Sharded image data (``data=shards``): tar shards with a JSON index, read by offset.
+
+The format is in docs/formats.md Sec. 9. In short: an ImageFolder is copied, file bytes
+unchanged and in ImageFolder's order, into POSIX tar files ``shard-NNNNNN.tar`` of
+``--samples-per-shard`` samples each; sample ``i`` is the members ``<key>.<ext>`` (the image
+file) and ``<key>.cls`` (its class index as text), with ``key = f"{i:09d}"``.
+``index.json`` beside the shards lists the classes and, per shard, each sample's key,
+label, original path and the byte offset and size of its image inside the tar, so that a
+reader gets an image with one ``pread`` and never parses tar headers.
+
+* :func:`write_shards` (the command ``msn-shards write SRC DST``) writes them.
+* :class:`ShardedImages` reads them: the same ``(uint8 [3, H, W] or None, label)`` items as
+  :class:`~msn.data.datasets.ImageFolderDataset` over the source folder, decoded by the same
+  function, with the same bad-image handling.
+* :class:`ShardLocalSampler` (``data.shard_order=local``) gives each rank its own run of
+  shards per epoch; :func:`build_sampler` picks it or the global
+  :class:`~msn.data.loader.ResumableSampler`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import os
+import sys
+import tarfile
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from msn.data.datasets import BadImageError, ImageFolderDataset, decode_rgb
+from msn.data.loader import ResumableSampler, sample_seed
+
+log = logging.getLogger(__name__)
+
+INDEX_FILE = "index.json"
+FORMAT, VERSION = "msn-shards", 1
+SHARD_PATTERN = "shard-{:06d}.tar"
+TMP_SUFFIX = ".tmp"
+_BLOCK = 512  # tar block size
+
+
+class ShardError(ValueError):
+    """A shard folder or its index is missing or inconsistent; the message names the path."""
+
+
+# ---------------------------------------------------------------------------------- writing
+def _key(index: int) -> str:
+    return f"{index:09d}"
+
+
+def _padded(size: int) -> int:
+    return -(-size // _BLOCK) * _BLOCK
+
+
+def _add_member(tar: tarfile.TarFile, raw, name: str, data: bytes) -> int:
+    """Append ``name`` holding ``data``; return the byte offset of the data in the file."""
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), 0, 0o444
+    tar.addfile(info, io.BytesIO(data))
+    return raw.tell() - _padded(len(data))  # the data, then zero padding to a whole block
+
+
+def _write_atomic(path: Path, write) -> None:
+    """``write(file)`` to ``.<name>.tmp`` beside ``path``, flush it to disk, rename it to
+    ``path``; the temporary file is removed if anything fails (an interrupt included)."""
+    tmp = path.with_name(f".{path.name}{TMP_SUFFIX}")
+    try:
+        with open(tmp, "wb") as raw:
+            write(raw)
+            raw.flush()
+            os.fsync(raw.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _own_files(dst: Path) -> list[Path]:
+    """What a previous write left in ``dst``: the index, shards and temporary files."""
+    return [p for p in dst.iterdir() if p.name == INDEX_FILE or (p.name.startswith("shard-") and p.suffix == ".tar")
+            or (p.name.startswith(".") and p.name.endswith(TMP_SUFFIX))]
+
+
+def _write_shard(path: Path, src: Path, samples, first: int, stop: int, bar) -> dict:
+    """Shard ``path`` of ``samples[first:stop]`` (atomically); returns its index entry."""
+    entry = {"file": path.name, "num_samples": stop - first, "first": first,
+             "keys": [], "labels": [], "offsets": [], "sizes": [], "paths": []}
+
+    def write(raw):
+        with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
+            for index in range(first, stop):
+                file, label = samples[index]
+                try:
+                    data = Path(file).read_bytes()
+                except OSError as error:
+                    raise ShardError(f"{file}: cannot read ({error.strerror or error})") from None
+                key, ext = _key(index), Path(file).suffix.lower().lstrip(".") or "bin"
+                entry["offsets"].append(_add_member(tar, raw, f"{key}.{ext}", data))
+                _add_member(tar, raw, f"{key}.cls", str(label).encode("ascii"))
+                entry["keys"].append(key)
+                entry["labels"].append(label)
+                entry["sizes"].append(len(data))
+                entry["paths"].append(os.path.relpath(file, src))
+                bar.update(1)
+        entry["bytes"] = raw.tell()
+
+    _write_atomic(path, write)
+    return entry
+
+
+def write_shards(src, dst, samples_per_shard: int = 1000, overwrite: bool = False, progress: bool = True,
+                 workers: int = 8) -> dict:
+    """Copy the ImageFolder ``src`` into tar shards in ``dst`` (docs/formats.md Sec. 9).
+
+    Samples keep :class:`~msn.data.datasets.ImageFolderDataset`'s order (torchvision's sorted
+    classes, then sorted files): sample ``i`` of the shards is image ``i`` of the folder. File
+    bytes are copied unchanged (an unreadable image stays unreadable, and is skipped or
+    refused when read, as in the folder). Each shard, then ``index.json``, is written to a
+    temporary file and renamed, so ``dst`` only holds an index once every shard is complete.
+
+    Args:
+        overwrite: replace the index and shards of a non-empty ``dst`` (other files stay);
+            otherwise a non-empty ``dst`` is refused.
+        workers: shards written at once, by threads (reading and writing are I/O-bound).
+
+    Returns:
+        The index written.
+
+    Raises:
+        ShardError: a missing or empty ``src``, a non-empty ``dst``, an unreadable file.
+    """
+    src, dst = Path(src), Path(dst)
+    if samples_per_shard < 1:
+        raise ShardError(f"--samples-per-shard must be positive, got {samples_per_shard}")
+    if not src.is_dir():
+        raise ShardError(f"{src}: source folder not found")
+    try:
+        folder = ImageFolderDataset(str(src))
+    except FileNotFoundError as error:
+        raise ShardError(f"{src}: {str(error).split(': ', 1)[-1]}") from None
+    if dst.exists() and not dst.is_dir():
+        raise ShardError(f"{dst}: exists and is not a folder")
+    if dst.is_dir() and any(dst.iterdir()):
+        if not overwrite:
+            raise ShardError(f"{dst}: folder is not empty (pass --overwrite to replace its shards)")
+        (dst / INDEX_FILE).unlink(missing_ok=True)  # first: a half-rewritten folder never looks complete
+        for path in _own_files(dst):
+            path.unlink()
+    try:
+        dst.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ShardError(f"{dst}: cannot create the folder ({error.strerror or error})") from None
+
+    from tqdm import tqdm
+
+    samples = folder.samples
+    firsts = range(0, len(samples), samples_per_shard)
+    with tqdm(total=len(samples), desc="shards", unit="img", dynamic_ncols=True, disable=not progress) as bar, \
+            ThreadPoolExecutor(max(1, workers)) as pool:
+        futures = [pool.submit(_write_shard, dst / SHARD_PATTERN.format(s), src, samples, first,
+                               min(first + samples_per_shard, len(samples)), bar) for s, first in enumerate(firsts)]
+        try:
+            shards = [future.result() for future in futures]
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)  # shards being written finish (complete) or vanish
+            raise
+    index = {"format": FORMAT, "version": VERSION, "num_samples": len(samples), "classes": list(folder.classes),
+             "samples_per_shard": samples_per_shard, "shards": shards}
+    _write_atomic(dst / INDEX_FILE, lambda raw: raw.write(json.dumps(index, separators=(",", ":")).encode()))
+    return index
+
+
+# ---------------------------------------------------------------------------------- reading
+def read_index(root) -> dict:
+    """The checked ``index.json`` of a shard folder.
+
+    Raises:
+        FileNotFoundError: no index, or a shard it lists is missing.
+        ShardError: not an index of this format, or inconsistent with its shards.
+    """
+    root = Path(root)
+    path = root / INDEX_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: shard index not found (write shards with `msn-shards write SRC DST`)")
+    try:
+        index = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise ShardError(f"{path}: unreadable shard index ({error})") from None
+    if not isinstance(index, dict) or index.get("format") != FORMAT:
+        raise ShardError(f"{path}: not an {FORMAT} index")
+    if int(index.get("version", 0)) > VERSION:
+        raise ShardError(f"{path}: index version {index['version']} is newer than this reader ({VERSION})")
+    total = 0
+    for entry in index["shards"]:
+        shard = root / entry["file"]
+        n = entry["num_samples"]
+        if any(len(entry[k]) != n for k in ("keys", "labels", "offsets", "sizes")):
+            raise ShardError(f"{path}: {entry['file']} lists {n} samples but not as many keys, labels, offsets, sizes")
+        if not shard.is_file():
+            raise FileNotFoundError(f"{shard}: shard listed in {path} not found")
+        end = max((o + s for o, s in zip(entry["offsets"], entry["sizes"])), default=0)
+        if shard.stat().st_size < end:
+            raise ShardError(f"{shard}: truncated ({shard.stat().st_size} bytes, the index needs {end})")
+        total += n
+    if total != index["num_samples"]:
+        raise ShardError(f"{path}: the shards hold {total} samples, the index says {index['num_samples']}")
+    return index
+
+
+class _Sources(Sequence):
+    """``samples``-like view: item ``i`` is ``("<shard path>:<key>", label)``, made on demand."""
+
+    def __init__(self, dataset: ShardedImages):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[str, int]:
+        ds = self.dataset
+        shard = ds.shard_of(index)
+        return f"{ds.shard_paths[shard]}:{ds.keys[index].decode()}", int(ds.labels[index])
+
+
+class ShardedImages(Dataset):
+    """A shard folder written by :func:`write_shards`, item ``i`` = image ``i`` of the source
+    ImageFolder: ``(uint8 tensor [3, H, W], label)``, or ``(None, label)`` for an unreadable
+    image with ``on_bad_image=skip`` (warned once per image and process).
+
+    Images are read by ``os.pread`` at the offsets of ``index.json`` (no tar parsing; at most
+    :attr:`max_open` shard files open per process) and decoded by
+    :func:`~msn.data.datasets.decode_rgb`.
+
+    Args:
+        root: folder holding ``index.json`` and the shards.
+        on_bad_image: ``skip`` or ``error`` (:class:`~msn.data.datasets.ImageFolderDataset`).
+        min_pixels: reduced JPEG decoding, as for the folder.
+    """
+
+    max_open = 64
+
+    def __init__(self, root, on_bad_image: str = "skip", min_pixels: int | None = None):
+        self.root = Path(root)
+        index = read_index(self.root)
+        self.classes = list(index["classes"])
+        self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
+        shards = index["shards"]
+        self.shard_paths = [str(self.root / entry["file"]) for entry in shards]
+        self.shard_sizes = [entry["num_samples"] for entry in shards]
+        self.shard_starts = np.concatenate([[0], np.cumsum(self.shard_sizes, dtype=np.int64)])
+        self.offsets = np.array([o for e in shards for o in e["offsets"]], dtype=np.int64)
+        self.sizes = np.array([s for e in shards for s in e["sizes"]], dtype=np.int64)
+        self.labels = np.array([label for e in shards for label in e["labels"]], dtype=np.int64)
+        self.keys = np.array([k.encode() for e in shards for k in e["keys"]], dtype=bytes)
+        self.targets = self.labels.tolist()
+        self.samples = _Sources(self)
+        self.on_bad_image, self.min_pixels = on_bad_image, min_pixels
+        self._warned: set[str] = set()
+        self._files: OrderedDict[int, int] = OrderedDict()  # shard -> descriptor, least recently used first
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def shard_of(self, index: int) -> int:
+        """The shard holding sample ``index``."""
+        return int(np.searchsorted(self.shard_starts, index, side="right")) - 1
+
+    def __getstate__(self):  # descriptors stay in their process
+        state = self.__dict__.copy()
+        state["_files"] = OrderedDict()
+        return state
+
+    def __del__(self):
+        self.close()
+
+    def close(self) -> None:
+        """Close the open shard files."""
+        files = getattr(self, "_files", {})
+        while files:
+            os.close(files.popitem()[1])
+
+    def _descriptor(self, shard: int) -> int:
+        fd = self._files.pop(shard, None)
+        if fd is None:
+            if len(self._files) >= self.max_open:
+                os.close(self._files.popitem(last=False)[1])
+            fd = os.open(self.shard_paths[shard], os.O_RDONLY)
+        self._files[shard] = fd
+        return fd
+
+    def read_bytes(self, index: int) -> bytes:
+        """The image file of sample ``index``, as stored."""
+        size, offset = int(self.sizes[index]), int(self.offsets[index])
+        data = os.pread(self._descriptor(self.shard_of(index)), size, offset)
+        if len(data) != size:
+            raise OSError(f"short read: {len(data)} of {size} bytes at offset {offset}")
+        return data
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor | None, int]:
+        if index < 0:
+            index += len(self)
+        source, label = self.samples[index]
+        try:
+            try:
+                data = self.read_bytes(index)
+            except OSError as error:
+                raise BadImageError(f"{source}: cannot read ({error})") from None
+            return decode_rgb(io.BytesIO(data), self.min_pixels, name=source), label
+        except BadImageError as error:
+            if self.on_bad_image == "error":
+                raise
+            if source not in self._warned:
+                self._warned.add(source)
+                log.warning("skipping unreadable image %s", error)
+            return None, label
+
+    def image_names(self) -> list[str]:
+        """The source files' names (no folder), in data set order, as the folder's."""
+        index = json.loads((self.root / INDEX_FILE).read_text(encoding="utf-8"))
+        return [os.path.basename(p) for entry in index["shards"] for p in entry["paths"]]
+
+
+def sharded_dataset(data_cfg, train: bool = True) -> ShardedImages:
+    """``data=shards``: ``<root>/train`` (``<root>/val`` when ``train`` is false) if it holds an
+    index, else ``<root>`` itself -- the rule of ``data=folder``."""
+    from msn.data.transforms import min_decode_pixels
+
+    root = Path(data_cfg.root)
+    split = root / ("train" if train else "val")
+    if (split / INDEX_FILE).is_file():
+        root = split
+    if not (root / INDEX_FILE).is_file():
+        raise FileNotFoundError(f"data.root: no {INDEX_FILE} in {root} (write shards with `msn-shards write SRC DST`)")
+    min_pixels = min_decode_pixels(data_cfg.views) if train and data_cfg.reduced_decode else None
+    return ShardedImages(root, data_cfg.on_bad_image, min_pixels)
+
+
+# ---------------------------------------------------------------------------------- order
+class ShardLocalSampler(Sampler):
+    """``data.shard_order=local``: each rank reads its own run of shards (the interface of
+    :class:`~msn.data.loader.ResumableSampler`).
+
+    Each epoch the shards are permuted, seeded by ``(seed, epoch)`` (the same on every rank),
+    and laid end to end; that stream is cut into ``world_size`` consecutive pieces of
+    ``batches_per_epoch * local_batch`` samples (``batches_per_epoch = size // global_batch``,
+    the remainder, fewer than one global batch, is dropped from the stream's end). Rank ``r``
+    takes piece ``r`` and shuffles it by a permutation seeded by ``(seed, epoch, rank)``. So
+    every rank yields the same number of batches whatever the shard sizes, and reads about
+    ``num_shards / world_size`` shards: a shard at a cut is split between the two ranks
+    beside it (disjoint samples), so a rank opens at most ``ceil(num_shards / world_size) + 1``.
+    The order is a pure function of ``(seed, epoch, rank, world_size)``.
+
+    Args:
+        shard_sizes: samples per shard; shard ``s`` holds the consecutive indices after
+            those of shards ``0..s-1``.
+    """
+
+    def __init__(self, shard_sizes: Sequence[int], global_batch: int, seed: int, rank: int = 0, world_size: int = 1):
+        self.shard_sizes = [int(n) for n in shard_sizes]
+        self.shard_starts = np.concatenate([[0], np.cumsum(self.shard_sizes, dtype=np.int64)]).tolist()
+        self.size = self.shard_starts[-1]
+        if self.size < global_batch:
+            raise ValueError(f"data set of {self.size} images is smaller than one global batch ({global_batch})")
+        self.global_batch, self.seed = global_batch, seed
+        self.rank, self.world_size = rank, world_size
+        self.local_batch = global_batch // world_size
+        self.batches_per_epoch = self.size // global_batch
+        self.per_rank = self.batches_per_epoch * self.local_batch
+        self.epoch, self.start_batch = 0, 0
+
+    def set_position(self, epoch: int, batch: int = 0) -> None:
+        self.epoch, self.start_batch = epoch, batch
+
+    def __len__(self) -> int:
+        return (self.batches_per_epoch - self.start_batch) * self.local_batch
+
+    def shard_order(self, epoch: int) -> list[int]:
+        """The epoch's permutation of the shards (the same on every rank)."""
+        generator = torch.Generator().manual_seed(sample_seed(self.seed + 5, epoch, 0))
+        return torch.randperm(len(self.shard_sizes), generator=generator).tolist()
+
+    def pieces(self, epoch: int, rank: int | None = None) -> list[tuple[int, int, int]]:
+        """``(shard, first, stop)`` index ranges that make up ``rank``'s piece of ``epoch``."""
+        rank = self.rank if rank is None else rank
+        begin, end = rank * self.per_rank, (rank + 1) * self.per_rank
+        ranges, position = [], 0
+        for shard in self.shard_order(epoch):
+            n = self.shard_sizes[shard]
+            lo, hi = max(begin, position), min(end, position + n)
+            if lo < hi:
+                start = self.shard_starts[shard] - position
+                ranges.append((shard, start + lo, start + hi))
+            position += n
+            if position >= end:
+                break
+        return ranges
+
+    def shards_of(self, epoch: int, rank: int | None = None) -> list[int]:
+        """The shards ``rank`` reads in ``epoch``, in stream order."""
+        return [shard for shard, _, _ in self.pieces(epoch, rank)]
+
+    def order(self, epoch: int) -> list[int]:
+        """This rank's sample indices for ``epoch``, in the order they are yielded."""
+        indices = torch.cat([torch.arange(a, b) for _, a, b in self.pieces(epoch)])
+        generator = torch.Generator().manual_seed(sample_seed(self.seed + 6, epoch, self.rank))
+        return indices[torch.randperm(len(indices), generator=generator)].tolist()
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        order = self.order(self.epoch)
+        for index in order[self.start_batch * self.local_batch:]:
+            yield self.epoch, index
+
+
+def _shard_sizes(dataset) -> list[int]:
+    """Samples per shard of a :class:`ShardedImages`, or of a leading ``Subset`` of one
+    (``data.subset``: the first N images)."""
+    limit = None
+    if isinstance(dataset, torch.utils.data.Subset):
+        indices = dataset.indices
+        if not (isinstance(indices, range) and indices.start == 0 and indices.step == 1):
+            raise ValueError("data.shard_order=local: a subset must be the data set's first images")
+        dataset, limit = dataset.dataset, len(indices)
+    sizes = getattr(dataset, "shard_sizes", None)
+    if sizes is None:
+        raise ValueError(f"data.shard_order=local needs data=shards, not {type(dataset).__name__}")
+    if limit is not None:
+        starts = np.concatenate([[0], np.cumsum(sizes)])
+        sizes = [int(min(n, max(0, limit - s))) for n, s in zip(sizes, starts)]
+    return list(sizes)
+
+
+def build_sampler(dataset, data_cfg, global_batch: int, seed: int, rank: int = 0, world_size: int = 1):
+    """The pre-training sampler of ``data_cfg.shard_order``: ``global`` (default) the
+    :class:`~msn.data.loader.ResumableSampler` over every image, ``local`` a
+    :class:`ShardLocalSampler` over the shards of a ``data=shards`` data set."""
+    if getattr(data_cfg, "shard_order", "global") == "local":
+        return ShardLocalSampler(_shard_sizes(dataset), global_batch, seed, rank, world_size)
+    return ResumableSampler(len(dataset), global_batch, seed, rank, world_size)
+
+
+# ---------------------------------------------------------------------------------- command
+def main(argv: list[str] | None = None) -> int:
+    """``msn-shards write SRC DST [--samples-per-shard N] [--overwrite]``."""
+    parser = argparse.ArgumentParser(prog="msn-shards", description="Tar shards of an ImageFolder for data=shards "
+                                     "(docs/formats.md Sec. 9).")
+    commands = parser.add_subparsers(dest="command", required=True)
+    write = commands.add_parser("write", help="copy an ImageFolder into tar shards with an index.json")
+    write.add_argument("src", help="ImageFolder root (one sub-folder per class), e.g. /data/imagenet/train")
+    write.add_argument("dst", help="output folder (new or empty), e.g. /shards/imagenet/train")
+    write.add_argument("--samples-per-shard", type=int, default=1000, metavar="N",
+                       help="images per tar file (default 1000: about 110 MB of ImageNet)")
+    write.add_argument("--overwrite", action="store_true", help="replace the shards and index of a non-empty DST")
+    write.add_argument("--workers", type=int, default=8, metavar="N",
+                       help="shards written at once, by threads (default 8; the work is I/O-bound)")
+    write.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    try:
+        index = write_shards(args.src, args.dst, args.samples_per_shard, args.overwrite, not args.no_progress,
+                             args.workers)
+    except ShardError as error:
+        print(f"msn-shards: error: {error}", file=sys.stderr)
+        return 2
+    print(f"wrote {index['num_samples']} images of {len(index['classes'])} classes in {len(index['shards'])} "
+          f"shards to {args.dst}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
