@@ -51,14 +51,14 @@ def _snapshot(trainer) -> dict:
 def record_keep_indices(trainer) -> list:
     """Record the ``keep_indices`` of every online forward of ``trainer`` (into the list returned)."""
     seen, backbone = [], trainer.network.backbone
-    original = backbone.forward_blocks
+    original = backbone.forward
 
-    def spy(images, keep_indices=None, collect_last=0):
+    def spy(images, keep_indices=None):
         if keep_indices is not None:
             seen.append(keep_indices.clone())
-        return original(images, keep_indices, collect_last)
+        return original(images, keep_indices)
 
-    backbone.forward_blocks = spy
+    backbone.forward = spy
     return seen
 
 

@@ -14,14 +14,14 @@ from conftest import first_batch
 def test_one_forward_per_resolution_group_and_only_anchor_masked(tiny_config, monkeypatch):
     trainer = Trainer(tiny_config())
     calls = []
-    original = MSNViT.forward_blocks
+    original = MSNViT.forward
 
-    def spy(self, images, keep_indices=None, collect_last=0):
+    def spy(self, images, keep_indices=None):
         role = "target" if self is trainer.target.backbone else "online"
         calls.append((role, tuple(images.shape), None if keep_indices is None else tuple(keep_indices.shape)))
-        return original(self, images, keep_indices, collect_last)
+        return original(self, images, keep_indices)
 
-    monkeypatch.setattr(MSNViT, "forward_blocks", spy)
+    monkeypatch.setattr(MSNViT, "forward", spy)
     trainer.train_step(first_batch(trainer))
     # 32 px views with patch 8 -> 16 patches; ratio 0.5 keeps 8 + CLS
     assert calls == [
@@ -53,14 +53,14 @@ def test_step_order_lr_clip_and_ema(tiny_config):
 def test_shared_mask_is_one_subset_per_batch(tiny_config, monkeypatch):
     trainer = Trainer(tiny_config(mask={"ratio": 0.5, "shared": True}))
     seen = []
-    original = MSNViT.forward_blocks
+    original = MSNViT.forward
 
-    def spy(self, images, keep_indices=None, collect_last=0):
+    def spy(self, images, keep_indices=None):
         if keep_indices is not None:
             seen.append(keep_indices.clone())
-        return original(self, images, keep_indices, collect_last)
+        return original(self, images, keep_indices)
 
-    monkeypatch.setattr(MSNViT, "forward_blocks", spy)
+    monkeypatch.setattr(MSNViT, "forward", spy)
     batch = first_batch(trainer)
     trainer.train_step(batch)
     assert len(seen) == 1 and (seen[0] == seen[0][0]).all()

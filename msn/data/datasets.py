@@ -45,6 +45,9 @@ class BadImageError(RuntimeError):
     """An image file could not be decoded."""
 
 
+#: The EXIF tag of the orientation a camera stored the picture in (1: upright).
+EXIF_ORIENTATION = 0x0112
+
 #: Matte under transparent pixels (``LA``, ``RGBA``, ``PA``, palettes with transparency).
 ALPHA_BACKGROUND = (255, 255, 255)
 
@@ -60,7 +63,8 @@ def to_rgb8(image: Image.Image) -> Image.Image:
       would show whatever colour the transparent pixels happen to hold).
     * CMYK, YCbCr, palettes and the rest go through PIL's own conversion.
     """
-    image = ImageOps.exif_transpose(image)
+    if image.getexif().get(EXIF_ORIENTATION, 1) != 1:  # (exif_transpose copies even an upright image)
+        image = ImageOps.exif_transpose(image)
     if image.mode.startswith("I") or image.mode == "F":
         values = np.asarray(image, dtype=np.float64)
         if image.mode == "F":

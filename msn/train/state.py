@@ -21,6 +21,7 @@ import torch
 from msn import checkpoint, distributed
 from msn.config import ConfigError, MSNConfig, to_dict
 from msn.logging import METRICS_FILE
+from msn.train import sharding
 
 log = logging.getLogger(__name__)
 
@@ -74,14 +75,17 @@ def gather_state(cfg: MSNConfig, step_fn, step: int, steps_per_epoch: int, extra
     """
     per_rank = distributed.all_gather_object(rng_state(step_fn.device))
     epoch, batch_in_epoch = divmod(step, steps_per_epoch)
+    if sharding.is_sharded(step_fn.online):  # dist.strategy=fsdp2: full tensors on rank 0 only
+        weights = sharding.full_state(step_fn.online, step_fn.target, step_fn.optimizer)
+    else:
+        weights = {"encoder": step_fn.network.state_dict(), "target_encoder": step_fn.target.state_dict(),
+                   "prototypes": step_fn.prototypes.weight.detach().clone(),
+                   "optimizer": step_fn.optimizer.state_dict()}
     return {
         "config": to_dict(cfg),
         "step": step,
         "epoch": epoch,
-        "encoder": step_fn.network.state_dict(),
-        "target_encoder": step_fn.target.state_dict(),
-        "prototypes": step_fn.prototypes.weight.detach().clone(),
-        "optimizer": step_fn.optimizer.state_dict(),
+        **weights,
         "rng": per_rank[0],
         "rng_per_rank": per_rank,
         "data": {"seed": cfg.seed, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "global_batch": cfg.optim.batch_size},
@@ -144,11 +148,14 @@ def restore_state(state: dict[str, Any], step_fn, seed: int, rank: int, path: st
         ConfigError: the checkpoint's model, head, prototypes or optimiser do not fit this config.
     """
     try:
-        step_fn.network.load_state_dict(state["encoder"])
-        step_fn.target.load_state_dict(state["target_encoder"])
-        with torch.no_grad():
-            step_fn.prototypes.weight.copy_(state["prototypes"])
-        step_fn.optimizer.load_state_dict(state["optimizer"])
+        if sharding.is_sharded(step_fn.online):  # each rank keeps its shard of the full tensors
+            sharding.load_full_state(step_fn.online, step_fn.target, step_fn.optimizer, state)
+        else:
+            step_fn.network.load_state_dict(state["encoder"])
+            step_fn.target.load_state_dict(state["target_encoder"])
+            with torch.no_grad():
+                step_fn.prototypes.weight.copy_(state["prototypes"])
+            step_fn.optimizer.load_state_dict(state["optimizer"])
     except (RuntimeError, ValueError, KeyError) as error:
         first = next((line.strip() for line in str(error).splitlines() if "size mismatch" in line or "Missing" in line),
                      str(error).splitlines()[0] if str(error) else type(error).__name__)

@@ -28,6 +28,7 @@ from msn.losses import MSNLossOutput, msn_loss
 from msn.masking import AnchorMasks
 from msn.models import MSNNetwork, Prototypes, build_network, disable_drop_path, use_sync_batchnorm
 from msn.runtime import autocast, autocast_dtype
+from msn.train import sharding
 from msn.train.ema import ema_update
 from msn.train.optim import build_optimizer, parameter_groups, set_lr_and_wd
 from msn.train.schedules import Schedules
@@ -105,7 +106,12 @@ class MSNStep:
         dtype = torch.float64 if cfg.precision == "fp64" else torch.float32
         for module in (network, target, prototypes):
             module.to(dtype)  # in place: a no-op unless precision=fp64
-        if world_size > 1:
+        if world_size > 1 and cfg.dist.strategy == "fsdp2":
+            # every rank keeps its slice of rank 0's weights (docs/scaling.md "Sharding")
+            distributed.broadcast_tensors_(list(network.state_dict().values()) + list(target.state_dict().values())
+                                           + [prototypes.weight])
+            sharding.shard_step_modules(online, target, prototypes, device, world_size)
+        elif world_size > 1:
             # DDP broadcasts the online weights from rank 0; the target and prototypes too
             distributed.broadcast_tensors_(list(target.state_dict().values()) + [prototypes.weight])
             online = DistributedDataParallel(online, device_ids=[device.index] if device.type == "cuda" else None,
@@ -117,7 +123,9 @@ class MSNStep:
             for module in (network.backbone, target.backbone):
                 module.compile(dynamic=False, backend=cfg.train.compile_backend)
         o = cfg.optim
-        fused = o.fused == "true" or (o.fused == "auto" and device.type == "cuda")
+        # PyTorch's fused AdamW kernel exists for CPU and CUDA tensors (4x the default
+        # per-tensor kernel on a CPU: benchmarks/bench_train.py --sections profile)
+        fused = o.fused == "true" or (o.fused == "auto" and device.type in ("cpu", "cuda"))
         optimizer = build_optimizer(parameter_groups(network, prototypes.weight, o.decay_pos_embed), o.betas, o.eps, fused)
         masks = AnchorMasks(network.backbone.num_patches(cfg.data.views.rand_size), cfg.mask.ratio, cfg.mask.shared,
                             cfg.seed, o.batch_size, rank, world_size)
@@ -159,9 +167,10 @@ class MSNStep:
         values = self.schedules.at_update(step)
         set_lr_and_wd(self.optimizer, values["lr"], values["wd"])
         self.optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()  # DDP averages the encoder's gradients over ranks here
+        out.loss.backward()  # DDP averages the encoder's gradients over ranks here (FSDP2: reduce-scatters their mean)
         self._reduce_prototype_grad()
         if self.cfg.optim.clip_grad:
+            # on FSDP2's DTensor shards the norm is the global one (an all-reduce of the local norms)
             torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.cfg.optim.clip_grad)
         self.optimizer.step()
         ema_update(self.target, self.network, values["momentum"])
@@ -187,9 +196,14 @@ class MSNStep:
 
     def _reduce_prototype_grad(self) -> None:
         """The prototypes live outside DDP: all-reduce their gradient (``mean`` like every
-        other gradient, or ``sum`` like the reference)."""
+        other gradient, or ``sum`` like the reference). Under FSDP2 they are in the root's
+        group, whose gradients FSDP already averaged: ``sum`` scales this rank's shard."""
         grad = self.prototypes.weight.grad
         if self.world_size == 1 or grad is None:
+            return
+        if sharding.is_sharded(self.online):
+            if self.loss_cfg.proto_grad_reduce == "sum":
+                sharding.local([grad])[0].mul_(self.world_size)
             return
         distributed.all_reduce_sum_(grad)
         if self.loss_cfg.proto_grad_reduce == "mean":
