@@ -3,6 +3,8 @@
 #   make test         run the test suite
 #   make results      the Fashion-MNIST showcase: pre-train, export, evaluate, ablations, report
 #                     (docs/results/fashion_mnist.md; about 2 hours on 2 CPU cores)
+#   make gpu-wheels   download into .whl/ the wheels a bare GPU machine lacks (hydra-core, omegaconf, antlr4)
+#   make gpu-check    the prepared GPU check (CUDA tests + GPU benchmark page); on a CPU it rehearses
 PYTHON := .venv/bin/python
 
 #: the float-sensitive tests (parity, benchmark equivalence, resume), run again by CI under
@@ -10,7 +12,7 @@ PYTHON := .venv/bin/python
 FLOAT_SENSITIVE := tests/test_losses.py tests/test_models.py tests/test_benchmarks.py tests/test_train_step.py tests/test_trainer.py \
                    tests/test_distributed.py tests/test_export_hf.py tests/test_export_timm.py tests/test_train_schedules.py
 
-.PHONY: setup demo test test-threads results
+.PHONY: setup demo test test-threads results gpu-wheels gpu-check
 setup:
 	bash scripts/setup.sh
 
@@ -25,3 +27,9 @@ test-threads:
 
 results:
 	$(PYTHON) scripts/fashion_mnist_results.py
+
+gpu-wheels:
+	PYTHON=$(PYTHON) bash scripts/gpu_wheels.sh
+
+gpu-check:
+	PYTHON=$(if $(wildcard $(PYTHON)),$(PYTHON),python3) bash scripts/gpu_check.sh

@@ -114,6 +114,21 @@ def pytest_configure(config):  # noqa: ARG001 - pytest hook signature
         torch.use_deterministic_algorithms(True)
 
 
+def pytest_collection_modifyitems(config, items):  # noqa: ARG001 - pytest hook signature
+    """Tests marked ``cuda`` are skipped ("needs a CUDA device") where CUDA is not available,
+    CI included (CI has no GPU); nothing else is skipped here."""
+    marked = [item for item in items if item.get_closest_marker("cuda") is not None]
+    if not marked:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in marked:
+        item.add_marker(skip)
+
+
 #: Checkpoint entries allowed to differ between an interrupted and an uninterrupted run: the
 #: config (``train.max_steps``, ``resume``, ``output_dir``) and the wall time.
 RUN_SPECIFIC = {("config",), ("extra", "train_seconds")}

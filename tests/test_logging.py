@@ -1,13 +1,16 @@
-"""msn.logging: metrics.jsonl and wandb (offline), a resumed run continuing its wandb run."""
+"""msn.logging: metrics.jsonl and wandb (offline), a resumed run continuing its wandb run, and
+training on a machine without wandb."""
 
 from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 from msn import checkpoint
 
-from conftest import TINY_OVERRIDES, run_script
+from conftest import ROOT, TINY_OVERRIDES, run_script
 
 
 def _offline_runs(out) -> list[str]:
@@ -60,3 +63,52 @@ def test_logger_passes_wandb_settings(monkeypatch, tmp_path):
         "id": "abc123", "resume": "allow", "entity": "team", "tags": ["x", "y"], "group": "sweep",
         "project": "proj", "mode": "offline"}
     assert seen["finished"] and os.path.isdir(tmp_path)
+
+
+#: Run ``train.py`` (Hydra, the command line, the trainer, the logger) in a process where
+#: ``import wandb`` fails, as on a machine without it. Each attempt is written to a file with
+#: the file that asked for it, so that an import of ours hidden behind ``try/except
+#: ImportError`` is caught too (timm's ``timm.utils`` tries one at import time and carries on
+#: without it: that one is not ours).
+_WITHOUT_WANDB = """
+import importlib.abc, runpy, sys
+attempts_file, script, *args = sys.argv[1:]
+
+class NoWandb(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name != "wandb" and not name.startswith("wandb."):
+            return None
+        frame = sys._getframe(1)
+        while frame is not None and frame.f_code.co_filename.startswith(("<frozen", "<string>")):
+            frame = frame.f_back
+        where = "?" if frame is None else f"{frame.f_code.co_filename}:{frame.f_lineno}"
+        with open(attempts_file, "a") as stream:
+            stream.write(f"{name}\\t{where}\\n")
+        raise ImportError(f"No module named {name!r} (blocked by the test)")
+
+sys.meta_path.insert(0, NoWandb())
+for name in [n for n in sys.modules if n == "wandb" or n.startswith("wandb.")]:
+    del sys.modules[name]
+sys.argv = [script, *args]
+try:
+    runpy.run_path(script, run_name="__main__")
+finally:
+    assert "wandb" not in sys.modules
+"""
+
+
+def test_training_runs_without_wandb_installed(tmp_path):
+    """``logging.wandb=disabled`` (the default) never imports wandb: a short run completes,
+    writes its metrics and checkpoint, and no module of this repository asked for wandb."""
+    out, attempts = tmp_path / "run", tmp_path / "wandb_imports.tsv"
+    env = {**os.environ, "HYDRA_FULL_ERROR": "1"}
+    env.pop("WANDB_MODE", None)
+    proc = subprocess.run([sys.executable, "-c", _WITHOUT_WANDB, str(attempts), str(ROOT / "train.py"),
+                           *TINY_OVERRIDES, "logging.wandb=disabled", "train.max_steps=2", f"output_dir={out}"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    tried = [line.split("\t") for line in attempts.read_text().splitlines()] if attempts.exists() else []
+    ours = [(name, where) for name, where in tried if where.startswith(str(ROOT)) and "site-packages" not in where]
+    assert not ours, f"wandb imported by the repository with logging.wandb=disabled: {ours}"
+    assert [json.loads(line)["step"] for line in open(out / "metrics.jsonl")] == [2]
+    assert checkpoint.load_checkpoint(out / "checkpoints" / "latest.pt")["step"] == 2
