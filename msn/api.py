@@ -50,10 +50,11 @@ def pretrain(overrides: Sequence[str] = ()) -> dict[str, Any]:
         ConfigError: a bad override (one line naming the key).
     """
     from msn.cli import init_state
+    from msn.eval.monitor import LowShotProbe
     from msn.train import Trainer
 
     cfg = load_config(_compose("config", overrides))
-    record = Trainer(cfg, init_state=init_state(cfg.init_from)).fit()
+    record = Trainer(cfg, init_state=init_state(cfg.init_from), probe=LowShotProbe.from_config).fit()
     return {"record": record, "output_dir": Path(cfg.output_dir), "checkpoint": checkpoint.find_latest(cfg.output_dir)}
 
 

@@ -35,6 +35,7 @@ def run_training(raw: DictConfig, preemption=None) -> dict:
     """
     from msn import distributed
     from msn.data.datasets import BadImageError
+    from msn.eval.monitor import LowShotProbe
     from msn.train import Trainer, TrainingDivergedError
     from msn.train.preemption import EXIT_PREEMPTED, Preempted, PreemptionFlag
 
@@ -59,7 +60,7 @@ def run_training(raw: DictConfig, preemption=None) -> dict:
         try:
             try:
                 validate(cfg, world_size=distributed.world_size())  # what depends on the process count
-                trainer = Trainer(cfg, init_state=init_state(cfg.init_from))
+                trainer = Trainer(cfg, init_state=init_state(cfg.init_from), probe=LowShotProbe.from_config)
             except (ConfigError, FileNotFoundError, ValueError) as error:
                 _fail(error)
             try:

@@ -85,6 +85,7 @@ class DataConfig:
     augment: str = "batched"  #: batched (per-image parameters, batched ops) | device (the same, run on the training device) | per_sample (torchvision per image)
     reduced_decode: bool = True  #: decode large JPEGs scaled down by 2, 4 or 8 when every view's crop is still downscaled (msn.data.transforms.min_decode_pixels); false: full decode like the reference
     subset: Optional[int] = None  #: train on the first N images only
+    long_tail_ratio: Optional[float] = None  #: training split only: class i keeps ratio^(-i/(C-1)) of its images, a seeded draw (largest/smallest class = ratio; msn.data.datasets.long_tail_indices)
     shard_order: str = "global"  #: data=shards only: global (the ImageFolder order, every rank reads all shards) | local (each rank reads its own run of shards; docs/formats.md Sec. 9)
     synthetic_size: int = 256  #: images of data=synthetic
     synthetic_classes: int = 10  #: classes of data=synthetic
@@ -113,8 +114,10 @@ class LossConfig:
     sharpen_final: float = 0.25  #: ... and at the end of the stretched schedule
     use_sinkhorn: bool = True  #: Sinkhorn-balanced targets
     sinkhorn_iters: int = 3  #: Sinkhorn rounds
-    memax_weight: float = 1.0  #: ME-MAX weight lambda
+    memax_weight: float = 1.0  #: ME-MAX weight lambda (with prior=power_law: the weight of PMSN's KL term)
     entropy_weight: float = 0.0  #: weight of the mean prediction entropy
+    prior: str = "uniform"  #: prototype prior of the regulariser: uniform (ME-MAX, MSN) | power_law (PMSN: KL(pbar || pi), pi_k ~ k^-prior_exponent; docs/method.md Sec. 5)
+    prior_exponent: float = 0.25  #: power-law exponent tau of prior=power_law (0: the uniform prior; 0.25 in the PMSN paper)
     proto_grad_reduce: str = "mean"  #: prototype gradient over ranks: mean (like DDP) | sum (the reference)
 
 
@@ -179,6 +182,20 @@ class DistConfig:
 
 
 @dataclass
+class MonitorConfig:
+    """Live low-shot monitor of the target encoder during pre-training (docs/eval.md "Live monitor")."""
+
+    enabled: bool = False  #: evaluate the target encoder every `every` steps and at the end (k-NN and k-shot accuracy)
+    every: int = 1000  #: steps between two evaluations (the last step is always evaluated)
+    root: Optional[str] = None  #: a labelled ImageFolder to draw the images from (null: the training data set and its labels)
+    train_images: int = 500  #: labelled pool: the k-NN's neighbours and the source of the k-shot subsets
+    test_images: int = 500  #: held-out images scored, disjoint from the pool (both drawn once, balanced over classes, seed 0)
+    shots: list[int] = field(default_factory=lambda: [1, 5])  #: labelled images per class of the logistic-regression scores
+    splits: int = 3  #: seeded k-shot subsets of the pool, their accuracies averaged
+    knn_k: int = 20  #: neighbours of the k-NN vote (capped at train_images)
+
+
+@dataclass
 class MSNConfig:
     """The whole pre-training configuration (``configs/config.yaml`` composes it)."""
 
@@ -198,11 +215,13 @@ class MSNConfig:
     train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     dist: DistConfig = field(default_factory=DistConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
 
 
 AUGMENT_MODES = ("batched", "device", "per_sample")
 DATA_SETS = ("imagenet", "folder", "shards", "fashion_mnist", "synthetic")
 SHARD_ORDERS = ("global", "local")
+PRIORS = ("uniform", "power_law")
 PREEMPT_SIGNALS = ("USR1", "USR2", "TERM", "INT", "HUP", "CONT")
 
 
@@ -240,6 +259,8 @@ def validate(cfg: MSNConfig, world_size: int = 1) -> MSNConfig:
     _check(d.name in DATA_SETS, "data.name", f"unknown data set {d.name!r}; choose from {list(DATA_SETS)}")
     _check(d.on_bad_image in ("skip", "error"), "data.on_bad_image", f"must be skip or error, got {d.on_bad_image!r}")
     _check(d.subset is None or d.subset > 0, "data.subset", f"must be positive, got {d.subset}")
+    _check(d.long_tail_ratio is None or d.long_tail_ratio >= 1, "data.long_tail_ratio", f"must be >= 1 (or null), got {d.long_tail_ratio}")
+    _check(d.long_tail_ratio is None or d.shard_order == "global", "data.long_tail_ratio", "needs data.shard_order=global (a subset is not shard-local)")
     _check(d.augment in AUGMENT_MODES, "data.augment", f"must be one of {list(AUGMENT_MODES)}, got {d.augment!r}")
     _check(d.num_workers is None or d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}")
     if d.name in ("imagenet", "folder"):
@@ -255,6 +276,8 @@ def validate(cfg: MSNConfig, world_size: int = 1) -> MSNConfig:
     _check(cfg.logging.wandb in ("disabled", "offline", "online"), "logging.wandb", f"must be disabled, offline or online, got {cfg.logging.wandb!r}")
     _check(cfg.optim.fused in ("auto", "true", "false"), "optim.fused", f"must be auto, true or false, got {cfg.optim.fused!r}")
     _check(cfg.loss.proto_grad_reduce in ("mean", "sum"), "loss.proto_grad_reduce", f"must be mean or sum, got {cfg.loss.proto_grad_reduce!r}")
+    _check(cfg.loss.prior in PRIORS, "loss.prior", f"must be one of {list(PRIORS)}, got {cfg.loss.prior!r}")
+    _check(cfg.loss.prior_exponent >= 0, "loss.prior_exponent", f"must be >= 0, got {cfg.loss.prior_exponent}")
     _check(cfg.dist.backend in ("auto", "nccl", "gloo"), "dist.backend", f"must be auto, nccl or gloo, got {cfg.dist.backend!r}")
     _check(cfg.dist.strategy in ("ddp", "fsdp2"), "dist.strategy", f"must be ddp or fsdp2, got {cfg.dist.strategy!r}")
     _check(cfg.dist.timeout_min > 0, "dist.timeout_min", f"must be positive, got {cfg.dist.timeout_min}")
@@ -262,6 +285,15 @@ def validate(cfg: MSNConfig, world_size: int = 1) -> MSNConfig:
     _check(cfg.dist.requeue in ("auto", "never"), "dist.requeue", f"must be auto or never, got {cfg.dist.requeue!r}")
     for name in cfg.dist.preempt_signals:
         _check(name.upper().removeprefix("SIG") in PREEMPT_SIGNALS, "dist.preempt_signals", f"unknown signal {name!r}; choose from {list(PREEMPT_SIGNALS)}")
+    mon = cfg.monitor
+    _check(mon.every > 0, "monitor.every", f"must be positive, got {mon.every}")
+    _check(mon.root is None or os.path.isdir(mon.root), "monitor.root", f"directory not found: {mon.root}")
+    _check(mon.train_images > 0, "monitor.train_images", f"must be positive, got {mon.train_images}")
+    _check(mon.test_images > 0, "monitor.test_images", f"must be positive, got {mon.test_images}")
+    _check(len(mon.shots) > 0 and all(k > 0 for k in mon.shots) and len(set(mon.shots)) == len(mon.shots),
+           "monitor.shots", f"must be distinct positive counts, got {list(mon.shots)}")
+    _check(mon.splits > 0, "monitor.splits", f"must be positive, got {mon.splits}")
+    _check(mon.knn_k > 0, "monitor.knn_k", f"must be positive, got {mon.knn_k}")
     _check(cfg.resume in ("auto", "never") or os.path.isfile(cfg.resume), "resume", f"must be auto, never or an existing checkpoint file, got {cfg.resume!r}")
     return cfg
 

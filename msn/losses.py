@@ -1,4 +1,5 @@
-"""The MSN objective (Assran et al., 2022, Sec. 3): prototype cross-entropy + ME-MAX.
+"""The MSN objective (Assran et al., 2022, Sec. 3): prototype cross-entropy + ME-MAX, or
+PMSN's KL term to a power-law prior (Assran et al., ICLR 2023) with ``prior="power_law"``.
 
 Functional API::
 
@@ -19,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from msn import distributed
-from msn.config import LossConfig  # the defaults below are the schema's (one home)
+from msn.config import PRIORS, LossConfig  # the defaults below are the schema's (one home)
 
 
 @dataclass
@@ -29,7 +30,9 @@ class MSNLossOutput:
     Attributes:
         loss: ``ce + memax_weight * memax + entropy_weight * entropy`` (scalar, differentiable).
         ce: mean cross-entropy between targets and anchor predictions (eq. 2).
-        memax: ME-MAX regulariser ``sum_k pbar_k log pbar_k + log K`` (>= 0, eq. 3).
+        memax: the prototype-prior regulariser ``KL(pbar || prior)`` (>= 0): ME-MAX
+            ``sum_k pbar_k log pbar_k + log K`` for ``prior="uniform"`` (eq. 3), PMSN's
+            ``sum_k pbar_k log(pbar_k / pi_k)`` for ``prior="power_law"``.
         entropy: mean per-prediction entropy (weight 0 in the paper; logged).
         targets: the (sharpened, optionally Sinkhorn-balanced) targets repeated per view, [V*B, K].
         num_targets_used: number of distinct argmax prototypes among the targets (``np``).
@@ -60,6 +63,33 @@ def sharpen(probs: torch.Tensor, temperature: float) -> torch.Tensor:
     """``p_k^(1/T) / sum_j p_j^(1/T)`` along the last dimension (paper eq. 1)."""
     sharp = probs ** (1.0 / temperature)
     return sharp / sharp.sum(dim=-1, keepdim=True)
+
+
+def power_law_log_prior(num_prototypes: int, exponent: float, dtype: torch.dtype = torch.float64,
+                        device: torch.device | str | None = None) -> torch.Tensor:
+    """``log pi_k`` of the power-law prior ``pi_k = k^(-exponent) / sum_j j^(-exponent)``,
+    ``k = 1..K`` in the prototypes' index order (PMSN; docs/method.md Sec. 5, "PMSN").
+
+    Computed in float64, then cast to ``dtype``. ``exponent=0`` is the uniform prior.
+    """
+    k = torch.arange(1, num_prototypes + 1, dtype=torch.float64, device=device)
+    log_weights = -exponent * torch.log(k)
+    return (log_weights - torch.logsumexp(log_weights, dim=0)).to(dtype)
+
+
+def prior_regulariser(mean_probs: torch.Tensor, prior: str = LossConfig.prior,
+                      exponent: float = LossConfig.prior_exponent) -> torch.Tensor:
+    """``KL(mean_probs || prior)`` for a mean prediction ``mean_probs`` [K].
+
+    ``prior="uniform"`` gives ME-MAX, ``sum_k pbar_k log pbar_k + log K``; ``"power_law"``
+    gives PMSN's ``sum_k pbar_k (log pbar_k - log pi_k)`` (:func:`power_law_log_prior`).
+    """
+    if prior == "uniform":
+        return torch.sum(mean_probs * torch.log(mean_probs)) + math.log(mean_probs.numel())
+    if prior == "power_law":
+        log_prior = power_law_log_prior(mean_probs.numel(), exponent, mean_probs.dtype, mean_probs.device)
+        return torch.sum(mean_probs * (torch.log(mean_probs) - log_prior))
+    raise ValueError(f"prior must be one of {list(PRIORS)}, got {prior!r}")
 
 
 @torch.no_grad()
@@ -103,6 +133,8 @@ def msn_loss(
     sinkhorn_iters: int = LossConfig.sinkhorn_iters,
     memax_weight: float = LossConfig.memax_weight,
     entropy_weight: float = LossConfig.entropy_weight,
+    prior: str = LossConfig.prior,
+    prior_exponent: float = LossConfig.prior_exponent,
 ) -> MSNLossOutput:
     """MSN loss for one batch (paper Sec. 3, eqs. 1-3; docs/method.md Sec. 5).
 
@@ -115,8 +147,11 @@ def msn_loss(
         sharpen_temperature: target sharpening temperature T.
         use_sinkhorn: balance the targets with Sinkhorn-Knopp.
         sinkhorn_iters: Sinkhorn rounds.
-        memax_weight: weight lambda of the ME-MAX regulariser.
+        memax_weight: weight lambda of the prior regulariser (ME-MAX, or PMSN's KL term).
         entropy_weight: weight of the mean per-prediction entropy.
+        prior: ``"uniform"`` (ME-MAX, MSN) or ``"power_law"`` (PMSN: ``KL(pbar || pi)``,
+            ``pi_k`` proportional to ``k^(-prior_exponent)``); :func:`prior_regulariser`.
+        prior_exponent: the power-law exponent tau (``prior="power_law"`` only).
 
     Returns:
         A :class:`MSNLossOutput`.
@@ -126,13 +161,15 @@ def msn_loss(
     batch = target.shape[0]
     if batch == 0 or anchor.shape[0] % batch != 0:
         raise ValueError(f"anchor rows ({anchor.shape[0]}) must be a multiple of target rows ({batch})")
+    if prior not in PRIORS:
+        raise ValueError(f"prior must be one of {list(PRIORS)}, got {prior!r}")
     with torch.autocast(anchor.device.type, enabled=False):
         return _msn_loss(anchor, target, prototypes, batch, temperature, sharpen_temperature, use_sinkhorn,
-                         sinkhorn_iters, memax_weight, entropy_weight)
+                         sinkhorn_iters, memax_weight, entropy_weight, prior, prior_exponent)
 
 
 def _msn_loss(anchor, target, prototypes, batch, temperature, sharpen_temperature, use_sinkhorn, sinkhorn_iters,
-              memax_weight, entropy_weight) -> MSNLossOutput:
+              memax_weight, entropy_weight, prior, prior_exponent) -> MSNLossOutput:
     num_views = anchor.shape[0] // batch
     dtype = torch.promote_types(torch.promote_types(anchor.dtype, prototypes.dtype), torch.float32)
     anchor, target, prototypes = anchor.to(dtype), target.to(dtype), prototypes.to(dtype)
@@ -149,8 +186,8 @@ def _msn_loss(anchor, target, prototypes, batch, temperature, sharpen_temperatur
 
     ce = torch.sum(-targets * log_probs, dim=1).mean()
 
-    mean_probs = distributed.all_reduce_mean(probs.mean(dim=0))
-    memax = torch.sum(mean_probs * torch.log(mean_probs)) + math.log(mean_probs.numel())
+    mean_probs = distributed.all_reduce_mean(probs.mean(dim=0))  # global over ranks, for either prior
+    memax = prior_regulariser(mean_probs, prior, prior_exponent)
 
     entropy = torch.sum(-probs * log_probs, dim=1).mean()
 

@@ -2,7 +2,9 @@
 
 Reads each run's ``metrics.jsonl`` and draws loss terms (total, CE, ME-MAX, entropy), the
 collapse monitors (``np``, ``max_t``), the schedules (lr, wd, EMA momentum) and throughput,
-one panel each, into ``<first run>/training_curves.png`` (or ``--output``).
+one panel each, and, when the records hold them, the live low-shot monitor's accuracies
+(``monitor/knn_top1``, ``monitor/<k>shot``; docs/eval.md "Live monitor") against the step,
+into ``<first run>/training_curves.png`` (or ``--output``).
 """
 
 from __future__ import annotations
@@ -26,7 +28,29 @@ PANELS = (
 )
 
 
+#: The prefix of the live monitor's record keys; its ``seconds`` is a cost, not a curve.
+MONITOR_PREFIX, MONITOR_SECONDS = "monitor/", "monitor/seconds"
+
 LINE_STYLES = ("-", "--", "-.", ":")
+
+
+def monitor_keys(records: list[dict]) -> tuple[str, ...]:
+    """The monitor's accuracy keys found in ``records``: k-NN first, then the k-shot ones by k."""
+    found = {k for r in records for k in r if k.startswith(MONITOR_PREFIX) and k != MONITOR_SECONDS}
+
+    def order(key: str):
+        shots = key.removeprefix(MONITOR_PREFIX).removesuffix("shot")
+        return (0, 0, key) if not shots.isdigit() else (1, int(shots), key)
+
+    return tuple(sorted(found, key=order))
+
+
+def panels_for(records: list[dict]) -> tuple[tuple[str, tuple[str, ...], str], ...]:
+    """:data:`PANELS`, plus one panel of the monitor's accuracies when any record holds them."""
+    keys = monitor_keys(records)
+    if not keys:
+        return PANELS
+    return PANELS + (("monitor", keys, "live monitor: held-out top-1 % of the target encoder"),)
 
 
 def run_styles(count: int, reference: int | None = None) -> list[dict]:
@@ -86,10 +110,11 @@ def plot_runs(run_dirs: list[str | Path], output: str | Path | None = None, labe
     if reference is not None and reference not in labels:
         raise ValueError(f"--reference: {reference!r} is not one of the labels {labels}")
     styles = run_styles(len(runs), labels.index(reference) if reference is not None else None)
+    panels = panels_for([r for run in runs for r in records[run]])
     columns = 3
-    rows = (len(PANELS) + columns - 1) // columns
+    rows = (len(panels) + columns - 1) // columns
     fig, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.0 * rows), squeeze=False)
-    for axis, (_, keys, title) in zip(axes.flat, PANELS):
+    for axis, (panel, keys, title) in zip(axes.flat, panels):
         for run, label, style in zip(runs, labels, styles):
             steps = [r["step"] for r in records[run]]
             for k, key in enumerate(keys):
@@ -97,14 +122,19 @@ def plot_runs(run_dirs: list[str | Path], output: str | Path | None = None, labe
                 if all(v is None for v in values):
                     continue
                 name = label if len(keys) == 1 else f"{label} {key}"
-                axis.plot(steps, [float("nan") if v is None else v for v in values], label=name, **_key_style(style, k, len(keys), len(runs)))
+                look = _key_style(style, k, len(keys), len(runs))
+                if panel == "monitor":  # evaluated at some steps only: join those points
+                    points = [(s, v) for s, v in zip(steps, values) if v is not None]
+                    axis.plot(*zip(*points), marker="o", markersize=3, label=name.replace(MONITOR_PREFIX, ""), **look)
+                    continue
+                axis.plot(steps, [float("nan") if v is None else v for v in values], label=name, **look)
         axis.set_title(title, fontsize=9)
         axis.set_xlabel("step", fontsize=8)
         axis.tick_params(labelsize=7)
         axis.grid(alpha=0.3)
         if len(runs) > 1 or len(keys) > 1:
             axis.legend(fontsize=6)
-    for axis in list(axes.flat)[len(PANELS):]:
+    for axis in list(axes.flat)[len(panels):]:
         axis.axis("off")
     fig.tight_layout()
     path = Path(output) if output else runs[0] / "training_curves.png"

@@ -106,6 +106,15 @@ def step_worker(rank: int, world: int, port: int, out: str, tiny: dict, memax_in
     dist.all_reduce(grad)
     results["memax"] = {"memax": out_loss.memax.detach(), "loss": out_loss.loss.detach(),
                         "proto_grad_mean": grad / world}
+    # PMSN's power-law KL term on the same rows: its mean prediction is the same all-reduce
+    protos = prototypes.clone().requires_grad_(True)
+    out_loss = msn_loss(anchor[rows], target[rank * local:(rank + 1) * local], protos, prior="power_law",
+                        prior_exponent=0.25)
+    out_loss.memax.backward()
+    grad = protos.grad.clone()
+    dist.all_reduce(grad)
+    results["power_law"] = {"memax": out_loss.memax.detach(), "loss": out_loss.loss.detach(),
+                            "proto_grad_mean": grad / world}
 
     for composed in cli_runs:
         Trainer(load_config(composed, world_size=world)).fit()

@@ -158,3 +158,26 @@ def test_eval_config_composes_from_its_schema():
     assert cfg.shots == [1, 4] and cfg.lambd_fallback == 0.5 and cfg.data.name == "fashion_mnist"
     assert cfg.lambd_grid == DEFAULT_LAMBDA_GRID  # the code's grid, not the YAML's old 4-digit copy
     assert cfg.lambd_grid[1] != 3.1623e-4
+
+
+@pytest.mark.parametrize(
+    "change, key",
+    [
+        ({"loss": {"prior": "zipf"}}, "loss.prior"),
+        ({"loss": {"prior_exponent": -0.25}}, "loss.prior_exponent"),
+        ({"data": {"long_tail_ratio": 0.5}}, "data.long_tail_ratio"),
+    ],
+)
+def test_prior_and_long_tail_values_name_the_key(change, key, tmp_path):
+    with pytest.raises(ConfigError) as info:
+        load_config(tiny_config_dict(tmp_path, **change))
+    message = str(info.value)
+    assert message.startswith(key + ":") and "\n" not in message
+
+
+def test_prior_and_long_tail_defaults_and_overrides(tmp_path):
+    cfg = load_config(tiny_config_dict(tmp_path))
+    assert (cfg.loss.prior, cfg.loss.prior_exponent, cfg.data.long_tail_ratio) == ("uniform", 0.25, None)
+    cfg = load_config(compose_config("loss.prior=power_law", "loss.prior_exponent=0.5", "data=synthetic",
+                                     "data.long_tail_ratio=10", f"output_dir={tmp_path}"))
+    assert (cfg.loss.prior, cfg.loss.prior_exponent, cfg.data.long_tail_ratio) == ("power_law", 0.5, 10.0)

@@ -234,3 +234,52 @@ def test_pre_training_folders_decode_reduced_evaluation_folders_in_full(tmp_path
     assert build_dataset(data_cfg, train=False).min_pixels is None
     data_cfg.reduced_decode = False
     assert build_dataset(data_cfg, train=True).min_pixels is None
+
+
+# ---------------------------------------------------------------------------- long-tailed subset
+def _geometric_counts(per_class, classes, ratio):
+    return [round(per_class * ratio ** (-c / (classes - 1))) for c in range(classes)]
+
+
+def test_long_tail_indices_follow_the_geometric_rule_and_are_seeded():
+    from msn.data.datasets import long_tail_indices
+
+    labels = [i % 5 for i in range(500)]  # 5 balanced classes of 100
+    kept = long_tail_indices(labels, 10.0, seed=0)
+    counts = [sum(labels[i] == c for i in kept) for c in range(5)]
+    # 100 * 10^(-c/4): 100, 56.2, 31.6, 17.8, 10
+    assert counts == _geometric_counts(100, 5, 10.0) == [100, 56, 32, 18, 10]
+    assert kept == sorted(set(kept))  # ascending, no repeats: the data set's own order
+    assert long_tail_indices(labels, 10.0, seed=0) == kept  # deterministic
+    other = long_tail_indices(labels, 10.0, seed=1)
+    assert other != kept and [sum(labels[i] == c for i in other) for c in range(5)] == counts
+    assert long_tail_indices(labels, 1.0) == list(range(500))  # ratio 1: everything
+
+
+def test_build_dataset_makes_only_the_training_split_long_tailed():
+    from msn.config import DataConfig
+    from msn.data import build_dataset
+
+    cfg = DataConfig(name="synthetic", synthetic_size=400, synthetic_classes=4, synthetic_image_size=8,
+                     long_tail_ratio=8.0)
+    train, test = build_dataset(cfg, train=True), build_dataset(cfg, train=False)
+    counts = [train.targets.count(c) for c in range(4)]
+    assert counts == _geometric_counts(100, 4, 8.0) == [100, 50, 25, 12]
+    assert len(train) == sum(counts) and train[0][1] == train.targets[0]
+    names = train.image_names()
+    assert len(names) == len(train) and all(int(n.split("_")[0]) == t for n, t in zip(names, train.targets))
+    assert isinstance(test, SyntheticImages) and len(test) == 100  # evaluation split whole
+    assert len(build_dataset(DataConfig(name="synthetic", synthetic_size=400), train=True)) == 400
+
+
+def test_fashion_mnist_long_tail_is_ratio_10(tmp_path, monkeypatch):
+    from msn.config import DataConfig
+    from msn.data import build_dataset
+
+    root = str(require_dir(FASHION_MNIST, "Fashion-MNIST (Debian package dataset-fashion-mnist)"))
+    monkeypatch.setenv("MSN_CACHE_DIR", str(tmp_path))
+    train = build_dataset(DataConfig(name="fashion_mnist", root=root, long_tail_ratio=10.0), train=True)
+    counts = [train.targets.count(c) for c in range(10)]
+    assert counts == _geometric_counts(6000, 10, 10.0)
+    assert counts[0] == 6000 and counts[-1] == 600 and len(train) == 24523
+    assert list(train.classes) == list(FashionMNISTDataset.classes)

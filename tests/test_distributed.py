@@ -167,6 +167,23 @@ def test_memax_under_ddp_is_the_global_batch_value_not_the_local_one(two_ranks):
     assert abs(float(local_only.detach() - full.memax.detach())) > 1e-2
 
 
+def test_power_law_prior_under_ddp_is_the_global_batch_value(two_ranks):
+    """PMSN's KL(pbar || power law) on 2 ranks = the single-process term on the concatenated batch."""
+    ranks, _ = two_ranks
+    inputs = _memax_inputs()
+    protos = inputs["prototypes"].clone().requires_grad_(True)
+    full = msn_loss(inputs["anchor"], inputs["target"], protos, prior="power_law", prior_exponent=0.25)
+    full.memax.backward()
+    for r in ranks:
+        torch.testing.assert_close(r["power_law"]["memax"], full.memax.detach(), rtol=0, atol=EXACT)
+        torch.testing.assert_close(r["power_law"]["proto_grad_mean"], protos.grad, rtol=0, atol=EXACT)
+    torch.testing.assert_close(sum(r["power_law"]["loss"] for r in ranks) / WORLD, full.loss.detach(), rtol=0, atol=EXACT)
+    batch, local = inputs["target"].shape[0], inputs["target"].shape[0] // WORLD
+    rows = torch.cat([torch.arange(v * batch, v * batch + local) for v in range(3)])
+    local_only = msn_loss(inputs["anchor"][rows], inputs["target"][:local], inputs["prototypes"], prior="power_law").memax
+    assert abs(float(local_only - full.memax.detach())) > 1e-2
+
+
 # ---------------------------------------------------------------------------- (3) resume
 def test_two_process_run_stopped_and_relaunched_ends_equal_to_uninterrupted(two_ranks):
     _, tmp = two_ranks

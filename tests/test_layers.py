@@ -18,8 +18,9 @@ FLOORS = {
     "msn.config": 1, "msn.distributed": 1, "msn.data": 1, "msn.plots": 1,
     "msn.losses": 2, "msn.models": 2,
     "msn.export": 3, "msn.train": 3,
-    "msn.eval": 4, "msn.cli": 4,
-    "msn.api": 5,
+    "msn.eval": 4,
+    "msn.cli": 5,
+    "msn.api": 6,
 }
 PACKAGES = ("msn.data", "msn.models", "msn.train", "msn.export", "msn.eval")
 

@@ -170,3 +170,115 @@ def test_loss_is_computed_in_fp32_under_autocast_and_from_bf16_inputs():
     from_bf16 = msn_loss(*low, protos)
     assert from_bf16.loss.dtype == torch.float32
     assert torch.equal(from_bf16.loss, msn_loss(low[0].float(), low[1].float(), protos).loss)
+
+
+# ---------------------------------------------------------------------------- PMSN: power-law prior
+def _pbar_by_hand(anchor, protos, tau):
+    p = [_predict(a, protos, tau) for a in anchor]
+    return [sum(pi[k] for pi in p) / len(p) for k in range(len(protos))]
+
+
+def test_power_law_prior_by_hand():
+    """exponent 1, K = 4: weights 1, 1/2, 1/3, 1/4 sum to 25/12, so pi = (12, 6, 4, 3) / 25."""
+    from msn.losses import power_law_log_prior
+
+    pi = power_law_log_prior(4, 1.0).exp()
+    torch.testing.assert_close(pi, torch.tensor([0.48, 0.24, 0.16, 0.12], dtype=torch.float64), rtol=1e-15, atol=1e-15)
+    assert power_law_log_prior(1024, 0.25).exp().sum().item() == pytest.approx(1.0, rel=1e-14)
+    assert (power_law_log_prior(1024, 0.25).diff() < 0).all()  # fixed index order: prototype 0 is the most likely
+
+
+def test_power_law_regulariser_by_hand_on_a_known_mean_prediction():
+    """pbar = (0.4, 0.3, 0.2, 0.1) against pi = (0.48, 0.24, 0.16, 0.12) (exponent 1):
+    KL(pbar || pi) = 0.4 ln(5/6) + 0.3 ln(5/4) + 0.2 ln(5/4) + 0.1 ln(5/6)
+                   = 0.5 ln(5/6) + 0.5 ln(5/4) = 0.5 ln(25/24)."""
+    from msn.losses import prior_regulariser
+
+    pbar = torch.tensor([0.4, 0.3, 0.2, 0.1], dtype=torch.float64)
+    assert prior_regulariser(pbar, "power_law", 1.0).item() == pytest.approx(0.5 * math.log(25 / 24), rel=1e-13)
+    # K = 3, exponent 0.5: pi_k = k^-0.5 / (1 + 2^-0.5 + 3^-0.5); at pbar = pi the KL is 0
+    z = 1 + 2 ** -0.5 + 3 ** -0.5
+    pi3 = torch.tensor([1 / z, 2 ** -0.5 / z, 3 ** -0.5 / z], dtype=torch.float64)
+    assert abs(prior_regulariser(pi3, "power_law", 0.5).item()) < 1e-15
+    # the uniform ME-MAX of the same pbar: sum pbar ln pbar + ln 4
+    memax = sum(x * math.log(x) for x in (0.4, 0.3, 0.2, 0.1)) + math.log(4)
+    assert prior_regulariser(pbar, "uniform").item() == pytest.approx(memax, rel=1e-13)
+
+
+@pytest.mark.parametrize("exponent", [0.25, 1.0])
+def test_power_law_loss_terms_equal_hand_computed_float64(exponent):
+    tau, T, lam = 0.1, 0.25, 1.7
+    ce, _, ent, _, _ = _loss_by_hand(ANCHOR, TARGET, PROTOS, tau, T, True, 3, lam, 0.0)
+    pbar = _pbar_by_hand(ANCHOR, PROTOS, tau)
+    weights = [(k + 1) ** -exponent for k in range(len(PROTOS))]
+    pi = [w / sum(weights) for w in weights]
+    kl = sum(p * math.log(p / q) for p, q in zip(pbar, pi))
+    out = msn_loss(
+        torch.tensor(ANCHOR, dtype=torch.float64), torch.tensor(TARGET, dtype=torch.float64),
+        torch.tensor(PROTOS, dtype=torch.float64), temperature=tau, sharpen_temperature=T, memax_weight=lam,
+        prior="power_law", prior_exponent=exponent,
+    )
+    assert out.memax.item() == pytest.approx(kl, rel=1e-10, abs=1e-13)
+    assert out.ce.item() == pytest.approx(ce, rel=1e-12)  # the prior only changes the regulariser
+    assert out.loss.item() == pytest.approx(ce + lam * kl, rel=1e-12)
+
+
+def test_power_law_with_exponent_zero_is_memax():
+    """pi uniform: KL(pbar || 1/K) = sum pbar ln pbar + ln K, the ME-MAX term with its constant."""
+    g = torch.Generator().manual_seed(2)
+    anchor, target, protos = (torch.randn(n, 6, generator=g, dtype=torch.float64) for n in (15, 5, 7))
+    uniform = msn_loss(anchor, target, protos, prior="uniform")
+    flat = msn_loss(anchor, target, protos, prior="power_law", prior_exponent=0.0)
+    torch.testing.assert_close(flat.memax, uniform.memax, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(flat.loss, uniform.loss, rtol=1e-12, atol=1e-14)
+    probs = torch.softmax(F.normalize(anchor, dim=1) @ F.normalize(protos, dim=1).T / 0.1, dim=1)
+    pbar = probs.mean(0)
+    neg_entropy = (pbar * pbar.log()).sum()
+    assert flat.memax.item() - neg_entropy.item() == pytest.approx(math.log(7), rel=1e-12)
+
+
+def test_default_is_todays_memax_bitwise():
+    g = torch.Generator().manual_seed(4)
+    anchor, target, protos = torch.randn(12, 16, generator=g), torch.randn(4, 16, generator=g), torch.randn(8, 16, generator=g)
+    default, uniform = msn_loss(anchor, target, protos), msn_loss(anchor, target, protos, prior="uniform")
+    probs = F.log_softmax(F.normalize(anchor, dim=1) @ F.normalize(protos, dim=1).T / 0.1, dim=1).exp()
+    pbar = probs.mean(dim=0)
+    assert torch.equal(default.memax, uniform.memax)
+    assert torch.equal(default.memax, torch.sum(pbar * torch.log(pbar)) + math.log(8))
+
+
+def test_power_law_gradcheck_float64():
+    g = torch.Generator().manual_seed(5)
+    anchor = torch.randn(9, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    protos = torch.randn(5, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    target = torch.randn(3, 4, generator=g, dtype=torch.float64)
+
+    def regulariser(a, p):
+        return msn_loss(a, target, p, prior="power_law", prior_exponent=0.25).memax
+
+    assert torch.autograd.gradcheck(regulariser, (anchor, protos))
+    # the whole loss in the anchor (the targets depend on the prototypes without gradient, so
+    # a finite difference in the prototypes would move them: not a gradient check there)
+    assert torch.autograd.gradcheck(lambda a: msn_loss(a, target, protos.detach(), prior="power_law").loss, (anchor,))
+
+
+def test_unknown_prior_raises():
+    with pytest.raises(ValueError, match="prior"):
+        msn_loss(torch.randn(4, 3), torch.randn(2, 3), torch.randn(5, 3), prior="zipf")
+
+
+def test_training_step_passes_the_prior_to_the_loss(tiny_config, monkeypatch):
+    import msn.train.step
+    from msn.train import Trainer
+
+    seen = []
+
+    def spy(*args, **kwargs):
+        seen.append((kwargs["prior"], kwargs["prior_exponent"]))
+        return msn_loss(*args, **kwargs)
+
+    monkeypatch.setattr(msn.train.step, "msn_loss", spy)
+    trainer = Trainer(tiny_config(loss={"prior": "power_law", "prior_exponent": 0.5}))
+    trainer.sampler.set_position(0, 0)
+    stats = trainer.train_step(next(iter(trainer.loader)))
+    assert seen == [("power_law", 0.5)] and torch.isfinite(stats).all()

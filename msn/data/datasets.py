@@ -251,7 +251,54 @@ class SyntheticImages(torch.utils.data.Dataset):
         return [f"{label}_synthetic{index:05d}" for index, label in enumerate(self.targets)]
 
 
+def long_tail_indices(labels, ratio: float, seed: int = 0) -> list[int]:
+    """Indices (ascending) of a long-tailed subset of a data set with these ``labels``.
+
+    The ``C`` distinct labels, sorted, are ranked ``c = 0..C-1``; class ``c`` keeps
+    ``round(n_c * ratio ** (-c / (C - 1)))`` (at least one) of its ``n_c`` images, so on a
+    balanced data set the largest class is ``ratio`` times the smallest and the counts fall
+    geometrically in between (the CIFAR-10-LT rule). Which images a class keeps is a uniform
+    draw without replacement from a generator seeded with ``seed``: the same subset on every
+    run, whatever the training seed.
+    """
+    labels = torch.as_tensor([int(t) for t in labels])
+    classes = torch.unique(labels).tolist()
+    generator = torch.Generator().manual_seed(seed)
+    kept = []
+    for rank, label in enumerate(classes):
+        members = torch.nonzero(labels == label).flatten()
+        share = ratio ** (-rank / (len(classes) - 1)) if len(classes) > 1 else 1.0
+        count = max(1, min(len(members), round(len(members) * share)))
+        kept.append(members[torch.randperm(len(members), generator=generator)[:count]])
+    return sorted(torch.cat(kept).tolist())
+
+
+class LongTailSubset(torch.utils.data.Subset):
+    """The long-tailed subset (:func:`long_tail_indices`) of a labelled data set, keeping its
+    ``targets``, ``classes`` and ``image_names()`` (``data.long_tail_ratio``)."""
+
+    def __init__(self, dataset, ratio: float, seed: int = 0):
+        labels = [int(t) for t in dataset.targets]
+        super().__init__(dataset, long_tail_indices(labels, ratio, seed))
+        self.targets = [labels[i] for i in self.indices]
+        self.classes = getattr(dataset, "classes", None)
+        self.ratio = ratio
+
+    def image_names(self) -> list[str]:
+        names = self.dataset.image_names()
+        return [names[i] for i in self.indices]
+
+
 def build_dataset(data_cfg, train: bool = True) -> torch.utils.data.Dataset:
+    """The data set named by ``data_cfg`` (:func:`_named_dataset`); with
+    ``data_cfg.long_tail_ratio`` set, the training split becomes its long-tailed subset
+    (:class:`LongTailSubset`, seed 0); the evaluation split stays whole."""
+    dataset = _named_dataset(data_cfg, train)
+    ratio = getattr(data_cfg, "long_tail_ratio", None)
+    return LongTailSubset(dataset, ratio) if train and ratio is not None else dataset
+
+
+def _named_dataset(data_cfg, train: bool = True) -> torch.utils.data.Dataset:
     """The data set named by ``data_cfg.name`` (a :class:`msn.config.DataConfig`).
 
     ``imagenet`` reads ``<root>/train`` (or ``<root>/val`` when ``train`` is false);

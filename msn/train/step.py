@@ -160,6 +160,7 @@ class MSNStep:
             temperature=loss.temperature, sharpen_temperature=self.schedules.at_update(step)["sharpen_T"],
             use_sinkhorn=loss.use_sinkhorn, sinkhorn_iters=loss.sinkhorn_iters,
             memax_weight=loss.memax_weight, entropy_weight=loss.entropy_weight,
+            prior=loss.prior, prior_exponent=loss.prior_exponent,
         )
 
     def update(self, out: MSNLossOutput, step: int) -> None:

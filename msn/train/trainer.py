@@ -30,6 +30,7 @@ from msn.data import build_dataset, build_multiview_data, build_sampler, build_t
 from msn.logging import METRICS_FILE, MetricsLogger, progress_bar
 from msn.runtime import loader_workers, resolve_device
 from msn.train import state as train_state
+from msn.train.monitor import LiveMonitor, ProbeFactory
 from msn.train.preemption import IgnoreSignals, Preempted, PreemptionFlag
 from msn.train.step import STAT_NAMES, InitState, MSNStep
 
@@ -47,9 +48,12 @@ class Trainer:
         cfg: validated configuration.
         init_state: optional callable ``(network, target, prototypes) -> None`` applied before
             the optimiser is built (``init_from``).
+        probe: with ``monitor.enabled``, builds what the live monitor measures
+            (:mod:`msn.train.monitor`; ``train.py`` and ``msn.pretrain`` pass
+            ``msn.eval.monitor.LowShotProbe.from_config``).
     """
 
-    def __init__(self, cfg: MSNConfig, init_state: InitState | None = None):
+    def __init__(self, cfg: MSNConfig, init_state: InitState | None = None, probe: ProbeFactory | None = None):
         self.cfg = cfg
         self.rank, self.world_size = distributed.rank(), distributed.world_size()
         self.is_main = self.rank == 0
@@ -65,6 +69,11 @@ class Trainer:
             raise ValueError(f"optim.batch_size: {global_batch} is larger than the data set ({len(self.dataset)} images)")
         self.total_steps = cfg.optim.epochs * self.steps_per_epoch
         self.max_steps = min(self.total_steps, cfg.train.max_steps or self.total_steps)
+        self.monitor: LiveMonitor | None = None
+        if cfg.monitor.enabled and probe is None:
+            log.warning("monitor.enabled is set but no probe was given (Trainer(..., probe=...)); not monitoring")
+        elif cfg.monitor.enabled:  # its images are drawn once, before the global generators are seeded
+            self.monitor = LiveMonitor(cfg.monitor, probe(cfg, self.dataset))
 
         train_state.seed_everything(cfg.seed)  # the same initial weights on every rank
         #: the train step and everything it updates (networks, prototypes, optimiser, schedules)
@@ -234,14 +243,18 @@ class Trainer:
                 bar.update(1)
                 epoch_done = self.step % self.steps_per_epoch == 0
                 finished = self.step >= self.max_steps
-                if self.step % cfg.train.log_every == 0 or finished or epoch_done:
+                monitor_due = self.monitor is not None and self.monitor.due(self.step, finished)
+                if self.step % cfg.train.log_every == 0 or finished or epoch_done or monitor_due:
                     record = self._make_record(*window.close(self.world_size))
                     if not math.isfinite(record["loss"]):
                         raise TrainingDivergedError(f"non-finite loss between steps {last_good_step + 1} and "
                                                     f"{self.step}; stopping. {self._latest_note()}")
                     last_good_step = self.step
+                    if monitor_due:  # into this step's record, its time outside every window
+                        record.update(self._evaluate_monitor())
+                        window.restart()
                     logger.log(record)
-                    bar.set_postfix(loss=f"{record['loss']:.3f}", np=int(record["np"]), img_s=f"{record['img_per_s']:.0f}")
+                    bar.set_postfix(self._postfix(record))
                 if epoch_done or finished:
                     epoch, every = self.step // self.steps_per_epoch, cfg.train.checkpoint_every_epochs
                     self.save(epoch if epoch_done and every and epoch % every == 0 else None)
@@ -249,6 +262,19 @@ class Trainer:
                     break
         distributed.barrier()
         return record
+
+    def _evaluate_monitor(self) -> dict[str, Any]:
+        """The live monitor's values (:mod:`msn.train.monitor`); its seconds count in ``time_s``."""
+        values = self.monitor(self.target, self.device, self.param_dtype, self.autocast)
+        self.train_seconds += values["monitor/seconds"]
+        return {**values, "time_s": round(self.train_seconds, 3)}
+
+    def _postfix(self, record: dict[str, Any]) -> dict[str, str]:
+        """The progress bar's numbers: loss, np, images/s and the latest monitored k-NN accuracy."""
+        postfix = {"loss": f"{record['loss']:.3f}", "np": str(int(record["np"])), "img_s": f"{record['img_per_s']:.0f}"}
+        if self.monitor is not None and "monitor/knn_top1" in self.monitor.last:
+            postfix["knn"] = f"{self.monitor.last['monitor/knn_top1']:.1f}"
+        return postfix
 
     def _stop(self, signal_name: str) -> None:
         """Write ``latest.pt`` on a preemption signal and raise :class:`Preempted`."""
@@ -306,3 +332,7 @@ class StatsWindow:
         self.minimum.fill_(math.inf)
         self.steps, self.start = 0, time.perf_counter()
         return means, minimum, steps, elapsed
+
+    def restart(self) -> None:
+        """Start the clock of the open window now (what ran since its start is not training)."""
+        self.start = time.perf_counter()
