@@ -17,9 +17,78 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from msn.config import ConfigError, load_config, validate
+from msn.config import ConfigError, DistConfig, load_config, validate
 
 log = logging.getLogger("msn")
+
+#: The preemption flag an entry point installed before the heavy imports (``train.py``), for
+#: the Hydra task below; a module-level list so that the task stays a plain function that
+#: launchers (submitit) can pickle by reference.
+_EARLY_SIGNALS: list = []
+
+
+def train_main(early_signals=None) -> None:
+    """``msn-train`` (and ``python train.py``): MSN pre-training from the command line,
+    ``key=value`` overrides of the packaged configs (:mod:`msn.configs`), ``-m`` sweeps.
+
+    Args:
+        early_signals: a :class:`~msn.train.preemption.PreemptionFlag` already watching
+            (``train.py`` installs one before torch is imported); by default one is
+            installed here, before Hydra and torch load.
+    """
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle OpenMP threads sleep: see train.py
+    if early_signals is None:
+        from msn.train.preemption import PreemptionFlag
+
+        early_signals = PreemptionFlag(DistConfig().preempt_signals).__enter__()
+    _EARLY_SIGNALS[:] = [early_signals]
+    import hydra
+
+    from msn.configs import CONFIG_PATH
+
+    if "-m" not in sys.argv and "--multirun" not in sys.argv:
+        _quiet_non_main_ranks(sys.argv)
+    hydra.main(config_path=CONFIG_PATH, config_name="config", version_base="1.3")(_train_task)()
+
+
+def _train_task(raw: DictConfig) -> None:
+    """The Hydra task of :func:`train_main`."""
+    run_training(raw, _EARLY_SIGNALS[0] if _EARLY_SIGNALS else None)
+
+
+def _quiet_non_main_ranks(argv: list[str]) -> None:
+    """Ranks > 0 of torchrun/srun neither write ``.hydra/`` nor the log file (rank 0 does)."""
+    rank = os.environ.get("RANK") or (os.environ.get("SLURM_PROCID") if "SLURM_STEP_ID" in os.environ else None)
+    if not rank or int(rank) == 0:
+        return
+    if not any(arg.startswith(("hydra.output_subdir=", "++hydra.output_subdir=")) for arg in argv):
+        argv.append("hydra.output_subdir=null")
+    if not any(arg.startswith("hydra/job_logging=") for arg in argv):
+        argv.append("hydra/job_logging=stdout")
+
+
+def eval_lowshot_main() -> None:
+    """``msn-eval-lowshot`` (and ``python eval_lowshot.py``): the low-shot evaluation
+    (docs/eval.md); a configuration error is one line ``error: <key>: <message>``, status 2."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    import hydra
+
+    from msn.configs import CONFIG_PATH
+    from msn.eval import config as _eval_schema  # noqa: F401 - registers eval_schema before composition
+
+    hydra.main(config_path=CONFIG_PATH, config_name="eval_lowshot", version_base="1.3")(_eval_task)()
+
+
+def _eval_task(raw: DictConfig) -> None:
+    """The Hydra task of :func:`eval_lowshot_main`."""
+    from msn.eval.config import load_eval_config
+    from msn.eval.lowshot import run_lowshot
+
+    try:
+        run_lowshot(load_eval_config(raw))
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        sys.exit(2)
 
 
 def run_training(raw: DictConfig, preemption=None) -> dict:

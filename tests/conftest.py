@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from msn.config import load_config
+from msn.configs import CONFIG_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
 #: The standard ImageNet low-shot split files: ``../shared/data/imagenet_subsets`` beside the
@@ -31,10 +32,10 @@ def require_dir(path: Path, what: str) -> Path:
 
 
 def compose_config(*overrides: str, hydra_config: bool = False):
-    """``configs/config.yaml`` composed by Hydra with ``overrides`` (not yet validated)."""
+    """``msn/configs/config.yaml`` composed by Hydra with ``overrides`` (not yet validated)."""
     from hydra import compose, initialize_config_dir
 
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         return compose("config", overrides=list(overrides), return_hydra_config=hydra_config)
 
 

@@ -3,15 +3,15 @@
 from pathlib import Path
 
 import pytest
+from conftest import compose_config, tiny_config_dict
 from hydra import compose, initialize_config_dir
 
 from msn.architectures import MODELS as ARCH_MODELS
 from msn.config import ConfigError, from_dict, load_config, to_dict, validate
+from msn.configs import CONFIG_DIR
 
-from conftest import ROOT, compose_config, tiny_config_dict
-
-EXPERIMENTS = sorted(p.stem for p in (ROOT / "configs" / "experiment").glob("*.yaml"))
-MODELS = sorted(p.stem for p in (ROOT / "configs" / "model").glob("*.yaml"))
+EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
+MODELS = sorted(p.stem for p in (CONFIG_DIR / "model").glob("*.yaml"))
 
 
 PAPER = {  # preset: (model group, mask ratio, epochs)
@@ -137,7 +137,7 @@ def test_base_yaml_files_do_not_restate_schema_defaults(file, schema):
 
     cls = getattr(msn.config, schema, None) or getattr(msn.eval.config, schema)
     defaults = OmegaConf.to_container(OmegaConf.structured(cls))
-    raw = yaml.safe_load((ROOT / "configs" / file).read_text())
+    raw = yaml.safe_load((CONFIG_DIR / file).read_text())
     assert raw["defaults"][0] in ("msn_schema", "eval_schema")  # the schema is the base of the composition
     restated = []
     for key, value in _leaves({k: v for k, v in raw.items() if k not in ("defaults", "hydra")}):
@@ -146,13 +146,13 @@ def test_base_yaml_files_do_not_restate_schema_defaults(file, schema):
             node = node[part]  # a KeyError here: a key the schema does not know
         if node == value:
             restated.append(key)
-    assert not restated, f"configs/{file} restates schema defaults: {restated}"
+    assert not restated, f"msn/configs/{file} restates schema defaults: {restated}"
 
 
 def test_eval_config_composes_from_its_schema():
     from msn.eval.config import DEFAULT_LAMBDA_GRID, load_eval_config
 
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         raw = compose("eval_lowshot", overrides=["baseline=pixels", "shots=[1,4]", "lambd_fallback=0.5"])
     cfg = load_eval_config(raw)
     assert cfg.shots == [1, 4] and cfg.lambd_fallback == 0.5 and cfg.data.name == "fashion_mnist"

@@ -14,14 +14,15 @@ from omegaconf import OmegaConf
 
 import msn.config
 from msn.checkpoint import save_training_checkpoint
+from msn.configs import CONFIG_DIR
 from msn.eval.config import load_eval_config
 from msn.eval.lowshot import run_lowshot
 from msn.models import build_network
 
 ROOT = Path(__file__).resolve().parents[1]
 def synthetic(**overrides) -> dict:
-    """``configs/data/synthetic.yaml`` (what ``data=synthetic`` selects) with overrides."""
-    return {**OmegaConf.to_container(OmegaConf.load(ROOT / "configs" / "data" / "synthetic.yaml")), **overrides}
+    """``msn/configs/data/synthetic.yaml`` (what ``data=synthetic`` selects) with overrides."""
+    return {**OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "data" / "synthetic.yaml")), **overrides}
 
 
 FAST = ["lambd_grid=[0.01,1.0]", "cv_folds=2", "progress=false", "data.synthetic_size=48"]
