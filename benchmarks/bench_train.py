@@ -502,7 +502,9 @@ def bench_profile(model: str, batch: int, device: torch.device, precision: str, 
 
 # ---------------------------------------------------------------------------- report
 
-def markdown_table(rows: list[dict], columns: list[str]) -> str:
+def markdown_table(rows: list[dict], columns: list[str], titles: list[str] | None = None) -> str:
+    """A markdown table of ``rows`` (dicts) with the keys ``columns``, headed ``titles``
+    (default: the keys)."""
     def fmt(value):
         if value is None:
             return "-"
@@ -510,7 +512,7 @@ def markdown_table(rows: list[dict], columns: list[str]) -> str:
             return f"{value:.3g}" if abs(value) < 1000 else f"{value:,.0f}"
         return str(value)
 
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines = ["| " + " | ".join(titles or columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(fmt(row.get(c)) for c in columns) + " |" for row in rows]
     return "\n".join(lines)
 

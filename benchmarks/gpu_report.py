@@ -289,16 +289,8 @@ def evaluate(sizes: dict, steps: list[dict], levers: list[dict], e2e: list[dict]
 
 # ---------------------------------------------------------------------------- the page
 def _table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
-    def fmt(value):
-        if value is None:
-            return "-"
-        if isinstance(value, float):
-            return f"{value:.3g}" if abs(value) < 1000 else f"{value:,.0f}"
-        return str(value)
-
-    lines = ["| " + " | ".join(title for _, title in columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(fmt(row.get(key)) for key, _ in columns) + " |" for row in rows]
-    return "\n".join(lines)
+    """:func:`bench_train.markdown_table` with ``(key, title)`` columns."""
+    return bench_train.markdown_table(rows, [key for key, _ in columns], [title for _, title in columns])
 
 
 def write_page(path: Path, report: dict) -> None:

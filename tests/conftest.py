@@ -45,6 +45,25 @@ def first_batch(trainer):
     return next(iter(trainer.loader))
 
 
+def jpeg_folder(root, count: int = 12, smallest: tuple[int, int] = (40, 48)):
+    """An :class:`msn.data.ImageFolderDataset` of ``count`` random-pixel JPEGs in two classes,
+    of several sizes from ``smallest`` up (so the per-image crop path runs, not the
+    fixed-size batched one)."""
+    import torch
+    from PIL import Image
+
+    from msn.data import ImageFolderDataset
+
+    g = torch.Generator().manual_seed(0)
+    for i in range(count):
+        size = (smallest[0] + 8 * (i % 3), smallest[1] + 4 * (i % 4))
+        pixels = (torch.rand(*size, 3, generator=g) * 255).to(torch.uint8).numpy()
+        folder = root / f"class{i % 2}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels).save(folder / f"{i:02d}.jpg", quality=90)
+    return ImageFolderDataset(str(root))
+
+
 #: Overrides that make a run of a few steps take about a second.
 TINY_OVERRIDES = [
     "data=synthetic",

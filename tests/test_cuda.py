@@ -27,7 +27,7 @@ from msn.config import load_config
 from msn.models import build_vit
 from msn.train import Trainer
 
-from conftest import ROOT, first_batch, tiny_config_dict
+from conftest import ROOT, first_batch, jpeg_folder, tiny_config_dict
 
 pytestmark = pytest.mark.cuda
 HERE = Path(__file__).resolve().parent
@@ -375,22 +375,6 @@ def test_short_cuda_run_finishes_with_a_finite_loss_and_a_checkpoint(tmp_path):
 
 
 # ---------------------------------------------------------------------------- (5) device augmentation
-def _jpeg_folder(root, count=16):
-    """JPEGs of several sizes (the per-image crop path: photometric work on the device only)."""
-    from PIL import Image
-
-    from msn.data import ImageFolderDataset
-
-    g = torch.Generator().manual_seed(0)
-    for i in range(count):
-        size = (72 + 8 * (i % 3), 80 + 4 * (i % 4))
-        pixels = (torch.rand(*size, 3, generator=g) * 255).to(torch.uint8).numpy()
-        folder = root / f"class{i % 2}"
-        folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(pixels).save(folder / f"{i:02d}.jpg", quality=90)
-    return ImageFolderDataset(str(root))
-
-
 @pytest.mark.parametrize("kind", ["fixed size (crops on the device too)", "varying size (photometric on the device)"])
 def test_device_augmentation_on_the_gpu_equals_the_cpu_path(kind, tmp_path):
     """``data.augment=device``: the loader ships uint8 pixels and every parameter; the views
@@ -410,7 +394,7 @@ def test_device_augmentation_on_the_gpu_equals_the_cpu_path(kind, tmp_path):
 
     views = {"rand_size": 64, "focal_size": 32, "num_focal": 4}
     cfg = load_config(tiny_config_dict(tmp_path, data={"name": "synthetic", "augment": "device", "views": views}))
-    dataset = SyntheticImages(16, 4, 72) if kind.startswith("fixed") else _jpeg_folder(tmp_path / "jpeg")
+    dataset = SyntheticImages(16, 4, 72) if kind.startswith("fixed") else jpeg_folder(tmp_path / "jpeg", 16, (72, 80))
     data, collate = build_multiview_data(dataset, cfg.data, seed=5)
     loader = build_train_loader(data, ResumableSampler(len(dataset), 8, seed=5), 0, collate=collate)
     for batch in loader:

@@ -6,26 +6,12 @@ import pytest
 import torch
 
 from msn.config import ViewsConfig
-from msn.data import ImageFolderDataset, ResumableSampler, SyntheticImages, build_multiview_data, build_train_loader
+from msn.data import ResumableSampler, SyntheticImages, build_multiview_data, build_train_loader
 from msn.data.batch_augment import BatchPhotometric
 
-from conftest import assert_same_state
+from conftest import assert_same_state, jpeg_folder
 
 VIEWS = {"rand_size": 32, "focal_size": 16, "num_focal": 3}
-
-
-def _jpeg_folder(root, count=12):
-    """JPEGs of several sizes (the per-image crop path: no fixed image size)."""
-    from PIL import Image
-
-    g = torch.Generator().manual_seed(0)
-    for i in range(count):
-        size = (40 + 8 * (i % 3), 48 + 4 * (i % 4))
-        pixels = (torch.rand(*size, 3, generator=g) * 255).to(torch.uint8).numpy()
-        folder = root / f"class{i % 2}"
-        folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(pixels).save(folder / f"{i:02d}.jpg", quality=90)
-    return ImageFolderDataset(str(root))
 
 
 def _batches(dataset, data_cfg, workers=0):
@@ -37,7 +23,7 @@ def _batches(dataset, data_cfg, workers=0):
 @pytest.mark.parametrize("kind", ["fixed size (crops on the device too)", "varying size (photometric on the device)"])
 def test_device_batches_equal_batched_ones_bitwise(kind, tmp_path, tiny_config):
     data_cfg = tiny_config(data={"views": VIEWS}).data
-    dataset = SyntheticImages(12, 4, 40) if kind.startswith("fixed") else _jpeg_folder(tmp_path)
+    dataset = SyntheticImages(12, 4, 40) if kind.startswith("fixed") else jpeg_folder(tmp_path)
     batched = _batches(dataset, data_cfg)
     data_cfg.augment = "device"
     deferred = _batches(dataset, data_cfg, workers=2)  # parameters drawn in worker processes

@@ -266,3 +266,45 @@ def test_export_carries_a_model_card_and_the_transformers_version(run, hf_dir, t
     export(run["path"], labelled, "hf", labels=["cat", "dog"])
     card = (labelled / "README.md").read_text()
     assert "pipeline_tag: image-classification" in card and "2 classes: cat, dog" in card
+
+
+def test_model_card_reports_the_lowshot_evaluations_of_these_weights(tmp_path):
+    """An evaluation of the checkpoint written into its run folder is found and reported in
+    the card (its numbers, to one decimal); a baseline's is not; ``--lowshot FILE`` reports
+    one from anywhere; a file that is not a results.json fails with one line."""
+    import msn
+
+    made = write_run(tmp_path / "run", tiny_cfg(), SIZE, (1, 2), step=3, epoch=0, int_fill=7)
+    run_dir = made["path"].parent.parent
+    assert (run_dir / "checkpoints").is_dir()
+    common = ["splits=1", "lambd=0.1", "progress=false", "plot=false", "data.synthetic_size=48",
+              "data.synthetic_classes=4", f"data.synthetic_image_size={SIZE}", "cache=false"]
+    ours = msn.lowshot(made["path"], data="synthetic", shots=[1, 2], overrides=[*common, f"output_dir={run_dir / 'lowshot' / 'a'}"])
+    msn.lowshot(made["path"], data="synthetic", shots=[1], overrides=[*common, "baseline=random",
+                                                                          f"output_dir={run_dir / 'lowshot' / 'random'}"])
+    out = tmp_path / "hf"
+    assert main([str(made["path"]), "--format", "hf", "--output", str(out)]) == 0
+    card = (out / "README.md").read_text()
+    assert card.count("## Low-shot results") == 1 and card.count("| labelled images / class |") == 1
+    for k in ("1", "2"):
+        entry = ours["shots"][k]
+        assert f"| {k} | 1 | {entry['mean']:.1f} +- {entry['std']:.1f} | {entry['knn_mean']:.1f} +- {entry['knn_std']:.1f} |" in card
+    assert "synthetic, " in card
+
+    elsewhere = tmp_path / "elsewhere.json"
+    shutil.copy(run_dir / "lowshot" / "a" / "results.json", elsewhere)
+    shutil.rmtree(run_dir / "lowshot")
+    assert main([str(made["path"]), "--format", "hf", "--output", str(tmp_path / "plain")]) == 0
+    assert "## Low-shot results" not in (tmp_path / "plain" / "README.md").read_text()
+    assert main([str(made["path"]), "--format", "hf", "--output", str(tmp_path / "given"), "--lowshot", str(elsewhere)]) == 0
+    assert "## Low-shot results" in (tmp_path / "given" / "README.md").read_text()
+
+
+def test_lowshot_option_errors_are_one_line(tmp_path, capsys, run):
+    not_results = tmp_path / "config.json"
+    not_results.write_text('{"schema": "something-else"}')
+    assert main([str(run["path"]), "--format", "hf", "--output", str(tmp_path / "a"), "--lowshot", str(not_results)]) == 2
+    assert main([str(run["path"]), "--format", "timm", "--output", str(tmp_path / "b"), "--lowshot", str(not_results)]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[0] == f"msn-export: error: {not_results}: not a low-shot results.json (schema is not 'msn-lowshot-results')"
+    assert lines[1] == "msn-export: error: --lowshot: only with --format hf (its model card reports them)"

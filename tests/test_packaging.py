@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import site
 import subprocess
 import sys
@@ -30,9 +31,13 @@ pytestmark = pytest.mark.slow
 def installed(tmp_path_factory):
     """``(bin folder, environment)`` of a fresh venv holding only the wheel of this repository."""
     base = tmp_path_factory.mktemp("packaging")
-    wheels = base / "wheels"
+    source, wheels = base / "source", base / "wheels"
+    # a copy of what a wheel is built from, so that setuptools' build/ folder lands there
+    shutil.copytree(ROOT / "msn", source / "msn", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
     build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                            "-w", str(wheels), str(ROOT)], capture_output=True, text=True, timeout=300,
+                            "-w", str(wheels), str(source)], capture_output=True, text=True, timeout=300,
                            cwd=base)
     assert build.returncode == 0, build.stderr[-3000:]
     (wheel,) = wheels.glob("msn-*.whl")

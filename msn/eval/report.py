@@ -23,10 +23,12 @@ from typing import Any, Sequence
 from msn.eval.baseline_names import PIXELS, RANDOM, SUPERVISED
 from msn.eval.config import EvalConfig, eval_config_to_dict
 from msn.eval.subsets import format_percent, percent_key
+from msn.export.model_card import LOWSHOT_SCHEMA
 
 log = logging.getLogger(__name__)
 
-SCHEMA = "msn-lowshot-results"
+#: ``schema`` of results.json; its one home is the model card, which reads these documents
+SCHEMA = LOWSHOT_SCHEMA
 SCHEMA_VERSION = 1
 
 OBJECTIVE = "mean_i CE(W x_i, y_i) + lambda/(2N) ||W||_F^2 (no intercept; sklearn C = 1/lambda)"

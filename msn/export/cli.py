@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Sequence
 
 from msn.export.formats import FORMATS, writable
+from msn.export.hf import HF
+from msn.export.model_card import read_lowshot_results, write_model_card
 from msn.export.loading import load_backbone
 
 
@@ -39,6 +41,7 @@ def export(
     labels: Sequence[str] | None = None,
     num_heads: int | None = None,
     overwrite: bool = False,
+    lowshot: Sequence[str | os.PathLike] = (),
 ) -> list[Path]:
     """Export ``source`` (anything :func:`msn.export.load_backbone` reads) to ``output``.
 
@@ -49,6 +52,9 @@ def export(
         labels: class names; with ``format="hf"`` writes a ``ViTMSNForImageClassification``.
         num_heads: heads of a bare state dict whose width is not in the known table.
         overwrite: allow writing into a non-empty ``output`` folder.
+        lowshot: ``results.json`` files of low-shot evaluations of these weights, reported in
+            the model card (``hf`` only; by default the card reports those found in the run
+            folder, :func:`msn.export.model_card.find_lowshot_results`).
 
     Returns:
         the written files.
@@ -64,8 +70,14 @@ def export(
         raise ValueError(f"--output: {output} exists and is not a folder")
     if output.is_dir() and any(output.iterdir()) and not overwrite:
         raise ValueError(f"--output: {output} is not empty (pass --overwrite to write into it)")
+    if lowshot and format != HF:
+        raise ValueError(f"--lowshot: only with --format {HF} (its model card reports them)")
+    documents = [read_lowshot_results(path) for path in lowshot]
     loaded = load_backbone(source, which, num_heads=num_heads)
-    return target.write(loaded, output, labels) if target.takes_labels else target.write(loaded, output)
+    files = target.write(loaded, output, labels) if target.takes_labels else target.write(loaded, output)
+    if documents:
+        write_model_card(loaded, output, labels, documents)
+    return files
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     labels.add_argument("--labels", help="hf only: file with one class label per line (writes ViTMSNForImageClassification)")
     parser.add_argument("--num-heads", type=int, help="attention heads of a bare state dict of non-standard width")
     parser.add_argument("--overwrite", action="store_true", help="allow a non-empty --output folder")
+    parser.add_argument("--lowshot", action="append", default=[], metavar="RESULTS_JSON",
+                        help="hf only: a low-shot results.json of these weights for the model card (repeatable; "
+                             "default: those found in the run folder)")
     return parser
 
 
@@ -98,7 +113,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.num_labels <= 0:
                 raise ValueError(f"--num-labels: must be positive, got {args.num_labels}")
             labels = [f"LABEL_{index}" for index in range(args.num_labels)]
-        files = export(args.source, args.output, args.format, args.which, labels, args.num_heads, args.overwrite)
+        files = export(args.source, args.output, args.format, args.which, labels, args.num_heads, args.overwrite,
+                       args.lowshot)
     except (ValueError, KeyError, FileNotFoundError, OSError) as error:
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
         print(f"msn-export: error: {message}", file=sys.stderr)
