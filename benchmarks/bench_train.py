@@ -28,6 +28,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import tempfile
 import time
@@ -397,12 +398,16 @@ def bench_e2e(model: str, batch: int, steps: int, repeats: int, workdir: Path, w
     alone on one fixed batch (the ceiling the loader should reach)."""
     from msn.data import ImageFolderDataset, SyntheticImages
 
+    # enough images that no epoch ends within the warm-up and the timed runs of either loader
+    # (an epoch end restarts the workers, and their first burst would be timed)
+    needed = batch * steps * (repeats + 2)
     if model == "fmnist_demo":
-        dataset, data_name = SyntheticImages(batch * (steps + 1), 10, 28), "28 px images"
+        dataset, data_name = SyntheticImages(needed, 10, 28), "28 px images"
     else:
         folder = workdir / "jpegs"
-        if not folder.is_dir() or len(list(folder.rglob("*.jpg"))) < batch * 2:
-            write_jpeg_folder(folder, max(64, batch * 2))
+        if not folder.is_dir() or len(list(folder.rglob("*.jpg"))) < needed:
+            shutil.rmtree(folder, ignore_errors=True)
+            write_jpeg_folder(folder, max(64, needed))
         dataset, data_name = ImageFolderDataset(str(folder)), "ImageFolder JPEG 375x500"
     cfg = bench_config(model, batch, device=str(device), precision=precision)
     pin = device.type == "cuda"

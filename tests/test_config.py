@@ -75,8 +75,8 @@ def test_command_line_overrides_beat_the_preset(tmp_path):
 def test_demo_preset_targets_fashion_mnist():
     raw = compose_config("experiment=fmnist_demo")
     assert raw.data.name == "fashion_mnist" and raw.model.name == "vit_mini_4"
-    assert load_config(raw).model.patch_size == 4
-    assert raw.data.views.rand_size == 28 and raw.data.views.focal_size == 12
+    assert load_config(raw).model.patch_size == 7  # the showcase's model (fmnist_msn)
+    assert raw.data.views.rand_size == 28 and raw.data.views.focal_size == 14
 
 
 @pytest.mark.parametrize(

@@ -150,3 +150,16 @@ def test_msn_plot_draws_the_monitor_curves(tmp_path):
     assert panels_for(records[:1]) == PANELS  # no monitor values: no monitor panel
     path = plot_runs([tmp_path / "run"])
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
+
+
+def test_a_data_set_smaller_than_the_monitor_draw_shrinks_it_with_a_warning(tmp_path, caplog):
+    """32 synthetic images against 500 + 500 requested: the draw keeps the proportions of
+    what there is (16 + 16), disjoint, and says so."""
+    from msn.data import build_dataset
+    from msn.eval.monitor import fitted_counts
+
+    assert fitted_counts(1000, 500, 500) == (500, 500) and fitted_counts(256, 300, 100) == (192, 64)
+    cfg = load_config(tiny_config_dict(tmp_path, monitor={**TINY_MONITOR, "train_images": 500, "test_images": 500}))
+    probe = LowShotProbe.from_config(cfg, build_dataset(cfg.data))
+    assert len(probe.pool) == len(probe.test) == 16 and not set(probe.pool) & set(probe.test)
+    assert "500 + 500 images requested but the data set holds 32; using 16 + 16" in caplog.text

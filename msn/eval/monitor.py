@@ -24,6 +24,7 @@ Accuracies are percentages. Nothing here draws from the global generators.
 
 from __future__ import annotations
 
+import logging
 from typing import Callable, ContextManager
 
 import torch
@@ -42,6 +43,8 @@ from msn.eval.subsets import SubsetError, generate_split
 SEED = 0
 #: Images per forward pass.
 BATCH = 256
+
+log = logging.getLogger(__name__)
 
 
 def dataset_labels(dataset) -> list[int]:
@@ -88,6 +91,18 @@ def draw_balanced(labels: list[int], counts: tuple[int, ...], seed: int = SEED) 
     return draws
 
 
+def fitted_counts(available: int, train_images: int, test_images: int) -> tuple[int, int]:
+    """``(train_images, test_images)``, or, when the data set holds fewer images than both
+    together (a small ``data.subset``), the same proportions of what it holds, with a
+    warning: a preset's monitor still runs on a subset."""
+    if train_images + test_images <= available:
+        return train_images, test_images
+    pool = available * train_images // (train_images + test_images)
+    log.warning("monitor: %d + %d images requested but the data set holds %d; using %d + %d",
+                train_images, test_images, available, pool, available - pool)
+    return pool, available - pool
+
+
 def knn_top1(pool: torch.Tensor, pool_labels: torch.Tensor, test: torch.Tensor, test_labels: torch.Tensor,
              num_classes: int, k: int, temperature: float = EvalConfig.knn_temperature) -> float:
     """Top-1 accuracy (%) of the evaluator's similarity-weighted k-NN on raw feature rows
@@ -108,7 +123,8 @@ class LowShotProbe:
         mon = cfg.monitor
         self.dataset, self.knn_k, self.shots = dataset, mon.knn_k, list(mon.shots)
         labels = dataset_labels(dataset)
-        self.pool, self.test = draw_balanced(labels, (mon.train_images, mon.test_images))
+        counts = fitted_counts(len(labels), mon.train_images, mon.test_images)
+        self.pool, self.test = draw_balanced(labels, counts)
         self.pool_labels = torch.tensor([labels[i] for i in self.pool])
         self.test_labels = torch.tensor([labels[i] for i in self.test])
         self.num_classes = max(labels) + 1
