@@ -188,6 +188,37 @@ def plot_growth(growth: list[tuple[int, float, dict]], pixels: dict, path: Path)
     return report.save_figure(fig, path)
 
 
+def monitor_rows(run_dir: Path) -> list[dict]:
+    """The records of ``run_dir`` that hold the live monitor's values (docs/eval.md "Live monitor")."""
+    return [r for r in read_metrics(run_dir) if "monitor/knn_top1" in r]
+
+
+def monitor_keys(rows: list[dict]) -> list[str]:
+    """The monitor's accuracy keys, in :func:`msn.plots.monitor_keys` order."""
+    from msn.plots import monitor_keys as ordered
+
+    return list(ordered(rows))
+
+
+def plot_monitor(rows: list[dict], path: Path) -> Path:
+    """The live monitor's accuracies against the step (and minutes) of the main run."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.8, 4.2), dpi=120)
+    for key in monitor_keys(rows):
+        ax.plot([r["step"] for r in rows], [r[key] for r in rows], "o-", markersize=3,
+                label=key.removeprefix("monitor/").replace("knn_top1", "k-NN (k=20)").replace("shot", " / class"))
+    ax.set_xlabel("step")
+    ax.set_ylabel("held-out top-1 (%)")
+    ax.set_title("Fashion-MNIST: live monitor of the target encoder during pre-training", fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    return report.save_figure(fig, path)
+
+
 def write_report(path: Path, pipe: Pipeline, methods: list[tuple[str, dict]], growth: list[tuple[int, float, dict]],
                  ablations: list[tuple[Ablation, dict, dict]], main_run: Path, figures: dict[str, Path],
                  notes: Path | None, total_s: float) -> None:
@@ -260,6 +291,22 @@ def write_report(path: Path, pipe: Pipeline, methods: list[tuple[str, dict]], gr
         f"![training curves]({fig(figures['curves'])})",
         "",
     ]
+    rows = monitor_rows(main_run)
+    if rows:
+        keys = monitor_keys(rows)
+        seconds = sum(r["monitor/seconds"] for r in rows)
+        lines += ["### Live monitor", "",
+                  f"The preset's live monitor (docs/eval.md \"Live monitor\"): every {cfg['monitor']['every']} steps "
+                  f"and at the end, the target encoder scored on {cfg['monitor']['test_images']} held-out training "
+                  f"images from a pool of {cfg['monitor']['train_images']} labelled ones (k-NN, and logistic "
+                  f"regression at a fixed lambda averaged over {cfg['monitor']['splits']} subsets). "
+                  f"Its {len(rows)} evaluations took {seconds:.1f} s in all, "
+                  f"{100 * seconds / record['time_s']:.2f}% of the run.", "",
+                  "| step | minutes | " + " | ".join(k.removeprefix("monitor/") for k in keys) + " |",
+                  "|---|---|" + "---|" * len(keys)]
+        for r in rows:
+            lines.append(f"| {r['step']} | {r['time_s'] / 60:.1f} | " + " | ".join(f"{r[k]:.1f}" for k in keys) + " |")
+        lines += ["", f"![live monitor]({fig(figures['monitor'])})", ""]
     if growth:
         lines += ["### Accuracy vs pre-training time", "",
                   "Each epoch checkpoint of the run above, evaluated the same way (so the learning-rate schedule "
@@ -358,6 +405,8 @@ def main(argv: list[str] | None = None) -> int:
                                        "Fashion-MNIST: low-shot top-1 vs labelled images per class"),
         "curves": plot_runs([main_run], figures_dir / "training_curves.png", ["MSN"]),
     }
+    if monitor_rows(main_run):
+        figures["monitor"] = plot_monitor(monitor_rows(main_run), figures_dir / "monitor.png")
     if growth:
         figures["growth"] = plot_growth(growth, methods[1][1], figures_dir / "growth.png")
     if ablations:

@@ -94,3 +94,22 @@ def test_per_view_step_matches_grouped_loss_without_bn():
         torch.testing.assert_close(p, q, rtol=0, atol=1e-9)
         moved += int((p - p0).abs().max() > 1e-6)  # the step really changed the weights
     assert moved > 10
+
+
+def test_gpu_report_rehearses_on_the_cpu_and_writes_its_page(tmp_path, capsys):
+    """benchmarks/gpu_report.py --dry-run (what scripts/gpu_check.sh runs without CUDA): every
+    section runs on the CPU with tiny sizes, and the page and its JSON are written, each
+    target of the issue listed (measured or not)."""
+    import gpu_report
+
+    status = gpu_report.main(["--dry-run", "--output-dir", str(tmp_path), "--workers", "1"])
+    capsys.readouterr()
+    report = json.loads((tmp_path / "benchmarks_gpu.json").read_text())
+    assert status == 0 and report["complete"] and report["dry_run"] and not report["errors"], report["errors"]
+    assert report["step"] and report["levers"] and report["e2e"]
+    assert report["peak_gflops"] > 0 and all(row["mfu_measured_peak"] > 0 for row in report["step"])
+    page = (tmp_path / "benchmarks_gpu.md").read_text()
+    assert "## Targets" in page
+    checks = " ".join(check["target"] for check in report["checks"])
+    for target in ("step MFU >= 40%", "step MFU >= 50%", "anchor", "end-to-end"):
+        assert target in checks, checks

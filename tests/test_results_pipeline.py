@@ -34,7 +34,8 @@ def test_smoke_pipeline_writes_the_report_and_resumes(tmp_path):
     for ablation in fashion_mnist_results.ABLATIONS:
         assert f"| {ablation.name} |" in text
     assert "| 1 / class | 2 / class | 1% (60 / class) |" in text
-    for name in ("lowshot_methods", "training_curves", "growth", "ablation_curves"):
+    assert "### Live monitor" in text and "| step | minutes | knn_top1 | 1shot | 5shot |" in text
+    for name in ("lowshot_methods", "training_curves", "growth", "ablation_curves", "monitor"):
         png = report.parent / "fashion_mnist" / f"{name}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
         assert f"(fashion_mnist/{name}.png)" in text
