@@ -487,10 +487,11 @@ def bench_profile(model: str, batch: int, device: torch.device, precision: str, 
             with step_fn.autocast():
                 pass
 
+    ours_fused = bool(step_fn.optimizer.defaults.get("fused"))  # what optim.fused=auto chose here
     choices = [
         ("EMA of the target", {"ours: one torch._foreach_lerp_": ema_foreach, "authors: mul_/add_ per parameter": ema_loop}),
-        ("AdamW step", {"ours: " + ("fused" if device.type == "cuda" else "default kernel"):
-                        adamw(fused=True) if device.type == "cuda" else adamw(),
+        ("AdamW step", {"ours: " + ("fused" if ours_fused else "default kernel"):
+                        adamw(fused=True) if ours_fused else adamw(),
                         "foreach": adamw(foreach=True), "fused": adamw(fused=True), "authors: default kernel": adamw()}),
         ("gradient clip", {"ours: clip_grad_norm_ (foreach where supported)": lambda: torch.nn.utils.clip_grad_norm_(params, 3.0),
                            "per tensor": lambda: torch.nn.utils.clip_grad_norm_(params, 3.0, foreach=False)}),
