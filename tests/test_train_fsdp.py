@@ -45,8 +45,13 @@ def _config(out: Path, steps: int, world: int = WORLD, **sections) -> dict:
     return cfg
 
 
-def _fit(out: Path, steps: int, strategy: str, world: int = WORLD, **sections) -> None:
-    Trainer(load_config(_config(out, steps, dist={"strategy": strategy}, **sections), world_size=world)).fit()
+def _fit(out: Path, steps: int, strategy: str, world: int = WORLD, probe=None, **sections) -> None:
+    Trainer(load_config(_config(out, steps, dist={"strategy": strategy}, **sections), world_size=world),
+            probe=probe).fit()
+
+
+#: The live monitor on the tiny data (32 images): every 2 steps, 16 + 16 images.
+MONITOR = {"enabled": True, "every": 2, "train_images": 16, "test_images": 16, "shots": [1, 2], "splits": 2, "knn_k": 4}
 
 
 def _worker(rank: int, world: int, port: int, tmp: str) -> None:
@@ -69,6 +74,10 @@ def _worker(rank: int, world: int, port: int, tmp: str) -> None:
     finally:
         torch.utils.checkpoint.checkpoint = checkpointed
     (tmp / f"checkpoint_calls{rank}.txt").write_text(str(len(calls)))
+    from msn.eval.monitor import LowShotProbe
+
+    _fit(tmp / "ddp_monitor", 3, "ddp", probe=LowShotProbe.from_config, monitor=MONITOR)
+    _fit(tmp / "fsdp2_monitor", 3, "fsdp2", probe=LowShotProbe.from_config, monitor=MONITOR)
     if rank == 0:
         for name in ("ddp", "fsdp2"):
             shutil.copy(tmp / name / "checkpoints/latest.pt", tmp / f"{name}_step3.pt")
@@ -175,6 +184,22 @@ def test_grad_checkpointing_under_fsdp2_gives_the_same_steps(runs):
 
 
 # ---------------------------------------------------------------------------- (4) config
+def test_live_monitor_under_fsdp2_scores_like_ddp_and_leaves_the_run_unchanged(runs):
+    """The monitor's forward is a collective under FSDP2 (every rank runs it on the same
+    images): its values equal DDP's (the same target weights, float64), and the run's
+    checkpoint equals the unmonitored FSDP2 run's to the bit."""
+    import json
+
+    records = {name: [json.loads(line) for line in open(runs / name / "metrics.jsonl")]
+               for name in ("ddp_monitor", "fsdp2_monitor")}
+    monitored = {name: [r for r in rows if "monitor/knn_top1" in r] for name, rows in records.items()}
+    assert [r["step"] for r in monitored["fsdp2_monitor"]] == [2, 3]
+    for a, b in zip(monitored["ddp_monitor"], monitored["fsdp2_monitor"]):
+        for key in ("monitor/knn_top1", "monitor/1shot", "monitor/2shot"):
+            assert abs(a[key] - b[key]) <= 1e-6, (key, a[key], b[key])
+    _assert_same_weights(_load(runs / "fsdp2_step3.pt"), _load(runs / "fsdp2_monitor/checkpoints/latest.pt"), 0.0)
+
+
 def test_strategy_is_validated(tmp_path):
     assert load_config(tiny_config_dict(tmp_path)).dist.strategy == "ddp"
     assert load_config(tiny_config_dict(tmp_path, dist={"strategy": "fsdp2"})).dist.strategy == "fsdp2"
