@@ -80,3 +80,8 @@ def timm_candidates(embed_dim: int, depth: int, num_heads: int, patch_size: int,
         return []
     names = [f"{arch}_patch{patch_size}_{image_size}", f"{arch}_patch{patch_size}_224"]
     return list(dict.fromkeys(names))
+
+
+#: ``model.pos_embed`` choices: ``learned`` (the reference and timm: a trained table) or
+#: ``sincos`` (a fixed 2-D sine-cosine table, msn.models.vit.sincos_pos_embed).
+POS_EMBEDS = ("learned", "sincos")

@@ -14,7 +14,7 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from msn.architectures import ARCHITECTURES, MODELS
+from msn.architectures import ARCHITECTURES, MODELS, POS_EMBEDS
 
 
 class ConfigError(ValueError):
@@ -35,6 +35,7 @@ class ModelConfig:
     attention: str = "sdpa"  #: sdpa (fused) | eager
     grad_checkpointing: bool = False  #: activation checkpointing of the blocks (ViT-L/7-sized runs)
     drop_path_rate: float = 0.0  #: stochastic depth of the last block, online encoder only (0 in the released configs)
+    pos_embed: str = "learned"  #: learned (the reference: a trained table) | sincos (a fixed 2-D sine-cosine table, not trained; msn.models.vit.sincos_pos_embed)
     sync_bn: bool = True  #: synchronised batch norms in the heads (online and target) with several processes
 
     def apply_preset(self) -> "ModelConfig":
@@ -239,6 +240,7 @@ def validate(cfg: MSNConfig, world_size: int = 1) -> MSNConfig:
     _check(m.patch_size > 0, "model.patch_size", f"must be positive, got {m.patch_size}")
     _check(0.0 <= m.drop_path_rate < 1.0, "model.drop_path_rate", f"must be in [0, 1), got {m.drop_path_rate}")
     _check(m.attention in ("sdpa", "eager"), "model.attention", f"must be sdpa or eager, got {m.attention!r}")
+    _check(m.pos_embed in POS_EMBEDS, "model.pos_embed", f"must be one of {list(POS_EMBEDS)}, got {m.pos_embed!r}")
     for key, size in (("data.views.rand_size", v.rand_size), ("data.views.focal_size", v.focal_size)):
         _check(size > 0 and size % m.patch_size == 0, key, f"{size} px is not a positive multiple of model.patch_size={m.patch_size}")
     _check(v.num_focal >= 0, "data.views.num_focal", f"must be >= 0, got {v.num_focal}")

@@ -219,3 +219,43 @@ def test_cls_only_last_block_saves_its_share_of_flops():
     saved = 2 * 10 * d * d * (n - 1) + 2 * 2 * (n - 1) * n * d
     assert full - fast == pytest.approx(saved, rel=1e-6)
     assert (full - fast) / (blocks * (linear + attention)) > 0.07
+
+
+def test_sincos_pos_embed_values_by_hand():
+    """Width 8 (2 frequencies: 1 and 1/100), grid 2: the patch at row 1, column 0 is
+    [sin 1, sin 0.01, cos 1, cos 0.01, sin 0, sin 0, cos 0, cos 0]; CLS is zero."""
+    from msn.models import sincos_pos_embed
+
+    table = sincos_pos_embed(2, 8)
+    assert table.shape == (1, 5, 8) and table.dtype == torch.float32
+    assert torch.equal(table[0, 0], torch.zeros(8))
+    row1_col0 = table[0, 1 + 2 * 1 + 0].double()
+    expected = torch.tensor([math.sin(1), math.sin(0.01), math.cos(1), math.cos(0.01), 0, 0, 1, 1], dtype=torch.float64)
+    torch.testing.assert_close(row1_col0, expected, rtol=0, atol=1e-7)  # float32 rounding of values <= 1
+    assert len({tuple(t.tolist()) for t in table[0, 1:]}) == 4  # every patch its own code
+    with pytest.raises(ValueError, match="divisible by 4"):
+        sincos_pos_embed(2, 6)
+
+
+def test_sincos_position_table_stays_fixed_through_training(tiny_config):
+    """model.pos_embed=sincos: the table is the sin-cos code, not trained (no gradient, no
+    AdamW update or weight decay, the EMA target keeps it), and the default stays learned."""
+    from msn.models import sincos_pos_embed
+    from msn.train import Trainer
+
+    from conftest import first_batch
+
+    learned = Trainer(tiny_config())
+    assert learned.network.backbone.vit.pos_embed.requires_grad
+    trainer = Trainer(tiny_config(model={"pos_embed": "sincos"}))
+    vit = trainer.network.backbone.vit
+    table = sincos_pos_embed(vit.patch_embed.grid_size[0], vit.embed_dim)
+    assert not vit.pos_embed.requires_grad and torch.equal(vit.pos_embed.detach(), table)
+    before = {k: v.clone() for k, v in trainer.network.state_dict().items()}
+    batch = first_batch(trainer)
+    for _ in range(2):
+        trainer.train_step(batch)
+    after = trainer.network.state_dict()
+    assert torch.equal(after["backbone.vit.pos_embed"], table)
+    assert torch.equal(trainer.target.state_dict()["backbone.vit.pos_embed"], table)
+    assert not torch.equal(after["backbone.vit.cls_token"], before["backbone.vit.cls_token"])  # the rest trains

@@ -8,7 +8,7 @@ from torch import nn
 from msn.models.head import ProjectionHead, Prototypes
 from msn.models.sync_bn import SyncBatchNorm, use_sync_batchnorm
 from msn.architectures import ARCHITECTURES
-from msn.models.vit import MSNViT, build_vit, disable_drop_path, resize_pos_embed
+from msn.models.vit import MSNViT, build_vit, disable_drop_path, resize_pos_embed, sincos_pos_embed
 
 __all__ = [
     "ARCHITECTURES",
@@ -21,6 +21,7 @@ __all__ = [
     "build_vit",
     "disable_drop_path",
     "resize_pos_embed",
+    "sincos_pos_embed",
     "use_sync_batchnorm",
 ]
 
@@ -56,6 +57,7 @@ def build_network(model_cfg, head_cfg, img_size: int) -> MSNNetwork:
         attention=model_cfg.attention,
         grad_checkpointing=model_cfg.grad_checkpointing,
         drop_path_rate=model_cfg.drop_path_rate,
+        pos_embed=model_cfg.pos_embed,
     )
     head = ProjectionHead(backbone.embed_dim, head_cfg.hidden_dim, head_cfg.output_dim, head_cfg.use_bn)
     return MSNNetwork(backbone, head)

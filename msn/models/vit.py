@@ -18,7 +18,7 @@ from timm.models._manipulate import checkpoint_seq
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
-from msn.architectures import ARCHITECTURES
+from msn.architectures import ARCHITECTURES, POS_EMBEDS
 from msn.masking import gather_tokens
 
 def resize_pos_embed(pos_embed: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
@@ -179,6 +179,25 @@ class MSNViT(nn.Module):
         return self.vit.norm(last(tokens, cls_only=True))[:, 0]
 
 
+def sincos_pos_embed(grid: int, dim: int, temperature: float = 10000.0) -> torch.Tensor:
+    """A fixed 2-D sine-cosine position table ``[1, 1 + grid^2, dim]`` (CLS slot zero).
+
+    The patch at row ``y``, column ``x`` (row-major, as the patch sequence) gets
+    ``[sin(y w), cos(y w), sin(x w), cos(x w)]``, each part over the ``dim / 4`` frequencies
+    ``w_i = temperature^(-i / (dim / 4))``: the 2-D form of the Transformer's sinusoidal code
+    (Vaswani et al. 2017, Sec. 3.5), as ViTs trained with fixed positions use it (MoCo v3,
+    Chen et al. 2021, Sec. 4).
+    """
+    if dim % 4:
+        raise ValueError(f"model.pos_embed=sincos needs a width divisible by 4, got {dim}")
+    quarter = dim // 4
+    omega = temperature ** (-torch.arange(quarter, dtype=torch.float64) / quarter)
+    y, x = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64), indexing="ij")
+    y, x = y.reshape(-1, 1) * omega, x.reshape(-1, 1) * omega
+    table = torch.cat([y.sin(), y.cos(), x.sin(), x.cos()], dim=1)
+    return torch.cat([torch.zeros(1, dim, dtype=torch.float64), table]).unsqueeze(0).float()
+
+
 def build_vit(
     arch: str,
     patch_size: int,
@@ -191,6 +210,7 @@ def build_vit(
     attention: str = "sdpa",
     grad_checkpointing: bool = False,
     drop_path_rate: float = 0.0,
+    pos_embed: str = "learned",
 ) -> MSNViT:
     """Build a timm ViT for MSN (pre-norm, qkv bias, LayerNorm eps 1e-6; the patch embedding
     initialised like the reference, :func:`init_patch_embed`).
@@ -206,6 +226,8 @@ def build_vit(
         grad_checkpointing: activation checkpointing of the blocks during training.
         drop_path_rate: stochastic depth of the last block (rising linearly from 0 at the
             first, the DeiT rule the reference follows); active in training mode only.
+        pos_embed: ``learned`` (the reference) or ``sincos``: :func:`sincos_pos_embed`, kept
+            fixed (``requires_grad=False``; exports carry its values as the position table).
     """
     if not 0.0 <= drop_path_rate < 1.0:
         raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}")
@@ -213,6 +235,8 @@ def build_vit(
         raise ValueError(f"unknown architecture {arch!r}; choose from {sorted(ARCHITECTURES)}")
     if attention not in ("sdpa", "eager"):
         raise ValueError(f"attention must be 'sdpa' or 'eager', got {attention!r}")
+    if pos_embed not in POS_EMBEDS:
+        raise ValueError(f"pos_embed must be one of {POS_EMBEDS}, got {pos_embed!r}")
     dims = dict(ARCHITECTURES[arch])
     dims.update({k: v for k, v in dict(embed_dim=embed_dim, depth=depth, num_heads=num_heads).items() if v})
     vit = VisionTransformer(
@@ -231,6 +255,10 @@ def build_vit(
     )
     nn.init.trunc_normal_(vit.cls_token, std=0.02)
     init_patch_embed(vit.patch_embed.proj)
+    if pos_embed == "sincos":
+        with torch.no_grad():
+            vit.pos_embed.copy_(sincos_pos_embed(img_size // patch_size, vit.embed_dim))
+        vit.pos_embed.requires_grad_(False)
     for block in vit.blocks:
         block.attn.fused_attn = attention == "sdpa"
     vit.set_grad_checkpointing(grad_checkpointing)
