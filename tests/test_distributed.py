@@ -149,39 +149,26 @@ def test_grad_checkpointing_under_ddp_gives_the_same_gradients(two_ranks):
 
 
 # ---------------------------------------------------------------------------- (2) ME-MAX
-def test_memax_under_ddp_is_the_global_batch_value_not_the_local_one(two_ranks):
+@pytest.mark.parametrize("result, prior", [("memax", {}), ("power_law", {"prior": "power_law", "prior_exponent": 0.25})],
+                         ids=["uniform (ME-MAX)", "power law (PMSN)"])
+def test_memax_under_ddp_is_the_global_batch_value_not_the_local_one(two_ranks, result, prior):
+    """ME-MAX, and PMSN's KL(pbar || power law), on 2 ranks = the single-process term on the
+    concatenated batch (value, loss and prototype gradient), not rank 0's rows alone."""
     ranks, _ = two_ranks
     inputs = _memax_inputs()
     protos = inputs["prototypes"].clone().requires_grad_(True)
-    full = msn_loss(inputs["anchor"], inputs["target"], protos)
+    full = msn_loss(inputs["anchor"], inputs["target"], protos, **prior)
     full.memax.backward()
     for r in ranks:
-        torch.testing.assert_close(r["memax"]["memax"], full.memax.detach(), rtol=0, atol=EXACT)
+        torch.testing.assert_close(r[result]["memax"], full.memax.detach(), rtol=0, atol=EXACT)
         # identity backward + averaging over ranks = the exact gradient of the global term
-        torch.testing.assert_close(r["memax"]["proto_grad_mean"], protos.grad, rtol=0, atol=EXACT)
-    torch.testing.assert_close(sum(r["memax"]["loss"] for r in ranks) / WORLD, full.loss.detach(), rtol=0, atol=EXACT)
-    # the peer bug: ME-MAX of rank 0's rows alone
+        torch.testing.assert_close(r[result]["proto_grad_mean"], protos.grad, rtol=0, atol=EXACT)
+    torch.testing.assert_close(sum(r[result]["loss"] for r in ranks) / WORLD, full.loss.detach(), rtol=0, atol=EXACT)
+    # the peer bug: the regulariser of rank 0's rows alone
     batch, local = inputs["target"].shape[0], inputs["target"].shape[0] // WORLD
     rows = torch.cat([torch.arange(v * batch, v * batch + local) for v in range(3)])
-    local_only = msn_loss(inputs["anchor"][rows], inputs["target"][:local], inputs["prototypes"]).memax
+    local_only = msn_loss(inputs["anchor"][rows], inputs["target"][:local], inputs["prototypes"], **prior).memax
     assert abs(float(local_only.detach() - full.memax.detach())) > 1e-2
-
-
-def test_power_law_prior_under_ddp_is_the_global_batch_value(two_ranks):
-    """PMSN's KL(pbar || power law) on 2 ranks = the single-process term on the concatenated batch."""
-    ranks, _ = two_ranks
-    inputs = _memax_inputs()
-    protos = inputs["prototypes"].clone().requires_grad_(True)
-    full = msn_loss(inputs["anchor"], inputs["target"], protos, prior="power_law", prior_exponent=0.25)
-    full.memax.backward()
-    for r in ranks:
-        torch.testing.assert_close(r["power_law"]["memax"], full.memax.detach(), rtol=0, atol=EXACT)
-        torch.testing.assert_close(r["power_law"]["proto_grad_mean"], protos.grad, rtol=0, atol=EXACT)
-    torch.testing.assert_close(sum(r["power_law"]["loss"] for r in ranks) / WORLD, full.loss.detach(), rtol=0, atol=EXACT)
-    batch, local = inputs["target"].shape[0], inputs["target"].shape[0] // WORLD
-    rows = torch.cat([torch.arange(v * batch, v * batch + local) for v in range(3)])
-    local_only = msn_loss(inputs["anchor"][rows], inputs["target"][:local], inputs["prototypes"], prior="power_law").memax
-    assert abs(float(local_only - full.memax.detach())) > 1e-2
 
 
 # ---------------------------------------------------------------------------- (3) resume
