@@ -99,7 +99,7 @@ def _lowshot_section(results: Sequence[dict[str, Any]]) -> list[str]:
         lines += ["", f"{data.get('name')}, {data.get('test_images_used')} test images, feature "
                   f"{feature.get('kind')} ({document.get('created', '')[:10]}):", "",
                   "| labelled images / class | splits | logistic regression | k-NN |", "|---|---|---|---|"]
-        entries = [(k, e) for k, e in document.get("shots", {}).items()]
+        entries = list(document.get("shots", {}).items())
         entries += [(f"{k}%", e) for k, e in document.get("percent", {}).items()]
         for key, entry in entries:
             lines.append(f"| {key} | {len(entry['accuracy'])} | {entry['mean']:.1f} +- {entry['std']:.1f} "
