@@ -9,8 +9,11 @@ redoes everything):
 3. low-shot evaluation of the export and of three baselines (raw pixels, random init,
    supervised from scratch), 1/2/5/10 images per class and 1%, 5 splits, 10k test images;
 4. the same evaluation of every epoch checkpoint (accuracy vs pre-training time);
-5. the ablations, each a shorter pre-training run of the same recipe with one change;
-6. figures (``msn.eval.report.plot_methods``, ``msn.plots``) and ``docs/results/fashion_mnist.md``.
+5. the budget curve: the preset re-run at other epoch counts, each with its own full schedule
+   (warm-up, cosine, EMA and weight-decay ramps sized to that run), so the rows show what more
+   compute buys and not a checkpoint of one schedule (``--budget-epochs``; 28 adds a 2-hour point);
+6. the ablations, each a shorter pre-training run of the same recipe with one change;
+7. figures (``msn.eval.report.plot_methods``, ``msn.plots``) and ``docs/results/fashion_mnist.md``.
 
 ``--smoke`` runs the same stages on a tiny budget (256 images, a few steps, 2 splits, 500 test
 images) into a scratch folder: the CI test of this pipeline.
@@ -61,6 +64,17 @@ ABLATIONS = [
     Ablation("memax_5", ["loss.memax_weight=5.0"], "ME-MAX weight 5 instead of 1"),
     Ablation("focal_10", ["data.views.num_focal=10"], "10 focal views (the paper)"),
     Ablation("focal_0", ["data.views.num_focal=0"], "no focal views"),
+    Ablation("patch4_mask0.7", ["model.patch_size=4", "data.views.focal_size=12", "mask.ratio=0.7", "data.views.num_focal=0"],
+             "patch 4 (49 tokens), 70% masked, no focal views: finer tokens at about the preset's cost per image"),
+    Ablation("lr_floor", ["optim.final_lr=5e-4"], "cosine floor at half the peak learning rate (a 1-epoch run "
+             "ends near a quarter of it)"),
+    Ablation("pos_sincos", ["model.pos_embed=sincos"], "a fixed 2-D sin-cos position table instead of a learned one"),
+    Ablation("crop_0.14", ["data.views.rand_scale=[0.14,1.0]"], "stronger crops: 14-100% of the image instead of 30-100%"),
+    Ablation("jitter_off", ["data.views.color_jitter_prob=0.0"],
+             "no brightness/contrast jitter (saturation and hue do nothing on grey images)"),
+    Ablation("blur_off", ["data.views.blur_prob=0.0"], "no Gaussian blur"),
+    Ablation("wd_const", ["optim.final_weight_decay=0.04"], "weight decay fixed at 0.04 instead of 0.04 -> 0.4"),
+    Ablation("crop_0.5", ["data.views.rand_scale=[0.5,1.0]"], "milder crops: 50-100% of the image"),
 ]
 
 
@@ -73,12 +87,13 @@ class Budget:
     ablation_train: list[str]
     eval_full: list[str]
     eval_short: list[str]
+    curve_epochs: list[int]
     eval_extra: list[str] = field(default_factory=list)
 
 
-def budgets(ablation_epochs: int) -> dict[str, Budget]:
+def budgets(ablation_epochs: int, curve_epochs: list[int]) -> dict[str, Budget]:
     return {
-        "full": Budget("full", [], [f"optim.epochs={ablation_epochs}"], FULL_EVAL, SHORT_EVAL),
+        "full": Budget("full", [], [f"optim.epochs={ablation_epochs}"], FULL_EVAL, SHORT_EVAL, curve_epochs),
         "smoke": Budget(
             "smoke",
             ["data.subset=256", "optim.epochs=2", "optim.batch_size=64", "train.log_every=1", "train.progress=false",
@@ -86,6 +101,7 @@ def budgets(ablation_epochs: int) -> dict[str, Budget]:
             ["optim.epochs=1"],
             ["shots=[1,2]", "percent=1", "splits=2"],
             ["shots=[1]", "splits=2"],
+            [1],
             ["test_limit=500", "supervised_steps=2", "supervised_min_epochs=0", "progress=false", "lambd_grid=[0.1,1.0]", "cv_folds=2"],
         ),
     }
@@ -165,7 +181,7 @@ def machine() -> str:
     return f"{os.cpu_count()} CPU cores ({cpu}), torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
-def plot_growth(growth: list[tuple[int, float, dict]], pixels: dict, path: Path) -> Path:
+def plot_growth(growth: list[tuple[int, float, dict]], pixels: dict, path: Path, xlabel: str, title: str) -> Path:
     """Accuracy vs minutes of pre-training, one line per subset size; raw pixels as dashed lines."""
     import matplotlib
 
@@ -180,9 +196,9 @@ def plot_growth(growth: list[tuple[int, float, dict]], pixels: dict, path: Path)
         if key in pixels["shots"]:
             ax.axhline(pixels["shots"][key]["mean"], color=line[0].get_color(), linestyle="--", linewidth=1,
                        label=f"raw pixels, {key} / class")
-    ax.set_xlabel("minutes of pre-training (end of each epoch)")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("top-1 accuracy (%)")
-    ax.set_title("Fashion-MNIST: low-shot accuracy of the epoch checkpoints", fontsize=10)
+    ax.set_title(title, fontsize=10)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     return report.save_figure(fig, path)
@@ -220,7 +236,7 @@ def plot_monitor(rows: list[dict], path: Path) -> Path:
 
 
 def write_report(path: Path, pipe: Pipeline, methods: list[tuple[str, dict]], growth: list[tuple[int, float, dict]],
-                 ablations: list[tuple[Ablation, dict, dict]], main_run: Path, figures: dict[str, Path],
+                 curve: list[tuple[int, float, dict]], ablations: list[tuple[Ablation, dict, dict]], main_run: Path, figures: dict[str, Path],
                  notes: Path | None, total_s: float) -> None:
     """``docs/results/fashion_mnist.md``: tables, figures, commands and wall times."""
     import yaml
@@ -316,6 +332,16 @@ def write_report(path: Path, pipe: Pipeline, methods: list[tuple[str, dict]], gr
         for epoch, minutes, results in growth:
             lines.append(f"| {epoch} | {minutes:.1f} | " + " | ".join(cell(e) for e in results["shots"].values()) + " |")
         lines += ["", f"![accuracy vs time]({fig(figures['growth'])})", ""]
+    if curve:
+        lines += ["### Accuracy vs budget", "",
+                  f"The preset run again at other epoch counts, each with its own full schedule (the "
+                  f"{o['epochs']}-epoch row is the run above), evaluated like the epoch checkpoints: what more "
+                  "pre-training time buys.", "",
+                  "| epochs | minutes | " + " | ".join(f"{k} / class" for k in curve[0][2]["shots"]) + " |",
+                  "|---|---|" + "---|" * len(curve[0][2]["shots"])]
+        for epochs, minutes, results in curve:
+            lines.append(f"| {epochs} | {minutes:.1f} | " + " | ".join(cell(e) for e in results["shots"].values()) + " |")
+        lines += ["", f"![accuracy vs budget]({fig(figures['budget'])})", ""]
     if ablations:
         splits = ablations[0][1]["subsets"]["splits"]
         lines += ["## Ablations", "",
@@ -354,13 +380,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ablation-epochs", type=int, default=1, help="pre-training epochs of each ablation run")
     parser.add_argument("--no-ablations", action="store_true")
     parser.add_argument("--no-growth", action="store_true", help="skip evaluating the epoch checkpoints")
+    parser.add_argument("--budget-epochs", type=int, nargs="*", default=[2, 14],
+                        help="epoch counts of the budget curve's extra runs, each a run with its own schedule (the "
+                             "preset's run is one more point; about 4 minutes per epoch on 2 cores, so 14 is the "
+                             "1-hour point and 28 adds a 2-hour one; an empty list: no curve)")
     parser.add_argument("--notes", default=str(ROOT / "docs" / "results" / "fashion_mnist_notes.md"),
                         help="hand-written discussion appended to the report (skipped with --smoke)")
     parser.add_argument("--force", action="store_true", help="redo stages whose outputs exist")
     args = parser.parse_args(argv)
 
     start = time.perf_counter()
-    budget = budgets(args.ablation_epochs)["smoke" if args.smoke else "full"]
+    budget = budgets(args.ablation_epochs, args.budget_epochs)["smoke" if args.smoke else "full"]
     out = Path(args.out or ROOT / "outputs" / ("fmnist_results_smoke" if args.smoke else "fmnist_results")).resolve()
     report_path = Path(args.report) if args.report else (out / "fashion_mnist.md" if args.smoke else
                                                          ROOT / "docs" / "results" / "fashion_mnist.md")
@@ -390,6 +420,20 @@ def main(argv: list[str] | None = None) -> int:
             results = pipe.evaluate(f"eval_epoch_{epoch}", ckpt, out / "growth" / f"epoch_{epoch:04d}",
                                     budget.eval_short, f"evaluate epoch {epoch}")
             growth.append((epoch, minutes.get(epoch, float("nan")), results))
+    curve = []
+    if budget.curve_epochs:  # the main run is a point of the curve: its last epoch checkpoint's scores if evaluated
+        main_epochs = int(last_record(main_run)["epoch"]) + 1
+        main_scores = (growth[-1][2] if growth and growth[-1][0] == main_epochs else pipe.evaluate(
+            "eval_budget_main", main_run, out / "budget" / f"eval_epochs_{main_epochs}", budget.eval_short,
+            f"budget curve: evaluate the {main_epochs}-epoch run"))
+        curve.append((main_epochs, last_record(main_run)["time_s"] / 60.0, main_scores))
+    for epochs in budget.curve_epochs:
+        run_dir = out / "budget" / f"epochs_{epochs}"
+        pipe.train(f"budget_{epochs}", run_dir, [f"optim.epochs={epochs}"], f"budget curve: pre-train {epochs} epochs")
+        curve.append((epochs, last_record(run_dir)["time_s"] / 60.0,
+                      pipe.evaluate(f"eval_budget_{epochs}", run_dir, out / "budget" / f"eval_epochs_{epochs}",
+                                    budget.eval_short, f"budget curve: evaluate {epochs} epochs")))
+    curve.sort(key=lambda point: point[0])
     ablations = []
     if not args.no_ablations:
         for ablation in ABLATIONS:
@@ -408,13 +452,19 @@ def main(argv: list[str] | None = None) -> int:
     if monitor_rows(main_run):
         figures["monitor"] = plot_monitor(monitor_rows(main_run), figures_dir / "monitor.png")
     if growth:
-        figures["growth"] = plot_growth(growth, methods[1][1], figures_dir / "growth.png")
+        figures["growth"] = plot_growth(growth, methods[1][1], figures_dir / "growth.png",
+                                        "minutes of pre-training (end of each epoch)",
+                                        "Fashion-MNIST: low-shot accuracy of the epoch checkpoints")
+    if curve:
+        figures["budget"] = plot_growth(curve, methods[1][1], figures_dir / "budget.png",
+                                        "minutes of pre-training (separate runs, each its own schedule)",
+                                        "Fashion-MNIST: low-shot accuracy vs pre-training budget")
     if ablations:
         figures["ablation_curves"] = plot_runs([out / "ablations" / a.name for a, _, _ in ablations],
                                                figures_dir / "ablation_curves.png", [a.name for a, _, _ in ablations],
                                                reference="reference")
     notes = None if args.smoke else Path(args.notes)
-    write_report(report_path, pipe, methods, growth, ablations, main_run, figures, notes,
+    write_report(report_path, pipe, methods, growth, curve, ablations, main_run, figures, notes,
                  time.perf_counter() - start)
     print(f"report: {report_path}")
     return 0

@@ -35,13 +35,14 @@ def test_smoke_pipeline_writes_the_report_and_resumes(tmp_path):
         assert f"| {ablation.name} |" in text
     assert "| 1 / class | 2 / class | 1% (60 / class) |" in text
     assert "### Live monitor" in text and "| step | minutes | knn_top1 | 1shot | 5shot |" in text
-    for name in ("lowshot_methods", "training_curves", "growth", "ablation_curves", "monitor"):
+    assert "### Accuracy vs budget" in text and "| epochs | minutes | 1 / class |" in text
+    for name in ("lowshot_methods", "training_curves", "growth", "budget", "ablation_curves", "monitor"):
         png = report.parent / "fashion_mnist" / f"{name}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
         assert f"(fashion_mnist/{name}.png)" in text
     ledger = json.loads((out / "commands.json").read_text())
     assert {"pretrain", "export", "eval_msn", "eval_pixels", "eval_random", "eval_supervised",
-            "eval_epoch_1", "eval_epoch_2"} <= set(ledger)
+            "eval_epoch_1", "eval_epoch_2", "budget_1", "eval_budget_1"} <= set(ledger)
     assert (out / "msn_hf" / "config.json").is_file()  # the evaluated backbone is the transformers export
     supervised = json.loads((out / "eval_supervised" / "results.json").read_text())
     assert supervised["baseline"] == "supervised" and supervised["percent"]["1"]["train_size"] == [600, 600]
