@@ -9,10 +9,10 @@ redoes everything):
 3. low-shot evaluation of the export and of three baselines (raw pixels, random init,
    supervised from scratch), 1/2/5/10 images per class and 1%, 5 splits, 10k test images;
 4. the same evaluation of every epoch checkpoint (accuracy vs pre-training time);
-5. the budget curve: the preset re-run at other epoch counts, each with its own full schedule
+5. the ablations, each a shorter pre-training run of the same recipe with one change;
+6. the budget curve: the preset re-run at other epoch counts, each with its own full schedule
    (warm-up, cosine, EMA and weight-decay ramps sized to that run), so the rows show what more
    compute buys and not a checkpoint of one schedule (``--budget-epochs``; 28 adds a 2-hour point);
-6. the ablations, each a shorter pre-training run of the same recipe with one change;
 7. figures (``msn.eval.report.plot_methods``, ``msn.plots``) and ``docs/results/fashion_mnist.md``.
 
 ``--smoke`` runs the same stages on a tiny budget (256 images, a few steps, 2 splits, 500 test
@@ -43,6 +43,7 @@ from msn.plots import plot_runs  # noqa: E402
 PRESET = "fmnist_msn"
 FULL_EVAL = ["shots=[1,2,5,10]", "percent=1", "splits=5"]
 SHORT_EVAL = ["shots=[1,5,10]", "splits=5"]
+PAIRED_SHOT = "5"  # the ablation table's paired-difference column
 
 
 @dataclass
@@ -73,8 +74,7 @@ ABLATIONS = [
     Ablation("jitter_off", ["data.views.color_jitter_prob=0.0"],
              "no brightness/contrast jitter (saturation and hue do nothing on grey images)"),
     Ablation("blur_off", ["data.views.blur_prob=0.0"], "no Gaussian blur"),
-    Ablation("wd_const", ["optim.final_weight_decay=0.04"], "weight decay fixed at 0.04 instead of 0.04 -> 0.4"),
-    Ablation("crop_0.5", ["data.views.rand_scale=[0.5,1.0]"], "milder crops: 50-100% of the image"),
+    Ablation("reference_seed1", ["seed=1"], "the reference with another seed: how much one run differs from the next"),
 ]
 
 
@@ -161,6 +161,14 @@ def cell(entry: dict | None, key: str = "mean", std: str = "std") -> str:
     if entry is None:
         return "-"
     return f"{entry[key]:.1f} ± {entry[std]:.1f}"
+
+
+def paired_difference(entry: dict, reference: dict) -> str:
+    """``mean ± std`` over splits of ``entry``'s per-split accuracy minus ``reference``'s (same splits)."""
+    diffs = [a - b for a, b in zip(entry["accuracy"], reference["accuracy"], strict=True)]
+    mean = sum(diffs) / len(diffs)
+    std = (sum((d - mean) ** 2 for d in diffs) / max(1, len(diffs) - 1)) ** 0.5
+    return f"{mean:+.1f} ± {std:.1f}"
 
 
 def last_record(run_dir: Path) -> dict:
@@ -344,18 +352,23 @@ def write_report(path: Path, pipe: Pipeline, methods: list[tuple[str, dict]], gr
         lines += ["", f"![accuracy vs budget]({fig(figures['budget'])})", ""]
     if ablations:
         splits = ablations[0][1]["subsets"]["splits"]
+        reference = ablations[0][1]
+        paired = PAIRED_SHOT if PAIRED_SHOT in reference["shots"] else next(iter(reference["shots"]))
         lines += ["## Ablations", "",
                   f"Each row is one pre-training run of the preset with one change, at the ablation budget "
-                  f"(`{' '.join(pipe.budget.ablation_train)}`), evaluated with {splits} splits.",
+                  f"(`{' '.join(pipe.budget.ablation_train)}`), evaluated with {splits} splits. Every run is scored "
+                  f"on the same splits, so the last column is the paired difference to the first row at {paired} "
+                  "images per class: the mean and std over splits of (this run - reference).",
                   "",
-                  "| run | change | question | minutes | " + " | ".join(f"{k} / class" for k in ablations[0][1]["shots"])
-                  + " | np | max_t |",
-                  "|---|---|---|---|" + "---|" * len(ablations[0][1]["shots"]) + "---|---|"]
+                  "| run | change | question | minutes | " + " | ".join(f"{k} / class" for k in reference["shots"])
+                  + f" | np | max_t | Δ {paired} / class |",
+                  "|---|---|---|---|" + "---|" * len(reference["shots"]) + "---|---|---|"]
         for ablation, results, last in ablations:
             change = " ".join(f"`{o}`" for o in ablation.overrides) or "none"
             lines.append(f"| {ablation.name} | {change} | {ablation.question} | {last['time_s'] / 60:.1f} | "
                          + " | ".join(cell(e) for e in results["shots"].values())
-                         + f" | {last['np']:.1f} | {last['max_t']:.3f} |")
+                         + f" | {last['np']:.1f} | {last['max_t']:.3f} | "
+                         + paired_difference(results["shots"][paired], reference["shots"][paired]) + " |")
         lines += ["", f"![ablation curves]({fig(figures['ablation_curves'])})", ""]
     if notes is not None and notes.is_file():
         lines += [notes.read_text().strip(), ""]
@@ -420,6 +433,15 @@ def main(argv: list[str] | None = None) -> int:
             results = pipe.evaluate(f"eval_epoch_{epoch}", ckpt, out / "growth" / f"epoch_{epoch:04d}",
                                     budget.eval_short, f"evaluate epoch {epoch}")
             growth.append((epoch, minutes.get(epoch, float("nan")), results))
+    ablations = []
+    if not args.no_ablations:
+        for ablation in ABLATIONS:
+            run_dir = out / "ablations" / ablation.name
+            pipe.train(f"ablation_{ablation.name}", run_dir, [*budget.ablation_train, *ablation.overrides],
+                       f"ablation {ablation.name}: pre-train")
+            results = pipe.evaluate(f"eval_ablation_{ablation.name}", run_dir, out / "ablations" / f"eval_{ablation.name}",
+                                    budget.eval_short, f"ablation {ablation.name}: evaluate")
+            ablations.append((ablation, results, last_record(run_dir)))
     curve = []
     if budget.curve_epochs:  # the main run is a point of the curve: its last epoch checkpoint's scores if evaluated
         main_epochs = int(last_record(main_run)["epoch"]) + 1
@@ -434,15 +456,6 @@ def main(argv: list[str] | None = None) -> int:
                       pipe.evaluate(f"eval_budget_{epochs}", run_dir, out / "budget" / f"eval_epochs_{epochs}",
                                     budget.eval_short, f"budget curve: evaluate {epochs} epochs")))
     curve.sort(key=lambda point: point[0])
-    ablations = []
-    if not args.no_ablations:
-        for ablation in ABLATIONS:
-            run_dir = out / "ablations" / ablation.name
-            pipe.train(f"ablation_{ablation.name}", run_dir, [*budget.ablation_train, *ablation.overrides],
-                       f"ablation {ablation.name}: pre-train")
-            results = pipe.evaluate(f"eval_ablation_{ablation.name}", run_dir, out / "ablations" / f"eval_{ablation.name}",
-                                    budget.eval_short, f"ablation {ablation.name}: evaluate")
-            ablations.append((ablation, results, last_record(run_dir)))
 
     figures = {
         "methods": report.plot_methods(methods, figures_dir / "lowshot_methods.png",

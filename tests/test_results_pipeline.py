@@ -35,6 +35,7 @@ def test_smoke_pipeline_writes_the_report_and_resumes(tmp_path):
         assert f"| {ablation.name} |" in text
     assert "| 1 / class | 2 / class | 1% (60 / class) |" in text
     assert "### Live monitor" in text and "| step | minutes | knn_top1 | 1shot | 5shot |" in text
+    assert "| np | max_t | Δ 1 / class |" in text and "| +0.0 ± 0.0 |" in text  # the reference's paired difference
     assert "### Accuracy vs budget" in text and "| epochs | minutes | 1 / class |" in text
     for name in ("lowshot_methods", "training_curves", "growth", "budget", "ablation_curves", "monitor"):
         png = report.parent / "fashion_mnist" / f"{name}.png"
@@ -51,3 +52,9 @@ def test_smoke_pipeline_writes_the_report_and_resumes(tmp_path):
     assert second.returncode == 0, second.stderr[-3000:]
     assert "[run ]" not in second.stdout and second.stdout.count("[skip]") == len(ledger)
     assert report.read_text().count("| ablation ") == len(fashion_mnist_results.ABLATIONS) * 2
+
+
+def test_paired_difference_is_per_split():
+    # splits (60, 50) against the reference's (58, 49): differences 2 and 1, mean 1.5, sample std sqrt(0.5)
+    assert fashion_mnist_results.paired_difference({"accuracy": [60.0, 50.0]}, {"accuracy": [58.0, 49.0]}) == "+1.5 ± 0.7"
+    assert fashion_mnist_results.paired_difference({"accuracy": [40.0]}, {"accuracy": [42.5]}) == "-2.5 ± 0.0"
