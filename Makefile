@@ -2,7 +2,7 @@
 #   make setup demo   set everything up, then pre-train MSN on Fashion-MNIST and show its low-shot table (CPU, 5 min)
 #   make test         run the test suite
 #   make results      the Fashion-MNIST showcase: pre-train, export, evaluate, ablations, report
-#                     (docs/results/fashion_mnist.md; about 2 hours on 2 CPU cores)
+#                     (docs/results/fashion_mnist.md; about 4 hours on 2 CPU cores)
 #   make gpu-wheels   download into .whl/ the wheels a bare GPU machine lacks (hydra-core, omegaconf, antlr4)
 #   make gpu-check    the prepared GPU check (CUDA tests + GPU benchmark page); on a CPU it rehearses
 PYTHON := .venv/bin/python

@@ -4,7 +4,6 @@ from pathlib import Path
 
 import pytest
 from conftest import compose_config, tiny_config_dict
-from hydra import compose, initialize_config_dir
 
 from msn.architectures import MODELS as ARCH_MODELS
 from msn.config import ConfigError, from_dict, load_config, to_dict, validate

@@ -47,6 +47,8 @@ def test_smoke_pipeline_writes_the_report_and_resumes(tmp_path):
     assert (out / "msn_hf" / "config.json").is_file()  # the evaluated backbone is the transformers export
     supervised = json.loads((out / "eval_supervised" / "results.json").read_text())
     assert supervised["baseline"] == "supervised" and supervised["percent"]["1"]["train_size"] == [600, 600]
+    ablation = json.loads((out / "ablations" / "eval_reference" / "results.json").read_text())["shots"]["1"]
+    assert ablation["lambda"] == [fashion_mnist_results.ABLATION_LAMBDA] * 2 and ablation["lambda_selection"] == ["fixed"] * 2
     # a second invocation finds every stage done and only redraws the report
     second = run(out, report)
     assert second.returncode == 0, second.stderr[-3000:]
