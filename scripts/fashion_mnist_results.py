@@ -46,7 +46,7 @@ SHORT_EVAL = ["shots=[1,5,10]", "splits=5"]
 PAIRED_SHOT = "5"  # the ablation table's paired-difference column
 #: The ablations' fixed L2 strength: the median lambda that cross-validation picked for the
 #: showcase's 5-shot splits. Cross-validating lambda on 5 images per class picked 10 or more on 12
-#: of 80 ablation splits (7.9 points lost on each), which swamped the runs' differences.
+#: of 100 ablation splits (7.9 points lost on average), which swamped the runs' differences.
 ABLATION_LAMBDA = 0.01
 
 
@@ -57,6 +57,7 @@ class Ablation:
     name: str
     overrides: list[str]
     question: str
+    baseline: str = "reference"  #: the ablation its paired difference is taken against
 
 
 ABLATIONS = [
@@ -83,7 +84,7 @@ ABLATIONS = [
     Ablation("protos_1024", ["loss.num_prototypes=1024"], "1024 prototypes (the paper) instead of 256"),
     Ablation("reference_seed1", ["seed=1"], "the reference with another seed: how much one run differs from the next"),
     Ablation("mask_shared_seed1", ["mask.shared=true", "seed=1"],
-             "shared masks again with seed 1: does their lead hold? (compare with reference_seed1)"),
+             "shared masks again with seed 1: does their lead hold?", baseline="reference_seed1"),
 ]
 
 
@@ -155,7 +156,13 @@ class Pipeline:
         if backbone is not None:
             args.insert(1, f"backbone={self.rel(backbone)}")
         self.run(key, args, out_dir / "results.json", stage)
-        return json.loads((out_dir / "results.json").read_text())
+        results = json.loads((out_dir / "results.json").read_text())
+        wanted = next((float(a.split("=", 1)[1]) for a in extra if a.startswith("lambd=")), None)
+        found = results.get("classifier", {}).get("lambda_fixed")
+        if found != wanted:  # a folder kept from a run with another lambda would pass as this stage's
+            raise SystemExit(f"error: {out_dir / 'results.json'} was scored with lambda {found or 'cross-validated'}, "
+                             f"stage {stage!r} asks for {wanted or 'cross-validated'}: delete that folder or pass --force")
+        return results
 
 
 def epoch_minutes(run_dir: Path) -> dict[int, float]:
@@ -174,6 +181,8 @@ def cell(entry: dict | None, key: str = "mean", std: str = "std") -> str:
 
 def paired_difference(entry: dict, reference: dict) -> str:
     """``mean ± std`` over splits of ``entry``'s per-split accuracy minus ``reference``'s (same splits)."""
+    if entry.get("train_size") != reference.get("train_size"):
+        raise ValueError(f"not the same splits: train sizes {entry.get('train_size')} and {reference.get('train_size')}")
     diffs = [a - b for a, b in zip(entry["accuracy"], reference["accuracy"], strict=True)]
     mean = sum(diffs) / len(diffs)
     std = (sum((d - mean) ** 2 for d in diffs) / max(1, len(diffs) - 1)) ** 0.5
@@ -368,18 +377,21 @@ def write_report(path: Path, pipe: Pipeline, methods: list[tuple[str, dict]], gr
                   f"(`{' '.join(pipe.budget.ablation_train)}`), evaluated with {splits} splits and a fixed "
                   f"lambda of {ABLATION_LAMBDA} (cross-validating it on a few images per class adds more noise than "
                   "most changes make). Every run is scored on the same splits, so the last column is the paired "
-                  f"difference to the first row at {paired} images per class: the mean and std over splits of "
-                  "(this run - reference).",
+                  f"difference at {paired} images per class to the first row (or to the run named in the cell): "
+                  "the mean and std over splits of (this run - that run).",
                   "",
                   "| run | change | question | minutes | " + " | ".join(f"{k} / class" for k in reference["shots"])
                   + f" | np | max_t | Δ {paired} / class |",
                   "|---|---|---|---|" + "---|" * len(reference["shots"]) + "---|---|---|"]
+        scores = {ablation.name: results for ablation, results, _ in ablations}
         for ablation, results, last in ablations:
             change = " ".join(f"`{o}`" for o in ablation.overrides) or "none"
+            against = "" if ablation.baseline == ablations[0][0].name else f" (vs {ablation.baseline})"
             lines.append(f"| {ablation.name} | {change} | {ablation.question} | {last['time_s'] / 60:.1f} | "
                          + " | ".join(cell(e) for e in results["shots"].values())
                          + f" | {last['np']:.1f} | {last['max_t']:.3f} | "
-                         + paired_difference(results["shots"][paired], reference["shots"][paired]) + " |")
+                         + paired_difference(results["shots"][paired], scores[ablation.baseline]["shots"][paired])
+                         + against + " |")
         lines += ["", f"![ablation curves]({fig(figures['ablation_curves'])})", ""]
     if notes is not None and notes.is_file():
         lines += [notes.read_text().strip(), ""]
@@ -457,10 +469,12 @@ def main(argv: list[str] | None = None) -> int:
     if budget.curve_epochs:  # the main run is a point of the curve: its last epoch checkpoint's scores if evaluated
         main_epochs = int(last_record(main_run)["epoch"]) + 1
         main_scores = (growth[-1][2] if growth and growth[-1][0] == main_epochs else pipe.evaluate(
-            "eval_budget_main", main_run, out / "budget" / f"eval_epochs_{main_epochs}", budget.eval_short,
+            "eval_budget_main", main_run, out / "budget" / "eval_main", budget.eval_short,
             f"budget curve: evaluate the {main_epochs}-epoch run"))
         curve.append((main_epochs, last_record(main_run)["time_s"] / 60.0, main_scores))
     for epochs in budget.curve_epochs:
+        if epochs == curve[0][0]:  # the preset's own run is already this point
+            continue
         run_dir = out / "budget" / f"epochs_{epochs}"
         pipe.train(f"budget_{epochs}", run_dir, [f"optim.epochs={epochs}"], f"budget curve: pre-train {epochs} epochs")
         curve.append((epochs, last_record(run_dir)["time_s"] / 60.0,

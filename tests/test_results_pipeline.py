@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 from conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -36,6 +37,11 @@ def test_smoke_pipeline_writes_the_report_and_resumes(tmp_path):
     assert "| 1 / class | 2 / class | 1% (60 / class) |" in text
     assert "### Live monitor" in text and "| step | minutes | knn_top1 | 1shot | 5shot |" in text
     assert "| np | max_t | Δ 1 / class |" in text and "| +0.0 ± 0.0 |" in text  # the reference's paired difference
+    for ablation in fashion_mnist_results.ABLATIONS[1:]:  # every row paired split by split with its own baseline
+        scores = [json.loads((out / "ablations" / f"eval_{name}" / "results.json").read_text())["shots"]["1"]
+                  for name in (ablation.name, ablation.baseline)]
+        against = "" if ablation.baseline == "reference" else f" (vs {ablation.baseline})"
+        assert f"| {fashion_mnist_results.paired_difference(*scores)}{against} |" in text, ablation.name
     assert "### Accuracy vs budget" in text and "| epochs | minutes | 1 / class |" in text
     for name in ("lowshot_methods", "training_curves", "growth", "budget", "ablation_curves", "monitor"):
         png = report.parent / "fashion_mnist" / f"{name}.png"
@@ -60,3 +66,20 @@ def test_paired_difference_is_per_split():
     # splits (60, 50) against the reference's (58, 49): differences 2 and 1, mean 1.5, sample std sqrt(0.5)
     assert fashion_mnist_results.paired_difference({"accuracy": [60.0, 50.0]}, {"accuracy": [58.0, 49.0]}) == "+1.5 ± 0.7"
     assert fashion_mnist_results.paired_difference({"accuracy": [40.0]}, {"accuracy": [42.5]}) == "-2.5 ± 0.0"
+
+
+def test_paired_difference_refuses_other_splits():
+    with pytest.raises(ValueError, match="not the same splits"):
+        fashion_mnist_results.paired_difference({"accuracy": [60.0], "train_size": [50]},
+                                                {"accuracy": [58.0], "train_size": [20]})
+
+
+def test_a_kept_evaluation_with_another_lambda_is_refused(tmp_path):
+    # a results.json left by a cross-validated run must not pass as a fixed-lambda stage's output
+    pipe = fashion_mnist_results.Pipeline(tmp_path, fashion_mnist_results.budgets(1, [])["smoke"], False, sys.executable)
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "results.json").write_text(json.dumps({"classifier": {"lambda_fixed": None}, "shots": {}}))
+    with pytest.raises(SystemExit, match="scored with lambda cross-validated, .* asks for 0.01"):
+        pipe.evaluate("eval_x", None, tmp_path / "eval", ["lambd=0.01"], "ablation x: evaluate")
+    assert pipe.evaluate("eval_y", None, tmp_path / "eval", [], "evaluate y") == {"classifier": {"lambda_fixed": None},
+                                                                                 "shots": {}}
