@@ -12,7 +12,8 @@ redoes everything):
 5. the ablations, each a shorter pre-training run of the same recipe with one change;
 6. the budget curve: the preset re-run at other epoch counts, each with its own full schedule
    (warm-up, cosine, EMA and weight-decay ramps sized to that run), so the rows show what more
-   compute buys and not a checkpoint of one schedule (``--budget-epochs``, default 2 14 26: about 10, 60 and 120 minutes);
+   compute buys and not a checkpoint of one schedule (``--budget-epochs``, default 2 14 26: about
+   10, 60 and 120 minutes);
 7. figures (``msn.eval.report.plot_methods``, ``msn.plots``) and ``docs/results/fashion_mnist.md``.
 
 ``--smoke`` runs the same stages on a tiny budget (256 images, a few steps, 2 splits, 500 test
@@ -151,17 +152,19 @@ class Pipeline:
         self.run(key, ["train.py", f"experiment={PRESET}", f"output_dir={self.rel(run_dir)}", *self.budget.train,
                        *overrides], run_dir / "checkpoints" / "latest.pt", stage)
 
-    def evaluate(self, key: str, backbone: Path | None, out_dir: Path, extra: list[str], stage: str) -> dict:
-        args = ["eval_lowshot.py", f"output_dir={self.rel(out_dir)}", *extra, *self.budget.eval_extra]
+    def evaluate(self, key: str, backbone: Path | None, out_dir: Path, extra: list[str], stage: str,
+                 lambd: float | None = None) -> dict:
+        """Evaluate ``backbone`` (lambda fixed at ``lambd``, or cross-validated) unless ``out_dir`` holds it."""
+        fixed = [f"lambd={lambd}"] if lambd is not None else []
+        args = ["eval_lowshot.py", f"output_dir={self.rel(out_dir)}", *extra, *fixed, *self.budget.eval_extra]
         if backbone is not None:
             args.insert(1, f"backbone={self.rel(backbone)}")
         self.run(key, args, out_dir / "results.json", stage)
         results = json.loads((out_dir / "results.json").read_text())
-        wanted = next((float(a.split("=", 1)[1]) for a in extra if a.startswith("lambd=")), None)
         found = results.get("classifier", {}).get("lambda_fixed")
-        if found != wanted:  # a folder kept from a run with another lambda would pass as this stage's
+        if found != lambd:  # a folder kept from a run with another lambda would pass as this stage's
             raise SystemExit(f"error: {out_dir / 'results.json'} was scored with lambda {found or 'cross-validated'}, "
-                             f"stage {stage!r} asks for {wanted or 'cross-validated'}: delete that folder or pass --force")
+                             f"stage {stage!r} asks for {lambd or 'cross-validated'}: delete that folder or pass --force")
         return results
 
 
@@ -463,7 +466,7 @@ def main(argv: list[str] | None = None) -> int:
             pipe.train(f"ablation_{ablation.name}", run_dir, [*budget.ablation_train, *ablation.overrides],
                        f"ablation {ablation.name}: pre-train")
             results = pipe.evaluate(f"eval_ablation_{ablation.name}", run_dir, out / "ablations" / f"eval_{ablation.name}",
-                                    [*budget.eval_short, f"lambd={ABLATION_LAMBDA}"], f"ablation {ablation.name}: evaluate")
+                                    budget.eval_short, f"ablation {ablation.name}: evaluate", lambd=ABLATION_LAMBDA)
             ablations.append((ablation, results, last_record(run_dir)))
     curve = []
     if budget.curve_epochs:  # the main run is a point of the curve: its last epoch checkpoint's scores if evaluated

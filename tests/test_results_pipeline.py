@@ -80,6 +80,6 @@ def test_a_kept_evaluation_with_another_lambda_is_refused(tmp_path):
     (tmp_path / "eval").mkdir()
     (tmp_path / "eval" / "results.json").write_text(json.dumps({"classifier": {"lambda_fixed": None}, "shots": {}}))
     with pytest.raises(SystemExit, match="scored with lambda cross-validated, .* asks for 0.01"):
-        pipe.evaluate("eval_x", None, tmp_path / "eval", ["lambd=0.01"], "ablation x: evaluate")
+        pipe.evaluate("eval_x", None, tmp_path / "eval", [], "ablation x: evaluate", lambd=0.01)
     assert pipe.evaluate("eval_y", None, tmp_path / "eval", [], "evaluate y") == {"classifier": {"lambda_fixed": None},
                                                                                  "shots": {}}
