@@ -52,7 +52,7 @@ def pretrain(overrides: Sequence[str] = ()) -> dict[str, Any]:
     from msn.train import Trainer
 
     cfg = load_config(_compose("config", overrides))
-    record = Trainer(cfg, init_state=init_state(cfg.init_from), probe=LowShotProbe.from_config).fit()
+    record = Trainer(cfg, init_state=init_state(cfg.init_from, cfg.trust_pickle), probe=LowShotProbe.from_config).fit()
     return {"record": record, "output_dir": Path(cfg.output_dir), "checkpoint": checkpoint.find_latest(cfg.output_dir)}
 
 
@@ -82,13 +82,15 @@ class Backbone:
         return backbone_features(self.module, pixels)
 
 
-def load_backbone(path: str | os.PathLike, which: str = "target") -> Backbone:
+def load_backbone(path: str | os.PathLike, which: str = "target", trust_pickle: bool = False) -> Backbone:
     """Any weights msn reads (our checkpoints and exports, transformers, timm, the reference's
-    files) as a :class:`Backbone`."""
+    files) as a :class:`Backbone`. Torch files are read as tensors and plain data only;
+    ``trust_pickle=True`` unpickles them in full, which runs any code they carry: only for a
+    file you trust (docs/security.md)."""
     from msn.data import eval_transform
     from msn.export import load_backbone as load
 
-    loaded = load(path, which)
+    loaded = load(path, which, trust_pickle=trust_pickle)
     return Backbone(loaded.backbone.eval(), eval_transform(loaded.image_size, loaded.mean, loaded.std),
                     dict(loaded.source))
 

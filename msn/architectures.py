@@ -85,3 +85,30 @@ def timm_candidates(embed_dim: int, depth: int, num_heads: int, patch_size: int,
 #: ``model.pos_embed`` choices: ``learned`` (the reference and timm: a trained table) or
 #: ``sincos`` (a fixed 2-D sine-cosine table, msn.models.vit.sincos_pos_embed).
 POS_EMBEDS = ("learned", "sincos")
+
+#: The range of each architecture field a weights file or its config may state (widest known
+#: ViTs, ViT-G/14 and ViT-22B's depth aside, with room): a file asking for more is refused before
+#: any module is built (a stated ``depth: 400`` would otherwise build 400 blocks first).
+ARCHITECTURE_LIMITS: dict[str, tuple[float, float]] = {
+    "embed_dim": (1, 4096),
+    "depth": (1, 64),
+    "num_heads": (1, 64),
+    "mlp_ratio": (0.25, 16.0),
+    "patch_size": (1, 64),
+    "image_size": (1, 2048),
+    "hidden_dim": (1, 16384),
+    "output_dim": (1, 16384),
+    "num_prototypes": (2, 1 << 20),
+}
+
+
+def out_of_range(fields: dict) -> Optional[str]:
+    """``key=value (allowed lo..hi)`` for the first field outside :data:`ARCHITECTURE_LIMITS`
+    (non-numbers included), or ``None`` when every field is in range."""
+    for key, (low, high) in ARCHITECTURE_LIMITS.items():
+        value = fields.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+            return f"{key}={value!r} (allowed {low:g}..{high:g})"
+    return None

@@ -8,21 +8,25 @@ A checkpoint is a ``torch.save`` dict::
     encoder, target_encoder: state dicts of msn.models.MSNNetwork (backbone.vit.* + head.*)
     prototypes: [K, D] tensor (un-normalised)
     optimizer: AdamW state dict
-    rng: {"torch", "numpy", "python"} generator states
+    rng: {"torch", "cuda", "numpy", "python"} generator states (numpy's as a plain list)
     extra: trainer bookkeeping (skipped images, wall time, ...)
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from msn.files import atomic_write, remove_own_temporaries
+from msn.safe_load import load_torch_file
+
 FORMAT = "msn-checkpoint"
-VERSION = 1
+#: 2: every entry is a tensor, a plain container, a string or a number (``weights_only`` loads
+#: it); 1 held numpy RNG states, which only full unpickling reads (docs/security.md).
+VERSION = 2
 LATEST = "latest.pt"
 
 
@@ -31,34 +35,9 @@ def checkpoint_dir(output_dir: str | os.PathLike) -> Path:
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
-    """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``.
-
-    A crash at any point leaves either the old file or the new one, never a partial file.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            torch.save(obj, stream)
-            stream.flush()
-            os.fsync(stream.fileno())
-        respect_umask(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
-
-
-def respect_umask(path: str | os.PathLike) -> Path:
-    """Give ``path`` the mode any new file of this process gets (``0o666`` less the umask):
-    ``tempfile.mkstemp`` and safetensors create files readable by their owner only."""
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(path, 0o666 & ~mask)
-    return Path(path)
+    """``torch.save`` through :func:`msn.files.atomic_write` (private temporary, fsync, rename):
+    a crash leaves the old file or the new one, and a link planted at ``path`` is replaced."""
+    return atomic_write(path, lambda stream: torch.save(obj, stream))
 
 
 def save_training_checkpoint(state: dict[str, Any], output_dir: str | os.PathLike, epoch_copy: int | None = None) -> Path:
@@ -72,12 +51,9 @@ def save_training_checkpoint(state: dict[str, Any], output_dir: str | os.PathLik
 
 
 def remove_stale_temporaries(output_dir: str | os.PathLike) -> list[Path]:
-    """Delete the temporary files of saves a crash interrupted (``.NAME.*.tmp``); returns them."""
-    folder = checkpoint_dir(output_dir)
-    stale = sorted(folder.glob(".*.tmp")) if folder.is_dir() else []
-    for path in stale:
-        path.unlink(missing_ok=True)
-    return stale
+    """Delete the temporaries of saves a crash interrupted (only names :mod:`msn.files` gives
+    its temporaries, never through a linked ``checkpoints/``); returns them."""
+    return remove_own_temporaries(checkpoint_dir(output_dir))
 
 
 def epoch_copies(output_dir: str | os.PathLike) -> list[Path]:
@@ -92,15 +68,19 @@ def find_latest(output_dir: str | os.PathLike) -> Path | None:
     return path if path.is_file() else None
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load one of our training checkpoints; one clear error when the file is not one."""
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu", *,
+                    trust_pickle: bool = False) -> dict[str, Any]:
+    """Load one of our training checkpoints (tensors and plain data only, unless ``trust_pickle``).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: one line naming the file: unreadable, not ours, or refused
+            (:class:`msn.safe_load.UnsafePickleError`).
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: checkpoint not found")
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as error:  # noqa: BLE001 - any unpickling failure means a bad file
-        raise ValueError(f"{path}: not a readable checkpoint ({type(error).__name__}: {error})") from None
+    state = load_torch_file(path, trust_pickle=trust_pickle, map_location=map_location, what="checkpoint")
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise ValueError(f"{path}: not an MSN training checkpoint (no 'format: {FORMAT}' entry)")
     return state

@@ -129,7 +129,7 @@ def run_training(raw: DictConfig, preemption=None) -> dict:
         try:
             try:
                 validate(cfg, world_size=distributed.world_size())  # what depends on the process count
-                trainer = Trainer(cfg, init_state=init_state(cfg.init_from), probe=LowShotProbe.from_config)
+                trainer = Trainer(cfg, init_state=init_state(cfg.init_from, cfg.trust_pickle), probe=LowShotProbe.from_config)
             except (ConfigError, FileNotFoundError, ValueError) as error:
                 _fail(error)
             try:
@@ -213,15 +213,16 @@ def _requeue(mode: str) -> str:
     return f"requeued Slurm job {job}"
 
 
-def init_state(path: str | None):
-    """``init_from``: a callable loading weights into (network, target, prototypes)."""
+def init_state(path: str | None, trust_pickle: bool = False):
+    """``init_from``: a callable loading weights into (network, target, prototypes); torch files
+    are read as tensors and plain data unless ``trust_pickle`` (docs/security.md)."""
     if path is None:
         return None
     from msn.export import apply_init, load_init_weights
 
     def apply(network, target, prototypes):
         try:
-            weights = load_init_weights(path)
+            weights = load_init_weights(path, trust_pickle)
         except FileNotFoundError as error:
             raise ConfigError(f"init_from: {error}") from None
         for line in apply_init(network, target, prototypes, weights):

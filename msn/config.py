@@ -7,7 +7,9 @@ values; code below the entry points only sees these dataclasses.
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -207,6 +209,8 @@ class MSNConfig:
     precision: str = "auto"  #: auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16 | fp64 (numerical checks)
     resume: str = "auto"  #: auto (output_dir/checkpoints/latest.pt if present) | never | PATH
     init_from: Optional[str] = None  #: weights to start from (README "init_from")
+    #: unpickle `resume` / `init_from` files in full (can run code a file carries): only for files you trust (docs/security.md)
+    trust_pickle: bool = False
     model: ModelConfig = field(default_factory=ModelConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -318,13 +322,60 @@ def load_config(raw: DictConfig | dict[str, Any], world_size: int = 1) -> MSNCon
 
 
 def to_dict(cfg: MSNConfig) -> dict[str, Any]:
-    """Plain-container form (JSON/YAML friendly) of a typed config."""
-    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+    """Plain-container form (JSON/YAML friendly) of a typed config: its values as they are (a
+    typed config holds no interpolation left to resolve; a ``${...}`` in it is literal text)."""
+    def plain(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {key: plain(item) for key, item in value.items()}
+        return [plain(item) for item in value] if isinstance(value, (list, tuple)) else value
+
+    return plain(dataclasses.asdict(cfg))
 
 
-def from_dict(values: dict[str, Any]) -> MSNConfig:
-    """Typed config from :func:`to_dict` output (no file-system validation)."""
-    return _typed(OmegaConf.merge(OmegaConf.structured(MSNConfig), values))
+#: Keys that name this machine's files: left out of anything made to be shared (exports, model
+#: cards); a config read back without them takes the schema's defaults.
+LOCAL_PATH_KEYS = ("output_dir", "resume", "init_from", "data.root", "monitor.root")
+
+
+def shareable_dict(cfg: MSNConfig) -> dict[str, Any]:
+    """:func:`to_dict` without :data:`LOCAL_PATH_KEYS` (docs/security.md)."""
+    values = to_dict(cfg)
+    for key in LOCAL_PATH_KEYS:
+        *parents, leaf = key.split(".")
+        section = values
+        for parent in parents:
+            section = section.get(parent, {})
+        section.pop(leaf, None)
+    return values
+
+
+def literal(value: Any) -> Any:
+    """``value`` with every string escaped so that OmegaConf reads it as the same literal text:
+    ``${`` (and the backslashes before it) can no longer start an interpolation."""
+    if isinstance(value, str):
+        return re.sub(r"(\\*)\$\{", lambda match: match.group(1) * 2 + "\\${", value)
+    if isinstance(value, dict):
+        return {key: literal(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [literal(item) for item in value]
+    return value
+
+
+def from_dict(values: dict[str, Any], where: str = "config") -> MSNConfig:
+    """Typed config from :func:`to_dict` output read from a file (a checkpoint, an export):
+    data only, no interpolation is resolved (``${oc.env:...}`` stays text; docs/security.md),
+    no file-system validation.
+
+    Raises:
+        ConfigError: one line naming ``where`` and the key at fault.
+    """
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where}: expected a mapping of config keys, got {type(values).__name__}")
+    try:
+        return _typed(OmegaConf.merge(OmegaConf.structured(MSNConfig), literal(values)))
+    except OmegaConfBaseException as error:
+        key = getattr(error, "full_key", None)
+        raise ConfigError(f"{where}: {key + ': ' if key else ''}{str(error).splitlines()[0]}") from None
 
 
 def _typed(merged: DictConfig) -> MSNConfig:

@@ -10,6 +10,8 @@ from typing import Any, Sequence
 
 from tqdm.auto import tqdm
 
+from msn.files import open_append
+
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -48,7 +50,7 @@ class MetricsLogger:
         if not self.enabled:
             return
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
-        with open(self.path, "a", encoding="utf-8") as stream:
+        with open_append(self.path) as stream:  # a link planted under the name is refused
             stream.write(json.dumps(clean) + "\n")
         if self._wandb_run is not None:
             self._wandb_run.log({k: v for k, v in record.items() if k != "step"}, step=record.get("step"))

@@ -13,6 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from msn.files import write_with
 from msn.logging import read_metrics
 
 PANELS = (
@@ -138,8 +139,7 @@ def plot_runs(run_dirs: list[str | Path], output: str | Path | None = None, labe
         axis.axis("off")
     fig.tight_layout()
     path = Path(output) if output else runs[0] / "training_curves.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    write_with(path, lambda name: fig.savefig(name, dpi=110))
     plt.close(fig)
     return path
 

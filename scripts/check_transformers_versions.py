@@ -24,7 +24,7 @@ import json, sys, warnings
 import torch
 import transformers
 from transformers import ViTMSNForImageClassification, ViTMSNModel
-folder, expected = sys.argv[1], torch.load(sys.argv[2])
+folder, expected = sys.argv[1], torch.load(sys.argv[2], weights_only=True)
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     model = ViTMSNModel.from_pretrained(folder + "/backbone").eval()

@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import msn  # noqa: E402
-from msn import checkpoint  # noqa: E402
+from msn import checkpoint, files  # noqa: E402
 
 #: Labelled images per class of the table.
 SHOTS = (1, 5)
@@ -93,8 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     minutes = state.get("extra", {}).get("train_seconds", time.perf_counter() - start) / 60
     results = evaluate(run["checkpoint"], out, args.splits, args.eval)
     text, numbers = table(results, minutes, int(state["step"]))
-    (out / "demo_lowshot.md").write_text(text + "\n", encoding="utf-8")
-    (out / "demo_lowshot.json").write_text(json.dumps(numbers, indent=2) + "\n", encoding="utf-8")
+    files.write_text(out / "demo_lowshot.md", text + "\n")
+    files.write_text(out / "demo_lowshot.json", json.dumps(numbers, indent=2) + "\n")
     print("\n" + text + f"\n\n(written to {out / 'demo_lowshot.md'}; {(time.perf_counter() - start) / 60:.1f} min in all)")
     return 0
 

@@ -45,6 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import msn.export  # noqa: E402,F401 - registers timm's "vit_msn" (shapes timm has no name for)
+from msn import files  # noqa: E402
 from msn.data.datasets import FashionMNISTDataset  # noqa: E402
 from msn.eval.classifier import accuracy, fit_logistic_regression, normalize_rows, select_lambda  # noqa: E402
 from msn.eval.config import EvalConfig  # noqa: E402
@@ -400,12 +401,12 @@ def write_report(rows: Sequence[dict], options: Options, sources: dict, output: 
     output.mkdir(parents=True, exist_ok=True)
     document = {"options": asdict(options), "sources": sources, "routes": list(rows), "total_seconds": seconds,
                 "torch_threads": torch.get_num_threads()}
-    (output / "finetune.json").write_text(json.dumps(document, indent=2) + "\n")
+    files.write_text(output / "finetune.json", json.dumps(document, indent=2) + "\n")
     text = ["# Fine-tuning vs linear probe (scripts/finetune.py)", "", markdown_table(rows), "",
             f"Options: {json.dumps(asdict(options))}", "", f"Sources: {json.dumps(sources)}", "",
             f"Total time: {seconds:.1f} s on {torch.get_num_threads()} CPU thread(s)", ""]
     text += [f"- {r['route']} preprocessing: {r['preprocessing']}" for r in rows]
-    (output / "finetune.md").write_text("\n".join(text) + "\n")
+    files.write_text(output / "finetune.md", "\n".join(text) + "\n")
     return document
 
 

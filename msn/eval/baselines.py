@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from typing import Any
 
@@ -35,7 +34,7 @@ from msn.eval.classifier import (
     select_lambda,
 )
 from msn.eval.config import EvalConfig
-from msn.eval.features import Encoder, file_identity, random_like
+from msn.eval.features import Encoder, random_like, weights_identity
 from msn.eval.subsets import LabelledSubset
 from msn.eval.supervised import SupervisedOptions, predict, total_steps, train_supervised
 
@@ -68,8 +67,8 @@ class Backbone:
             raise ConfigError(f"feature_blocks: {cfg.feature_blocks} exceeds the backbone's depth ({depth})")
         source = dict(loaded.source)
         path = source.get("path", cfg.backbone)
-        identity: dict[str, Any] = {"file": file_identity(path) if os.path.exists(path) else str(path),
-                                    "which": cfg.backbone_which, "feature": cfg.feature}
+        identity: dict[str, Any] = {"weights": weights_identity(model), "which": cfg.backbone_which,
+                                    "feature": cfg.feature}
         if cfg.feature == "cls_concat":
             identity["blocks"] = cfg.feature_blocks
         model = self.weights(model, identity)
@@ -260,7 +259,7 @@ def _load_backbone(cfg: EvalConfig):
     from msn.export import load_backbone  # imported here: the pixels baseline needs no model code
 
     try:
-        return load_backbone(cfg.backbone, cfg.backbone_which)
+        return load_backbone(cfg.backbone, cfg.backbone_which, trust_pickle=cfg.trust_pickle)
     except (FileNotFoundError, ValueError, KeyError) as error:
         raise ConfigError(f"backbone: cannot load {cfg.backbone}: {error}") from None
 

@@ -43,6 +43,8 @@ class EvalConfig:
             :func:`msn.export.load_backbone`; optional only for ``baseline=pixels``
             (for ``random`` and ``supervised`` it gives the architecture).
         backbone_which: ``target`` (EMA encoder, the reference's choice) or ``online``.
+        trust_pickle: unpickle a torch ``backbone`` file in full, which runs any code it carries;
+            only for a file you trust (default: tensors and plain data only; docs/security.md).
         baseline: ``null`` (evaluate the backbone); ``pixels`` (flattened normalised pixels as features) or
             ``random`` (a randomly initialised copy of the backbone's architecture) or
             ``supervised`` (that architecture trained from scratch, end to end, on each labelled
@@ -88,6 +90,7 @@ class EvalConfig:
 
     backbone: Optional[str] = None
     backbone_which: str = "target"
+    trust_pickle: bool = False
     baseline: Optional[str] = None
     feature: str = "cls_pre_ln"
     feature_blocks: int = 4

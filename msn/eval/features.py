@@ -9,7 +9,7 @@ are options.
 Extraction (:func:`extract_features`) is batched under ``torch.inference_mode`` with
 DataLoader workers and a tqdm bar, in bf16 autocast on CUDA and fp32 on CPU. Features are
 cached per image in ``<cache_dir>/<sha256>.pt``; the key hashes the encoder's identity
-(backbone file path + size + mtime + which encoder, or the baseline), the data (name, root,
+(a sha256 of the network's weights + which encoder, or the baseline), the data (name, root,
 split, size and a fingerprint of the image names), the transform and the feature kind. A
 cache file holds the rows extracted so far for that key; later calls extract only the
 missing images, so a sweep over shots, splits and lambdas extracts each image once.
@@ -31,9 +31,11 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from msn import files
 from msn.checkpoint import atomic_save
 from msn.models import MSNViT
 from msn.runtime import autocast_dtype
+from msn.safe_load import load_torch_file
 
 log = logging.getLogger(__name__)
 
@@ -113,22 +115,16 @@ class Encoder:
         return backbone_features(self.model, images, self.kind, self.blocks)
 
 
-def file_identity(path: str | os.PathLike) -> dict[str, Any]:
-    """Path, size and modification time of a file (a changed file gives a new cache key).
-
-    For a folder (e.g. an export or a transformers directory) the identity lists every file
-    below it with its size and modification time.
-    """
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        files = []
-        for folder, _, names in sorted(os.walk(path)):
-            for name in sorted(names):
-                stat = os.stat(os.path.join(folder, name))
-                files.append([os.path.relpath(os.path.join(folder, name), path), stat.st_size, stat.st_mtime_ns])
-        return {"path": os.path.realpath(path), "files": files}
-    stat = os.stat(path)
-    return {"path": os.path.realpath(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+def weights_identity(model: nn.Module) -> dict[str, Any]:
+    """sha256 of a network's parameters and buffers (names, dtypes, shapes and bytes, in
+    ``state_dict`` order): the cache key follows the weights themselves, so weights swapped
+    under a file of the same name, size and modification time get a new key (docs/security.md)."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        tensor = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return {"sha256": digest.hexdigest()}
 
 
 def data_identity(data_cfg, dataset: Dataset, train: bool) -> dict[str, Any]:
@@ -254,8 +250,8 @@ def extract_features(
     cached: dict[str, torch.Tensor] | None = None
     if path is not None and path.is_file():
         try:
-            cached = torch.load(path, map_location="cpu", weights_only=True)
-            if cached.get("key") != cache_key(key_parts):
+            cached = load_torch_file(path)
+            if not isinstance(cached, dict) or cached.get("key") != cache_key(key_parts):
                 cached = None
         except Exception as error:  # noqa: BLE001 - a damaged cache file is rebuilt
             log.warning("ignoring unreadable feature cache %s (%s)", path, error)
@@ -286,7 +282,7 @@ def extract_features(
             atomic_save(cached, path)
             meta = path.with_suffix(".json")
             if not meta.exists():
-                meta.write_text(json.dumps(key_parts, indent=2, sort_keys=True, default=str) + "\n")
+                files.write_text(meta, json.dumps(key_parts, indent=2, sort_keys=True, default=str) + "\n")
     else:
         log.info("features: all %d rows from cache %s", len(indices), path)
     rows = torch.tensor([position[i] for i in indices], dtype=torch.long)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from msn import files
 from msn.eval.baseline_names import PIXELS, RANDOM, SUPERVISED
 from msn.eval.config import EvalConfig, eval_config_to_dict
 from msn.eval.subsets import format_percent, percent_key
@@ -251,10 +252,7 @@ def write_json(results: dict[str, Any], path: str | os.PathLike) -> Path:
             return [clean(v) for v in value]
         return value
 
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(clean(results), indent=2) + "\n")
-    os.replace(tmp, path)
-    return path
+    return files.write_text(path, json.dumps(clean(results), indent=2) + "\n")
 
 
 def labels_per_class_axis(ax, xs: Sequence[float]) -> None:
@@ -272,9 +270,7 @@ def save_figure(fig, path: str | os.PathLike) -> Path:
     import matplotlib.pyplot as plt
 
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    path = files.write_with(path, fig.savefig)
     plt.close(fig)
     return path
 

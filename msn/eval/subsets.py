@@ -31,6 +31,7 @@ from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
+from msn import files
 from msn.config import ConfigError
 
 log = logging.getLogger(__name__)
@@ -112,10 +113,7 @@ def read_subset_file(path: str | os.PathLike) -> list[str]:
 
 def write_subset_file(path: str | os.PathLike, names: Iterable[str]) -> Path:
     """Write names in the reference format (one per line, trailing newline)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(f"{name}\n" for name in names))
-    return path
+    return files.write_text(path, "".join(f"{name}\n" for name in names))
 
 
 def group_by_class(names: Sequence[str]) -> dict[str, list[str]]:

@@ -42,6 +42,7 @@ def export(
     num_heads: int | None = None,
     overwrite: bool = False,
     lowshot: Sequence[str | os.PathLike] = (),
+    trust_pickle: bool = False,
 ) -> list[Path]:
     """Export ``source`` (anything :func:`msn.export.load_backbone` reads) to ``output``.
 
@@ -55,6 +56,8 @@ def export(
         lowshot: ``results.json`` files of low-shot evaluations of these weights, reported in
             the model card (``hf`` only; by default the card reports those found in the run
             folder, :func:`msn.export.model_card.find_lowshot_results`).
+        trust_pickle: unpickle a torch ``source`` in full, which can run code it carries; only
+            for a file whose source you trust (docs/security.md).
 
     Returns:
         the written files.
@@ -73,7 +76,7 @@ def export(
     if lowshot and format != HF:
         raise ValueError(f"--lowshot: only with --format {HF} (its model card reports them)")
     documents = [read_lowshot_results(path) for path in lowshot]
-    loaded = load_backbone(source, which, num_heads=num_heads)
+    loaded = load_backbone(source, which, num_heads=num_heads, trust_pickle=trust_pickle)
     files = target.write(loaded, output, labels) if target.takes_labels else target.write(loaded, output)
     if documents:
         write_model_card(loaded, output, labels, documents)
@@ -96,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     labels.add_argument("--labels", help="hf only: file with one class label per line (writes ViTMSNForImageClassification)")
     parser.add_argument("--num-heads", type=int, help="attention heads of a bare state dict of non-standard width")
     parser.add_argument("--overwrite", action="store_true", help="allow a non-empty --output folder")
+    parser.add_argument("--trust-pickle", action="store_true",
+                        help="DANGEROUS: unpickle a torch source in full, which runs any code it carries; only for a file "
+                             "you trust (default: tensors and plain data only; docs/security.md)")
     parser.add_argument("--lowshot", action="append", default=[], metavar="RESULTS_JSON",
                         help="hf only: a low-shot results.json of these weights for the model card (repeatable; "
                              "default: those found in the run folder)")
@@ -114,7 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise ValueError(f"--num-labels: must be positive, got {args.num_labels}")
             labels = [f"LABEL_{index}" for index in range(args.num_labels)]
         files = export(args.source, args.output, args.format, args.which, labels, args.num_heads, args.overwrite,
-                       args.lowshot)
+                       args.lowshot, args.trust_pickle)
     except (ValueError, KeyError, FileNotFoundError, OSError) as error:
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
         print(f"msn-export: error: {message}", file=sys.stderr)

@@ -19,11 +19,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from msn.architectures import HEADS_BY_WIDTH, arch_for_width
-from msn.checkpoint import respect_umask
+from msn import files
+from msn.architectures import ARCHITECTURES, HEADS_BY_WIDTH, arch_for_width, out_of_range
 from msn.config import MSNConfig
 from msn.export import names
 from msn.models import MSNNetwork, MSNViT, build_vit
+from msn.safe_load import load_torch_file
 
 Tensor = torch.Tensor
 
@@ -153,39 +154,57 @@ def load_strict(module: nn.Module, state: dict[str, Tensor], origin: dict[str, s
 
 
 # --- files ----------------------------------------------------------------------------------------
-def torch_load(path: str) -> Any:
-    """``torch.load`` on CPU: weights only first, full unpickling for our checkpoints (numpy RNG states)."""
-    for weights_only in (True, False):
-        try:
-            return torch.load(path, map_location="cpu", weights_only=weights_only)
-        except Exception as error:  # noqa: BLE001 - any unpickling failure means a bad file
-            failure = error
-    raise ValueError(f"{path}: not a readable weights file ({type(failure).__name__}: {failure})") from None
+def torch_load(path: str, trust_pickle: bool = False) -> Any:
+    """``torch.load`` on CPU of tensors and plain containers; anything else is refused with one
+    line unless ``trust_pickle`` (:func:`msn.safe_load.load_torch_file`, docs/security.md)."""
+    return load_torch_file(path, trust_pickle=trust_pickle)
 
 
-def read_tensors(path: str) -> dict[str, Tensor]:
-    """A flat tensor dict from a ``.safetensors`` file or a torch pickle."""
+def read_tensors(path: str, trust_pickle: bool = False) -> dict[str, Tensor]:
+    """A flat tensor dict from a ``.safetensors`` file or a torch file."""
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
 
-        return load_file(path, device="cpu")
-    obj = torch_load(path)
+        try:
+            return load_file(path, device="cpu")
+        except Exception as error:  # noqa: BLE001 - a damaged header or a truncated file
+            raise ValueError(f"{path}: not a readable safetensors file ({type(error).__name__}: {error})") from None
+    obj = torch_load(path, trust_pickle)
     if not isinstance(obj, dict):
         raise ValueError(f"{path}: expected a state dict, got {type(obj).__name__}")
     return obj
 
 
-def read_model_weights(folder: Path) -> dict[str, Tensor]:
-    """The tensors of a transformers / timm folder (one file or a sharded index)."""
+def shard_in_folder(folder: Path, name: Any, index: str) -> Path:
+    """The file an index's ``weight_map`` names, which must be a plain file name in ``folder``.
+
+    Raises:
+        ValueError: one line naming the index and the entry (absolute, ``..``, a sub-folder,
+            or a link that leaves the folder).
+    """
+    if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name or os.sep in name:
+        raise ValueError(f"{folder / index}: weight_map names {name!r}; an index may only name files inside its folder")
+    path = folder / name
+    if os.path.realpath(path) != os.path.join(os.path.realpath(folder), name):
+        raise ValueError(f"{folder / index}: weight_map entry {name!r} is a link that leaves the folder; refused")
+    return path
+
+
+def read_model_weights(folder: Path, trust_pickle: bool = False) -> dict[str, Tensor]:
+    """The tensors of a transformers / timm folder (one file, or the files a sharded index
+    names, each a plain name inside ``folder``)."""
     for name in ("model.safetensors", "pytorch_model.bin", "pytorch_model.pth", "model.pth"):
         if (folder / name).is_file():
-            return read_tensors(os.fspath(folder / name))
+            return read_tensors(os.fspath(folder / name), trust_pickle)
     for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         if (folder / index).is_file():
             weight_map = read_json(folder / index).get("weight_map", {})
+            if not isinstance(weight_map, dict):
+                raise ValueError(f"{folder / index}: weight_map is not a mapping of tensor names to files")
+            shards = [shard_in_folder(folder, name, index) for name in sorted(set(map(str, weight_map.values())))]
             state: dict[str, Tensor] = {}
-            for shard in sorted(set(weight_map.values())):
-                state.update(read_tensors(os.fspath(folder / shard)))
+            for shard in shards:
+                state.update(read_tensors(os.fspath(shard), trust_pickle))
             return state
     raise FileNotFoundError(f"{folder}: no model.safetensors or pytorch_model.bin in this folder")
 
@@ -206,11 +225,8 @@ def write_json(document: dict[str, Any], path: str | os.PathLike) -> Path:
             return value.tolist()
         raise TypeError(f"cannot write {type(value).__name__} to JSON")
 
-    path = Path(path)
-    with open(path, "w") as stream:
-        json.dump(document, stream, indent=2, sort_keys=False, default=tensor_as_list)
-        stream.write("\n")
-    return path
+    text = json.dumps(document, indent=2, sort_keys=False, default=tensor_as_list) + "\n"
+    return files.write_text(path, text)
 
 
 def save_safetensors(state: dict[str, Tensor], path: str | os.PathLike) -> Path:
@@ -218,8 +234,7 @@ def save_safetensors(state: dict[str, Tensor], path: str | os.PathLike) -> Path:
     from safetensors.torch import save_file
 
     tensors = {key: value.detach().to("cpu").contiguous().clone() for key, value in state.items()}
-    save_file(tensors, os.fspath(path), metadata={"format": "pt"})
-    return respect_umask(path)
+    return files.write_with(path, lambda name: save_file(tensors, name, metadata={"format": "pt"}))
 
 
 def is_tensor_dict(obj: Any) -> bool:
@@ -315,9 +330,33 @@ def infer_architecture(backbone_state: dict[str, Tensor], num_heads: int | None 
         "patch_size": int(known.get("patch_size", int(patch.shape[-1]))),
         "image_size": int(image_size or side * int(patch.shape[-1])),
     }
+    check_architecture(arch, origin)
     if arch["embed_dim"] % arch["num_heads"]:
         raise ValueError(f"{where}width {arch['embed_dim']} is not divisible by num_heads={arch['num_heads']}")
     return arch
+
+
+def check_architecture(fields: dict[str, Any], origin: str = "") -> None:
+    """Refuse architecture fields outside :data:`msn.architectures.ARCHITECTURE_LIMITS` before
+    anything is built (a file's stated ``depth: 400`` would otherwise cost minutes and gigabytes).
+
+    Raises:
+        ValueError: one line naming the file and the first field out of range.
+    """
+    bad = out_of_range(fields)
+    if bad is not None:
+        raise ValueError(f"{origin + ': ' if origin else ''}architecture out of range: {bad}; refused before building the model")
+
+
+def configured_architecture(cfg: MSNConfig) -> dict[str, Any]:
+    """The architecture fields a training config asks for (what :func:`check_architecture` bounds)."""
+    model = cfg.model
+    dims = ARCHITECTURES.get(model.arch, {})
+    return {"embed_dim": model.embed_dim or dims.get("embed_dim"), "depth": model.depth or dims.get("depth"),
+            "num_heads": model.num_heads or dims.get("num_heads"), "mlp_ratio": model.mlp_ratio,
+            "patch_size": model.patch_size, "image_size": cfg.data.views.rand_size,
+            "hidden_dim": cfg.head.hidden_dim, "output_dim": cfg.head.output_dim,
+            "num_prototypes": cfg.loss.num_prototypes}
 
 
 def build_backbone(arch: dict[str, Any], attention: str = "sdpa") -> MSNViT:

@@ -22,8 +22,9 @@ _UNREAD = object()
 class Probe:
     """A path whose format is being identified; each part of it is read at most once."""
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, trust_pickle: bool = False):
         self.path = os.fspath(path)
+        self.trust_pickle = trust_pickle  #: unpickle in full (docs/security.md); off: tensors and plain data only
         self.location = Path(self.path)
         self.is_folder = self.location.is_dir()
         self._json: dict[str, dict[str, Any] | None] = {}
@@ -40,7 +41,8 @@ class Probe:
     def contents(self) -> Any:
         """The file's object: a tensor dict (``.safetensors``) or what ``torch.load`` returns."""
         if self._contents is _UNREAD:
-            self._contents = read_tensors(self.path) if self.path.endswith(".safetensors") else torch_load(self.path)
+            self._contents = (read_tensors(self.path) if self.path.endswith(".safetensors")
+                              else torch_load(self.path, self.trust_pickle))
         return self._contents
 
     def tensors(self) -> dict[str, Any] | None:

@@ -102,7 +102,7 @@ def read(probe: Probe) -> WeightsSource:
         "patch_size": square_side(config.get("patch_size", 16)),
     }
     processor = probe.json(PREPROCESSOR) or {}
-    source = read_state(read_model_weights(folder), path)
+    source = read_state(read_model_weights(folder, probe.trust_pickle), path)
     source.arch, source.image_size = arch, square_side(config.get("image_size", 224))
     source.mean = tuple(processor.get("image_mean", IMAGENET_MEAN))
     source.std = tuple(processor.get("image_std", IMAGENET_STD))

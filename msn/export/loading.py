@@ -17,7 +17,8 @@ from torch import nn
 
 from msn.export.common import (IMAGENET_MEAN, IMAGENET_STD, EncoderWeights, InitWeights, LoadedBackbone,
                                WeightsMismatchError, WeightsSource, build_backbone, describe_backbone, first_keys,
-                               head_dims, infer_architecture, load_strict)
+                               check_architecture, configured_architecture, head_dims, infer_architecture,
+                               load_strict)
 from msn.export.formats import FORMATS, Probe
 from msn.export.native import CHECKPOINT
 from msn.models import MSNNetwork, ProjectionHead, build_network
@@ -25,14 +26,15 @@ from msn.models import MSNNetwork, ProjectionHead, build_network
 Tensor = torch.Tensor
 
 
-def read_source(path: str | os.PathLike) -> WeightsSource:
-    """Read any supported path into our names (no model is built yet).
+def read_source(path: str | os.PathLike, trust_pickle: bool = False) -> WeightsSource:
+    """Read any supported path into our names (no model is built yet). Torch files are read as
+    tensors and plain containers only, unless ``trust_pickle`` (docs/security.md).
 
     Raises:
         FileNotFoundError: no such path.
         ValueError: a path of no known format; the message lists what each format looks for.
     """
-    probe = Probe(path)
+    probe = Probe(path, trust_pickle)
     if not probe.is_folder and not probe.location.is_file():
         raise FileNotFoundError(f"{probe.path}: no such file or folder")
     for fmt in FORMATS.values():
@@ -69,7 +71,8 @@ def _pick(source: WeightsSource, which: str) -> tuple[EncoderWeights, str]:
     raise ValueError(f"{source.path}: holds no {which} encoder (it has: {have}); choose which={have.split(', ')[0]}")
 
 
-def load_backbone(path: str | os.PathLike, which: str = "target", *, num_heads: int | None = None) -> LoadedBackbone:
+def load_backbone(path: str | os.PathLike, which: str = "target", *, num_heads: int | None = None,
+                  trust_pickle: bool = False) -> LoadedBackbone:
     """Load a backbone (and its head and prototypes when present) from any format in the table.
 
     Args:
@@ -80,15 +83,18 @@ def load_backbone(path: str | os.PathLike, which: str = "target", *, num_heads: 
             Sources that hold a single encoder of unrecorded role return it for either value.
         num_heads: attention heads when the source has no config and its width is not in
             :data:`msn.architectures.HEADS_BY_WIDTH`.
+        trust_pickle: unpickle torch files in full, which can run code they carry; only for a
+            file whose source you trust (docs/security.md). Off: tensors and plain data only.
 
     Raises:
         WeightsMismatchError: one line naming the first key that does not fit, and the shapes.
     """
-    source = read_source(path)
+    source = read_source(path, trust_pickle)
     encoder, role = _pick(source, which)
     label = f"{source.path} ({role} encoder)" if role != "single" else source.path
     cfg = source.config
     if cfg is not None and source.format == CHECKPOINT:
+        check_architecture(configured_architecture(cfg), source.path)
         network = build_network(cfg.model, cfg.head, cfg.data.views.rand_size)
         load_strict(network.backbone.vit, encoder.backbone, encoder.origin, label)
         if encoder.head is None:
@@ -119,15 +125,16 @@ def load_backbone(path: str | os.PathLike, which: str = "target", *, num_heads: 
                           config=cfg, source=info)
 
 
-def load_init_weights(path: str | os.PathLike) -> InitWeights:
+def load_init_weights(path: str | os.PathLike, trust_pickle: bool = False) -> InitWeights:
     """Weights for ``init_from=PATH``: any source :func:`load_backbone` reads.
 
     The online network gets the source's online encoder (``encoder``) when it has one, else
     its only / target encoder; ``target_state`` is set only when the source holds a separate
     target encoder (our training checkpoints, the reference's full checkpoints). Nothing is
-    built or checked here: :func:`apply_init` loads strictly into your modules.
+    built or checked here: :func:`apply_init` loads strictly into your modules. ``trust_pickle``
+    as for :func:`load_backbone`.
     """
-    source = read_source(path)
+    source = read_source(path, trust_pickle)
     encoders = source.encoders
     online = encoders.get("online") or encoders.get("single") or encoders.get("target")
     assert online is not None

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from msn.export.common import LoadedBackbone, describe_backbone
+from msn.files import write_text
 
 CARD = "README.md"
 #: The ``schema`` of the low-shot evaluator's ``results.json`` (written by msn/eval/report.py).
@@ -29,7 +30,7 @@ def _recipe(loaded: LoadedBackbone) -> list[str]:
     cfg = loaded.config
     if cfg is None:
         return ["- Pre-training recipe: not recorded in the source (a weights file without our config)."]
-    data = cfg.data.name + (f" ({cfg.data.root})" if cfg.data.root and not os.path.isabs(cfg.data.root) else "")
+    data = cfg.data.name  # never its root: a card is shared, the path is this machine's
     subset = f", first {cfg.data.subset} images" if cfg.data.subset else ""
     return [
         f"- Data: {data}{subset}, labels unused.",
@@ -150,6 +151,4 @@ def model_card(loaded: LoadedBackbone, labels: Sequence[str] | None = None,
 def write_model_card(loaded: LoadedBackbone, output: str | os.PathLike, labels: Sequence[str] | None = None,
                      lowshot: Sequence[dict[str, Any]] | None = None) -> Path:
     """Write ``README.md`` into the export folder; returns its path."""
-    path = Path(output) / CARD
-    path.write_text(model_card(loaded, labels, lowshot), encoding="utf-8")
-    return path
+    return write_text(Path(output) / CARD, model_card(loaded, labels, lowshot))

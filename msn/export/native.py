@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from msn import checkpoint
-from msn.config import from_dict, to_dict
+from msn.config import from_dict, shareable_dict
 from msn.export import names
 from msn.export.common import (EXPORT_INFO, IMAGENET_MEAN, IMAGENET_STD, EncoderWeights, LoadedBackbone,
                                WeightsSource, as_tensor, describe_backbone, parse_wrapped, read_json, read_tensors,
@@ -89,10 +89,10 @@ def read_checkpoint(probe: Probe) -> WeightsSource:
     """Both encoders, the prototypes and the config of a training checkpoint."""
     if probe.is_folder:
         file = run_checkpoint(probe.location)
-        path, contents = os.fspath(file), torch_load(os.fspath(file))
+        path, contents = os.fspath(file), torch_load(os.fspath(file), probe.trust_pickle)
     else:
         path, contents = probe.path, probe.contents()
-    cfg = from_dict(contents["config"])
+    cfg = from_dict(contents.get("config"), where=f"{path}: config")
     encoders = {role: parse_wrapped(contents[key], parse_network_state)
                 for role, key in (("online", "encoder"), ("target", "target_encoder"))}
     views = cfg.data.views
@@ -186,7 +186,7 @@ def export_info(loaded: LoadedBackbone, fmt: str, files: list[str], output: str 
     known, the evaluation preprocessing and the recommended feature.
     """
     source = loaded.source
-    cfg = to_dict(loaded.config) if loaded.config is not None else None
+    cfg = shareable_dict(loaded.config) if loaded.config is not None else None
     info = {
         "msn_export_version": EXPORT_VERSION,
         "format": fmt,
@@ -219,7 +219,7 @@ def apply_export_info(source: WeightsSource, folder: Path) -> WeightsSource:
     if info.get("which") in ("target", "online") and "single" in source.encoders:
         source.encoders = {info["which"]: source.encoders.pop("single")}
     if info.get("config"):
-        source.config = from_dict(info["config"])
+        source.config = from_dict(info["config"], where=f"{info_path}: config")
     prep = info.get("preprocessing") or {}
     source.mean = tuple(prep.get("mean", source.mean or IMAGENET_MEAN))
     source.std = tuple(prep.get("std", source.std or IMAGENET_STD))

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from msn.files import write_with
 from msn.export.common import EXPORT_INFO, LoadedBackbone, WeightsSource, read_json, write_json
 from msn.export.native import export_info
 from msn.models import MSNViT
@@ -52,9 +53,9 @@ def export_onnx(loaded: LoadedBackbone, output: str | os.PathLike) -> list[Path]
     example = torch.zeros(2, 3, loaded.image_size, loaded.image_size)
     batch = torch.export.Dim("batch", min=1)
     with torch.no_grad():
-        torch.onnx.export(model, (example,), str(output / GRAPH), dynamo=True, opset_version=OPSET,
-                          input_names=["pixel_values"], output_names=["features"],
-                          dynamic_shapes={"pixel_values": {0: batch}}, verbose=False)
+        write_with(output / GRAPH, lambda name: torch.onnx.export(
+            model, (example,), name, dynamo=True, opset_version=OPSET, input_names=["pixel_values"],
+            output_names=["features"], dynamic_shapes={"pixel_values": {0: batch}}, verbose=False))
     files = [output / GRAPH]
     info = export_info(loaded, ONNX, [GRAPH, EXPORT_INFO], output,
                        {"onnx": {"input": "pixel_values", "output": "features", "opset": OPSET,

@@ -106,7 +106,7 @@ def read(probe: Probe) -> WeightsSource:
     image_size = square_side(model_args["img_size"]) if "img_size" in model_args else None
     if image_size is None and pretrained_cfg.get("input_size"):
         image_size = int(pretrained_cfg["input_size"][-1])
-    source = read_state(read_model_weights(probe.location), probe.path)
+    source = read_state(read_model_weights(probe.location, probe.trust_pickle), probe.path)
     source.arch, source.image_size = arch, image_size
     source.mean = tuple(pretrained_cfg.get("mean", IMAGENET_MEAN))
     source.std = tuple(pretrained_cfg.get("std", IMAGENET_STD))

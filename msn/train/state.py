@@ -18,16 +18,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from msn import checkpoint, distributed
+from msn import checkpoint, distributed, files
 from msn.config import ConfigError, MSNConfig, to_dict
 from msn.logging import METRICS_FILE
+from msn.safe_load import UnsafePickleError
 from msn.train import sharding
 
 log = logging.getLogger(__name__)
 
 #: Config keys that may change between a run and its resumption without a warning.
 RESUMABLE_CHANGES = {"train.max_steps", "train.progress", "train.log_every", "resume", "logging.wandb",
-                     "data.num_workers"}
+                     "data.num_workers", "trust_pickle"}
 
 
 def rank_seed(seed: int, rank: int) -> int:
@@ -43,9 +44,19 @@ def seed_everything(seed: int) -> None:
 
 
 def rng_state(device: torch.device) -> dict[str, Any]:
-    """The global generators' states (and the CUDA one of ``device``)."""
+    """The global generators' states (and the CUDA one of ``device``), as tensors and plain
+    values only, so that ``weights_only`` loading reads them back (docs/security.md)."""
     cuda = [torch.cuda.get_rng_state(device)] if device.type == "cuda" else []
-    return {"torch": torch.get_rng_state(), "cuda": cuda, "numpy": np.random.get_state(), "python": random.getstate()}
+    name, keys, position, has_gauss, cached = np.random.get_state()
+    numpy_state = [str(name), torch.from_numpy(keys.astype(np.int64)), int(position), int(has_gauss), float(cached)]
+    return {"torch": torch.get_rng_state(), "cuda": cuda, "numpy": numpy_state, "python": random.getstate()}
+
+
+def _numpy_state(saved: Any) -> tuple:
+    """``np.random.set_state``'s tuple from :func:`rng_state`'s list (or a version-1 tuple)."""
+    name, keys, position, has_gauss, cached = saved
+    keys = keys.numpy() if isinstance(keys, torch.Tensor) else np.asarray(keys)
+    return str(name), keys.astype(np.uint32), int(position), int(has_gauss), float(cached)
 
 
 def set_rng_state(rng: dict[str, Any], device: torch.device) -> None:
@@ -57,7 +68,7 @@ def set_rng_state(rng: dict[str, Any], device: torch.device) -> None:
         index = device.index or 0
         torch.cuda.set_rng_state(cuda[0] if len(cuda) == 1 else cuda[min(index, len(cuda) - 1)], device)
     if "numpy" in rng:
-        np.random.set_state(rng["numpy"])
+        np.random.set_state(_numpy_state(rng["numpy"]))
     if "python" in rng:
         random.setstate(rng["python"])
 
@@ -102,12 +113,15 @@ def holds_run(output_dir: str | os.PathLike) -> Path | None:
     return None
 
 
-def find_resume_state(resume: str, output_dir: str | os.PathLike, device: torch.device) -> tuple[Path, dict] | None:
+def find_resume_state(resume: str, output_dir: str | os.PathLike, device: torch.device,
+                      trust_pickle: bool = False) -> tuple[Path, dict] | None:
     """The checkpoint ``resume`` asks for, loaded, or ``None`` for a fresh start.
 
     ``never`` refuses a directory that already holds a run (nothing there is overwritten);
     ``auto`` takes ``latest.pt`` and, when that file is unreadable, the newest readable
-    ``epoch_XXXX.pt`` with a warning; a path must be a readable checkpoint.
+    ``epoch_XXXX.pt`` with a warning; a path must be a readable checkpoint. Checkpoints are
+    read as tensors and plain data only, unless ``trust_pickle`` (docs/security.md): a file
+    that needs more is refused, never skipped for an older one.
 
     Raises:
         ConfigError: one line naming the directory or file at fault.
@@ -120,7 +134,7 @@ def find_resume_state(resume: str, output_dir: str | os.PathLike, device: torch.
         return None
     if resume != "auto":
         try:
-            return Path(resume), checkpoint.load_checkpoint(resume, map_location=device)
+            return Path(resume), checkpoint.load_checkpoint(resume, map_location=device, trust_pickle=trust_pickle)
         except (ValueError, FileNotFoundError) as error:
             raise ConfigError(f"resume: {error}") from None
     latest = checkpoint.find_latest(output_dir)
@@ -128,7 +142,9 @@ def find_resume_state(resume: str, output_dir: str | os.PathLike, device: torch.
     failures = []
     for path in candidates:
         try:
-            state = checkpoint.load_checkpoint(path, map_location=device)
+            state = checkpoint.load_checkpoint(path, map_location=device, trust_pickle=trust_pickle)
+        except UnsafePickleError as error:
+            raise ConfigError(f"resume: {error}") from None
         except ValueError as error:
             failures.append(str(error))
             continue
@@ -187,13 +203,41 @@ def _shown(value: Any) -> str:
     return "unset" if value is None else repr(value)
 
 
+def _refuse_link(path: Path) -> None:
+    if path.is_symlink():
+        raise ConfigError(f"{path}: is a symbolic link; a run folder's files are never written through links "
+                          f"(remove it, or choose another output_dir)")
+
+
+def _logged_step(line: str) -> int:
+    """The ``step`` of a metrics line (0 for a line that is not a record: it is kept)."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return 0
+    return int(record.get("step", 0)) if isinstance(record, dict) and isinstance(record.get("step", 0), int) else 0
+
+
 def truncate_metrics(path: Path, step: int) -> None:
-    """Drop records logged after ``step`` (written after the checkpoint we resume from)."""
+    """Drop records logged after ``step``: the resumed run wrote them after the checkpoint it
+    continues from, and will log those steps again (written as a new file, then renamed)."""
+    _refuse_link(path)
     if not path.is_file():
         return
     with open(path, encoding="utf-8") as stream:
-        lines = [line for line in stream if line.strip() and json.loads(line).get("step", 0) <= step]
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w", encoding="utf-8") as stream:
-        stream.writelines(lines)
-    os.replace(tmp, path)
+        lines = [line for line in stream if line.strip() and _logged_step(line) <= step]
+    files.write_text(path, "".join(lines), sync=True)
+
+
+def set_aside_metrics(path: Path) -> Path | None:
+    """On a fresh start, move a ``metrics.jsonl`` left in the folder (a run killed before its
+    first checkpoint, or any file of that name) to ``metrics.jsonl.N.old`` rather than
+    deleting any of it; returns the new name, or None when there was nothing to move."""
+    _refuse_link(path)
+    if not path.is_file() or path.stat().st_size == 0:
+        return None
+    number = 1
+    while (aside := path.with_name(f"{path.name}.{number}.old")).exists() or aside.is_symlink():
+        number += 1
+    os.rename(path, aside)
+    return aside

@@ -24,7 +24,7 @@ from typing import Any, Callable
 import torch
 from omegaconf import OmegaConf
 
-from msn import checkpoint, distributed
+from msn import checkpoint, distributed, files
 from msn.config import MSNConfig, to_dict
 from msn.data import build_dataset, build_multiview_data, build_sampler, build_train_loader, start_epoch
 from msn.logging import METRICS_FILE, MetricsLogger, progress_bar
@@ -129,13 +129,16 @@ class Trainer:
         """Apply ``resume`` (``auto``: ``checkpoints/latest.pt``, or the newest readable epoch copy,
         if present; ``never``: refuse a directory holding a run; or a path). Metrics logged
         after the resumed step (or, on a fresh start, by a run killed before its first
-        checkpoint) are dropped, so ``metrics.jsonl`` holds every step once."""
+        checkpoint) are set aside as ``metrics.jsonl.N.old``, so ``metrics.jsonl`` holds every
+        step once and nothing another run logged is lost."""
         # fsdp2: the full state stays in CPU memory, each rank moves only its shard to the device
         load_to = torch.device("cpu") if self.cfg.dist.strategy == "fsdp2" else self.device
-        found = train_state.find_resume_state(self.cfg.resume, self.output_dir, load_to)
+        found = train_state.find_resume_state(self.cfg.resume, self.output_dir, load_to, self.cfg.trust_pickle)
         if found is None:
-            if self.is_main:
-                train_state.truncate_metrics(self.output_dir / METRICS_FILE, 0)
+            aside = train_state.set_aside_metrics(self.output_dir / METRICS_FILE) if self.is_main else None
+            if aside is not None:
+                log.warning("fresh start: %s holds no checkpoint; its %s (a run stopped before its first checkpoint?) "
+                            "is kept as %s", self.output_dir, METRICS_FILE, aside.name)
             return None
         path, state = found
         changed = train_state.changed_keys(state.get("config", {}), to_dict(self.cfg))
@@ -198,7 +201,7 @@ class Trainer:
                 log.info("removed %s, left by an interrupted save", path.name)
         self.maybe_resume()  # before anything is written: resume=never may refuse the directory
         if self.is_main:
-            OmegaConf.save(OmegaConf.create(to_dict(cfg)), self.output_dir / "config.yaml")
+            files.write_text(self.output_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(to_dict(cfg))))
         lg = cfg.logging
         logger = MetricsLogger(self.output_dir, lg.wandb, to_dict(cfg), lg.project, lg.run_name or cfg.name,
                                enabled=self.is_main, run_id=self.wandb_run_id, entity=lg.entity, tags=lg.tags,
