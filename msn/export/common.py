@@ -305,6 +305,8 @@ def infer_architecture(backbone_state: dict[str, Tensor], num_heads: int | None 
     """
     known = dict(known or {})
     where = f"{origin}: " if origin else ""
+    check_architecture({**known, "num_heads": num_heads if num_heads is not None else known.get("num_heads"),
+                        "image_size": image_size}, origin)  # as stated, before any conversion
     for key in ("cls_token", "pos_embed", "patch_embed.proj.weight"):
         if key not in backbone_state:
             raise WeightsMismatchError(f"{where}missing key {key}: not a ViT backbone with a CLS token")
@@ -318,7 +320,8 @@ def infer_architecture(backbone_state: dict[str, Tensor], num_heads: int | None 
     side = math.isqrt(slots)
     if side * side != slots:
         raise WeightsMismatchError(f"{where}pos_embed: shape {_shape(backbone_state['pos_embed'])} is not 1 + a square number of patches")
-    heads = num_heads or known.get("num_heads") or HEADS_BY_WIDTH.get(embed_dim)
+    heads = next((value for value in (num_heads, known.get("num_heads"), HEADS_BY_WIDTH.get(embed_dim)) if value is not None),
+                 None)
     if heads is None:
         raise ValueError(f"{where}cannot infer the number of attention heads for width {embed_dim} "
                          f"(known widths: {HEADS_BY_WIDTH}); pass num_heads= (CLI: --num-heads)")
