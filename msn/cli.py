@@ -67,6 +67,26 @@ def _quiet_non_main_ranks(argv: list[str]) -> None:
         argv.append("hydra/job_logging=stdout")
 
 
+class RefuseLinkedOutputs:
+    """A Hydra callback (``hydra.callbacks`` of both packaged configs): before Hydra writes its
+    log file and ``.hydra/`` into the run folder (it opens them with ``open(..., "w")``, which
+    follows links), refuse the run in one line when one of those names is a symbolic link
+    (docs/security.md)."""
+
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:  # noqa: ARG002 - Hydra's signature
+        from omegaconf import OmegaConf
+
+        folder = Path(str(OmegaConf.select(config, "hydra.run.dir")))
+        subdir = OmegaConf.select(config, "hydra.output_subdir")
+        names = [f"{OmegaConf.select(config, 'hydra.job.name')}.log"]
+        if subdir:
+            names += [subdir, *(f"{subdir}/{name}" for name in ("config.yaml", "hydra.yaml", "overrides.yaml"))]
+        for name in names:
+            if (folder / name).is_symlink():
+                _fail(f"{folder / name}: is a symbolic link; a run folder's files are never written through links "
+                      f"(remove it, or choose another output_dir)")
+
+
 def eval_lowshot_main() -> None:
     """``msn-eval-lowshot`` (and ``python eval_lowshot.py``): the low-shot evaluation
     (docs/eval.md); a configuration error is one line ``error: <key>: <message>``, status 2."""

@@ -294,3 +294,21 @@ def test_weights_swapped_with_the_same_size_and_time_are_not_served_from_the_cac
     assert first["features_extracted"]["test"] > 0 and second["features_extracted"]["test"] > 0
     third = msn.lowshot(path, data="synthetic", shots=[1], overrides=overrides)
     assert third["features_extracted"]["test"] == 0  # the cache still serves unchanged weights
+
+
+@pytest.mark.parametrize("script,name", [("train.py", "train.log"), ("train.py", ".hydra/config.yaml"),
+                                         ("eval_lowshot.py", "eval_lowshot.log"), ("eval_lowshot.py", ".hydra/overrides.yaml")])
+def test_hydra_never_writes_its_log_or_config_through_a_planted_link(tmp_path, script, name):
+    out = tmp_path / "run"
+    victim = plant_link(out / name) if "/" not in name else None
+    if victim is None:
+        (out / ".hydra").mkdir(parents=True)
+        victim = tmp_path / "victim"
+        victim.write_text("precious\n")
+        (out / name).symlink_to(victim)
+    overrides = [*TINY_OVERRIDES, "train.max_steps=1"] if script == "train.py" else ["baseline=pixels", "data=synthetic"]
+    result = run_script(script, *overrides, f"output_dir={out}")
+    assert result.returncode == 2
+    assert last_line(result) == (f"error: {out / name}: is a symbolic link; a run folder's files are never written "
+                                 f"through links (remove it, or choose another output_dir)")
+    assert victim.read_text() == "precious\n"
