@@ -37,6 +37,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from msn import files  # noqa: E402
 from msn.eval import report  # noqa: E402
 from msn.logging import read_metrics  # noqa: E402
 from msn.plots import plot_runs  # noqa: E402
@@ -141,7 +142,7 @@ class Pipeline:
             if result.returncode != 0:
                 raise SystemExit(f"error: stage {stage!r} failed (exit {result.returncode}): {shown}")
             self.ledger[key] = {"command": "python " + shown, "seconds": time.perf_counter() - start, "stage": stage}
-            self.ledger_path.write_text(json.dumps(self.ledger, indent=2) + "\n")
+            files.write_text(self.ledger_path, json.dumps(self.ledger, indent=2) + "\n")
         self.commands.append({"key": key, "stage": stage, **self.ledger.get(key, {"command": "python " + shown,
                                                                                      "seconds": float("nan")})})
 
@@ -406,7 +407,7 @@ def write_report(path: Path, pipe: Pipeline, methods: list[tuple[str, dict]], gr
         lines.append(f"| {entry['stage']} | {entry['seconds']:.0f} | `{entry['command']}` |")
     lines.append("")
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines))
+    files.write_text(path, "\n".join(lines))
 
 
 def main(argv: list[str] | None = None) -> int:

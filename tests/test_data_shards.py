@@ -317,5 +317,5 @@ def test_corrupt_and_unreadable_samples_behave_like_the_folders_bad_images(tmp_p
     assert torch.equal(strict[0][0], folder[0][0])
     with open(shards.shard_paths[-1], "r+b") as f:  # a truncated shard is refused when opened
         f.truncate(600)
-    with pytest.raises(ValueError, match="shard-000002.tar: truncated"):
+    with pytest.raises(ValueError, match=r"index.json: shard 2 \(shard-000002.tar\), sample 000000008: .* truncated"):
         ShardedImages(tmp_path / "shards")

@@ -2,7 +2,11 @@
 
 * ``ImageFolderDataset``: any torchvision ImageFolder tree (ImageNet's ``train/`` or a user
   folder); unreadable files are skipped with one warning per file (``on_bad_image: skip``).
-* ``FashionMNISTDataset``: the idx files of Fashion-MNIST, read by torchvision's reader.
+  :func:`decode_rgb` refuses, from the header alone, an image of more than
+  :data:`MAX_IMAGE_PIXELS` pixels or a longer side over :data:`MAX_ASPECT_RATIO` times the
+  shorter (a small file must not cost gigabytes to decode or to resize).
+* ``FashionMNISTDataset``: the idx files of Fashion-MNIST, checked (magic number, sizes,
+  labels) and read by torchvision's reader.
 * ``SyntheticImages``: deterministic class-structured random images for tests.
 
 Data sets whose images all have one size expose ``image_size = (H, W)``; the batched
@@ -12,10 +16,11 @@ augmentation then crops whole batches at once.
 from __future__ import annotations
 
 import gzip
+import io
 import math
 import logging
 import os
-import shutil
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +30,7 @@ from torchvision.datasets import FashionMNIST, ImageFolder
 from torchvision.transforms.v2 import functional as TF
 
 from msn.data.transforms import min_decode_pixels
+from msn.files import write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +48,17 @@ FASHION_MNIST_CLASSES = (
 
 
 class BadImageError(RuntimeError):
-    """An image file could not be decoded."""
+    """An image file could not be decoded, or is refused (:func:`check_image_size`)."""
+
+
+#: The most pixels an image may have (8192 x 8192; decoded to RGB, 192 MiB). ImageNet's images
+#: (mostly under a megapixel) and camera photos (12-50 M) fit; PIL's own limits (89.5 M pixels
+#: warned, 178.9 M refused) let a 100 KB file cost gigabytes.
+MAX_IMAGE_PIXELS = 64 * 2**20
+#: The most the longer side may exceed the shorter by: a 10,000,000 x 1 PNG (10 KB) decodes
+#: to 30 MB, but resizing its short side to 256 px (the evaluation transform) would ask for
+#: 30 GB. Panoramas stay well under 32 : 1.
+MAX_ASPECT_RATIO = 32
 
 
 #: The EXIF tag of the orientation a camera stored the picture in (1: upright).
@@ -50,6 +66,23 @@ EXIF_ORIENTATION = 0x0112
 
 #: Matte under transparent pixels (``LA``, ``RGBA``, ``PA``, palettes with transparency).
 ALPHA_BACKGROUND = (255, 255, 255)
+
+_FLOAT_CHUNK = 2**20  # pixels of a 16-bit or float image scaled at once (8 MB of float64)
+
+
+def check_image_size(image: Image.Image, name) -> None:
+    """Refuse (:class:`BadImageError`) an opened, not yet decoded image whose header gives no
+    pixels, more than :data:`MAX_IMAGE_PIXELS`, or sides further apart than
+    :data:`MAX_ASPECT_RATIO`; ``name`` is what the message calls it."""
+    width, height = image.size
+    if width < 1 or height < 1:
+        raise BadImageError(f"{name}: refused: the image is empty ({width}x{height} pixels)")
+    if width * height > MAX_IMAGE_PIXELS:
+        raise BadImageError(f"{name}: refused: {width}x{height} is {width * height} pixels, more than "
+                            f"MAX_IMAGE_PIXELS={MAX_IMAGE_PIXELS}")
+    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        raise BadImageError(f"{name}: refused: {width}x{height} has sides more than "
+                            f"MAX_ASPECT_RATIO={MAX_ASPECT_RATIO} times apart")
 
 
 def to_rgb8(image: Image.Image) -> Image.Image:
@@ -66,12 +99,17 @@ def to_rgb8(image: Image.Image) -> Image.Image:
     if image.getexif().get(EXIF_ORIENTATION, 1) != 1:  # (exif_transpose copies even an upright image)
         image = ImageOps.exif_transpose(image)
     if image.mode.startswith("I") or image.mode == "F":
-        values = np.asarray(image, dtype=np.float64)
+        values = np.asarray(image)  # uint16, int32 or float32
+        peak = float(values.max()) if values.size else 0.0
         if image.mode == "F":
-            scale = 255.0 if values.size and values.max() <= 1.0 else 1.0
+            scale = 255.0 if values.size and peak <= 1.0 else 1.0
         else:
-            scale = 255.0 / max(65535.0, float(values.max()) if values.size else 0.0)
-        grey = np.clip(np.rint(values * scale), 0, 255).astype(np.uint8)
+            scale = 255.0 / max(65535.0, peak)
+        grey = np.empty(values.shape, dtype=np.uint8)
+        rows = max(1, _FLOAT_CHUNK // max(1, values.shape[1]))  # float64 a few MB at a time
+        for top in range(0, values.shape[0], rows):
+            part = values[top: top + rows].astype(np.float64)
+            grey[top: top + rows] = np.clip(np.rint(part * scale), 0, 255)
         return Image.fromarray(grey, mode="L").convert("RGB")
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
@@ -90,14 +128,22 @@ def decode_rgb(path, min_pixels: int | None = None, name: str | None = None) -> 
         min_pixels: when given, a JPEG is decoded at a reduced size (:func:`reduce_on_decode`)
             that keeps at least this many pixels.
         name: what an error message calls the image (default: ``path``).
+
+    Raises:
+        BadImageError: an unreadable file, or one :func:`check_image_size` refuses from its
+            header, before any pixel is decoded.
     """
     try:
-        with Image.open(path) as image:
+        with Image.open(path) as image:  # reads the header only
+            check_image_size(image, name or path)
             if min_pixels:
                 reduce_on_decode(image, min_pixels)
             return TF.pil_to_tensor(to_rgb8(image))
+    except BadImageError:
+        raise
     except Exception as error:  # noqa: BLE001 - any decoder failure means an unreadable file
-        raise BadImageError(f"{name or path}: cannot decode image ({type(error).__name__}: {error})") from None
+        reason = " ".join(str(error).split())  # one line
+        raise BadImageError(f"{name or path}: cannot decode image ({type(error).__name__}: {reason})") from None
 
 
 def reduce_on_decode(image: Image.Image, min_pixels: int) -> int:
@@ -156,16 +202,55 @@ def _cache_root() -> Path:
     return Path(os.environ.get("MSN_CACHE_DIR", Path.home() / ".cache" / "msn"))
 
 
+def _idx_layout(name: str) -> tuple[int, tuple[int, ...]]:
+    """The magic number and dimensions of Fashion-MNIST's idx file ``name``."""
+    count = 60000 if name.startswith("train") else 10000
+    return (2051, (count, 28, 28)) if "images" in name else (2049, (count,))
+
+
+def _idx_problem(name: str, stream) -> str | None:
+    """What is wrong with the open binary ``stream`` as Fashion-MNIST's idx file ``name``
+    (magic number, dimensions, exact size, labels in 0-9), or ``None``."""
+    magic, dims = _idx_layout(name)
+    header_size, body_size = 4 * (1 + len(dims)), math.prod(dims)
+    header = stream.read(header_size)
+    if len(header) < header_size:
+        return f"{len(header)} bytes, shorter than its header"
+    found = struct.unpack(f">{1 + len(dims)}I", header)
+    if found[0] != magic:
+        return f"magic number {found[0]}, not {magic}"
+    if found[1:] != dims:
+        return f"dimensions {'x'.join(map(str, found[1:]))}, not {'x'.join(map(str, dims))}"
+    if len(dims) == 1:
+        body = stream.read(body_size + 1)
+        size = header_size + len(body)
+        if size == header_size + body_size and max(body) > 9:
+            return f"label {max(body)} outside 0-9"
+    else:
+        size = stream.seek(0, os.SEEK_END)
+    if size != header_size + body_size:
+        return f"{size} bytes, not {header_size + body_size}"
+    return None
+
+
 def prepare_fashion_mnist(root: str | None = None) -> Path:
     """Return a folder laid out as torchvision expects (``FashionMNIST/raw/*-ubyte``).
 
     ``root`` may already be in that layout, or hold the four idx files, plain or gzipped
     (the Debian package ``dataset-fashion-mnist`` installs gzipped files in
     ``/usr/share/datasets/fashion-mnist``); gzipped files are decompressed once into
-    ``$MSN_CACHE_DIR`` (default ``~/.cache/msn``).
+    ``$MSN_CACHE_DIR`` (default ``~/.cache/msn``). Every file is checked first (magic number,
+    dimensions, exact size, labels in 0-9): a bad cached file is rebuilt from ``root``, a bad
+    file in ``root`` is refused (``ValueError``, one line naming it).
     """
     root_path = Path(root or FASHION_MNIST_ROOT)
-    if all((root_path / "FashionMNIST" / "raw" / name).is_file() for name in FASHION_MNIST_FILES):
+    laid_out = root_path / "FashionMNIST" / "raw"
+    if all((laid_out / name).is_file() for name in FASHION_MNIST_FILES):
+        for name in FASHION_MNIST_FILES:
+            with open(laid_out / name, "rb") as stream:
+                problem = _idx_problem(name, stream)
+            if problem:
+                raise ValueError(f"{laid_out / name}: not Fashion-MNIST's {name} ({problem})")
         return root_path
     if not root_path.is_dir():
         raise FileNotFoundError(
@@ -175,16 +260,28 @@ def prepare_fashion_mnist(root: str | None = None) -> Path:
     target = _cache_root() / "fashion-mnist" / "FashionMNIST" / "raw"
     for name in FASHION_MNIST_FILES:
         out = target / name
+        problem = "missing"
         if out.is_file():
-            continue
+            with open(out, "rb") as stream:
+                problem = _idx_problem(name, stream)
+            if problem is None:
+                continue
         plain, packed = root_path / name, root_path / f"{name}.gz"
         if not plain.is_file() and not packed.is_file():
+            if problem != "missing":
+                raise FileNotFoundError(f"{out}: cached Fashion-MNIST file is bad ({problem}) and {root_path} has "
+                                        f"neither {name} nor {name}.gz to rebuild it from")
             raise FileNotFoundError(f"data.root: {root_path} has neither {name} nor {name}.gz")
-        target.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(".tmp")
-        with (gzip.open(packed, "rb") if packed.is_file() else open(plain, "rb")) as src, open(tmp, "wb") as dst:
-            shutil.copyfileobj(src, dst)
-        os.replace(tmp, out)
+        if problem != "missing":
+            log.warning("%s: rebuilding a bad cached Fashion-MNIST file (%s)", out, problem)
+        source = packed if packed.is_file() else plain
+        magic, dims = _idx_layout(name)
+        with (gzip.open(source, "rb") if source == packed else open(source, "rb")) as stream:
+            data = stream.read(4 * (1 + len(dims)) + math.prod(dims) + 1)  # at most one byte too many
+        problem = _idx_problem(name, io.BytesIO(data))
+        if problem:
+            raise ValueError(f"{source}: not Fashion-MNIST's {name} ({problem})")
+        write_bytes(out, data, sync=True)
     return target.parent.parent
 
 

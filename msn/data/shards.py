@@ -8,7 +8,18 @@ file) and ``<key>.cls`` (its class index as text), with ``key = f"{i:09d}"``.
 label, original path and the byte offset and size of its image inside the tar, so that a
 reader gets an image with one ``pread`` and never parses tar headers.
 
-* :func:`write_shards` (the command ``msn-shards write SRC DST``) writes them.
+* :func:`write_shards` (the command ``msn-shards write SRC DST``) writes them. A source file
+  that is a symbolic link resolving outside ``SRC`` (or lies in a linked folder outside it),
+  is not a regular file, is over :data:`MAX_SAMPLE_BYTES`, or that PIL cannot open and
+  verify as an image, is not copied: it is skipped with one warning naming it, its sample
+  keeps its place and label with an empty image (read as an unreadable image), and the
+  command reports how many were skipped. ``--overwrite`` deletes only what this project
+  wrote there: the shards the folder's ``index.json`` names and :mod:`msn.files`
+  temporaries.
+* :func:`read_index` checks the whole index when a data set opens (plain shard names inside
+  the folder, offsets and sizes within the shard and :data:`MAX_SAMPLE_BYTES`, labels within
+  the classes, keys and counts consistent): a bad index is a :class:`ShardError` naming the
+  index file, the shard and the sample.
 * :class:`ShardedImages` reads them: the same ``(uint8 [3, H, W] or None, label)`` items as
   :class:`~msn.data.datasets.ImageFolderDataset` over the source folder, decoded by the same
   function, with the same bad-image handling.
@@ -24,6 +35,7 @@ import io
 import json
 import logging
 import os
+import stat
 import sys
 import tarfile
 from collections import OrderedDict
@@ -33,17 +45,21 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset, Sampler
 
 from msn.data.datasets import BadImageError, ImageFolderDataset, decode_rgb
 from msn.data.loader import ResumableSampler, sample_seed
+from msn.files import atomic_write, remove_own_temporaries
 
 log = logging.getLogger(__name__)
 
 INDEX_FILE = "index.json"
 FORMAT, VERSION = "msn-shards", 1
 SHARD_PATTERN = "shard-{:06d}.tar"
-TMP_SUFFIX = ".tmp"
+#: The largest image file a shard holds (the writer skips larger files, the reader refuses an
+#: index with a larger entry): ImageNet's largest JPEG is a few MB.
+MAX_SAMPLE_BYTES = 256 * 2**20
 _BLOCK = 512  # tar block size
 
 
@@ -68,39 +84,94 @@ def _add_member(tar: tarfile.TarFile, raw, name: str, data: bytes) -> int:
     return raw.tell() - _padded(len(data))  # the data, then zero padding to a whole block
 
 
-def _write_atomic(path: Path, write) -> None:
-    """``write(file)`` to ``.<name>.tmp`` beside ``path``, flush it to disk, rename it to
-    ``path``; the temporary file is removed if anything fails (an interrupt included)."""
-    tmp = path.with_name(f".{path.name}{TMP_SUFFIX}")
+def _source_bytes(file: str, src: str) -> tuple[bytes, str | None]:
+    """The bytes of the source image ``file``, or ``(b"", why)`` when it is not copied: a
+    link resolving outside the resolved source folder ``src``, not a regular file, over
+    :data:`MAX_SAMPLE_BYTES`, or not an image PIL opens and verifies."""
+    real = os.path.realpath(file)
+    if os.path.commonpath([real, src]) != src:
+        return b"", f"resolves to {real}, outside {src} (a symbolic link)"
     try:
-        with open(tmp, "wb") as raw:
-            write(raw)
-            raw.flush()
-            os.fsync(raw.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+        handle = os.open(real, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    except OSError as error:
+        raise ShardError(f"{file}: cannot read ({error.strerror or error})") from None
+    with os.fdopen(handle, "rb") as stream:
+        info = os.fstat(handle)
+        if not stat.S_ISREG(info.st_mode):
+            return b"", "not a regular file"
+        if info.st_size > MAX_SAMPLE_BYTES:
+            return b"", f"{info.st_size} bytes, more than MAX_SAMPLE_BYTES={MAX_SAMPLE_BYTES}"
+        try:
+            data = stream.read(MAX_SAMPLE_BYTES + 1)
+        except OSError as error:
+            raise ShardError(f"{file}: cannot read ({error.strerror or error})") from None
+    if len(data) > MAX_SAMPLE_BYTES:
+        return b"", f"more than MAX_SAMPLE_BYTES={MAX_SAMPLE_BYTES} bytes"
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.verify()
+    except UnidentifiedImageError:
+        return b"", "not an image (PIL does not recognise the format)"
+    except Exception as error:  # noqa: BLE001 - whatever PIL cannot open is not an image
+        return b"", f"not an image ({type(error).__name__}: {' '.join(str(error).split())})"
+    return data, None
 
 
-def _own_files(dst: Path) -> list[Path]:
-    """What a previous write left in ``dst``: the index, shards and temporary files."""
-    return [p for p in dst.iterdir() if p.name == INDEX_FILE or (p.name.startswith("shard-") and p.suffix == ".tar")
-            or (p.name.startswith(".") and p.name.endswith(TMP_SUFFIX))]
+def _plain_name(name) -> bool:
+    """A file name with no folder part: not empty, ``.``, ``..`` or absolute, no separator."""
+    return (isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
+            and "\0" not in name and os.path.basename(name) == name and not os.path.isabs(name))
+
+
+def _previous_shards(dst: Path) -> list[Path]:
+    """The shard files the ``index.json`` of ``dst`` names (none without an index).
+
+    Raises:
+        ShardError: an ``index.json`` that is not an msn-shards index, or names a file that
+            is not a plain name in ``dst`` (nothing is deleted then).
+    """
+    path = dst / INDEX_FILE
+    if not os.path.lexists(path):
+        return []
+    try:
+        index = _load_index(path)
+    except ShardError as error:
+        raise ShardError(f"{error}; nothing deleted (--overwrite replaces only a folder of msn-shards)") from None
+    shards = index.get("shards")
+    if not isinstance(shards, list) or not all(isinstance(entry, dict) for entry in shards):
+        raise ShardError(f"{path}: not an {FORMAT} index (no list of shards); nothing deleted")
+    for number, entry in enumerate(shards):
+        if not _plain_name(entry.get("file")):
+            raise ShardError(f"{path}: shard {number}: file {_show(entry.get('file'))} is not a plain file name; "
+                             "nothing deleted")
+    return [dst / entry["file"] for entry in shards]
+
+
+def _clear(dst: Path) -> None:
+    """``--overwrite``: delete the index of ``dst`` (first: a half-cleared folder never looks
+    complete), the shards it names and :mod:`msn.files` temporaries; links are removed, not
+    followed; other files stay."""
+    shards = _previous_shards(dst)
+    (dst / INDEX_FILE).unlink(missing_ok=True)
+    for path in shards:
+        if path.is_symlink() or path.is_file():
+            path.unlink(missing_ok=True)
+    remove_own_temporaries(dst)
 
 
 def _write_shard(path: Path, src: Path, samples, first: int, stop: int, bar) -> dict:
     """Shard ``path`` of ``samples[first:stop]`` (atomically); returns its index entry."""
     entry = {"file": path.name, "num_samples": stop - first, "first": first,
              "keys": [], "labels": [], "offsets": [], "sizes": [], "paths": []}
+    src_real = os.path.realpath(src)
 
     def write(raw):
         with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
             for index in range(first, stop):
                 file, label = samples[index]
-                try:
-                    data = Path(file).read_bytes()
-                except OSError as error:
-                    raise ShardError(f"{file}: cannot read ({error.strerror or error})") from None
+                data, refused = _source_bytes(file, src_real)
+                if refused:
+                    log.warning("%s: not copied: %s", file, refused)
                 key, ext = _key(index), Path(file).suffix.lower().lstrip(".") or "bin"
                 entry["offsets"].append(_add_member(tar, raw, f"{key}.{ext}", data))
                 _add_member(tar, raw, f"{key}.cls", str(label).encode("ascii"))
@@ -111,7 +182,7 @@ def _write_shard(path: Path, src: Path, samples, first: int, stop: int, bar) -> 
                 bar.update(1)
         entry["bytes"] = raw.tell()
 
-    _write_atomic(path, write)
+    atomic_write(path, write)
     return entry
 
 
@@ -121,20 +192,24 @@ def write_shards(src, dst, samples_per_shard: int = 1000, overwrite: bool = Fals
 
     Samples keep :class:`~msn.data.datasets.ImageFolderDataset`'s order (torchvision's sorted
     classes, then sorted files): sample ``i`` of the shards is image ``i`` of the folder. File
-    bytes are copied unchanged (an unreadable image stays unreadable, and is skipped or
-    refused when read, as in the folder). Each shard, then ``index.json``, is written to a
-    temporary file and renamed, so ``dst`` only holds an index once every shard is complete.
+    bytes are copied unchanged; a file that is a link out of ``src`` or not an image is not
+    copied (warned; its sample is left empty, so it reads as an unreadable image, as the
+    non-image does in the folder). Each shard, then ``index.json``, is written to a
+    :func:`msn.files.atomic_write` temporary and renamed, so ``dst`` only holds an index once
+    every shard is complete.
 
     Args:
-        overwrite: replace the index and shards of a non-empty ``dst`` (other files stay);
-            otherwise a non-empty ``dst`` is refused.
+        overwrite: for a non-empty ``dst``, delete its index, the shards that index names
+            and this project's temporaries (other files stay); otherwise a non-empty
+            ``dst`` is refused.
         workers: shards written at once, by threads (reading and writing are I/O-bound).
 
     Returns:
-        The index written.
+        The index written (a skipped file's sample has size 0).
 
     Raises:
-        ShardError: a missing or empty ``src``, a non-empty ``dst``, an unreadable file.
+        ShardError: a missing or empty ``src``, a non-empty ``dst``, an unreadable file, an
+            ``index.json`` in ``dst`` that ``overwrite`` cannot trust.
     """
     src, dst = Path(src), Path(dst)
     if samples_per_shard < 1:
@@ -150,9 +225,7 @@ def write_shards(src, dst, samples_per_shard: int = 1000, overwrite: bool = Fals
     if dst.is_dir() and any(dst.iterdir()):
         if not overwrite:
             raise ShardError(f"{dst}: folder is not empty (pass --overwrite to replace its shards)")
-        (dst / INDEX_FILE).unlink(missing_ok=True)  # first: a half-rewritten folder never looks complete
-        for path in _own_files(dst):
-            path.unlink()
+        _clear(dst)
     try:
         dst.mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -173,44 +246,131 @@ def write_shards(src, dst, samples_per_shard: int = 1000, overwrite: bool = Fals
             raise
     index = {"format": FORMAT, "version": VERSION, "num_samples": len(samples), "classes": list(folder.classes),
              "samples_per_shard": samples_per_shard, "shards": shards}
-    _write_atomic(dst / INDEX_FILE, lambda raw: raw.write(json.dumps(index, separators=(",", ":")).encode()))
+    atomic_write(dst / INDEX_FILE, lambda raw: raw.write(json.dumps(index, separators=(",", ":")).encode()))
     return index
 
 
 # ---------------------------------------------------------------------------------- reading
+def _show(value) -> str:
+    """``repr(value)`` cut to 60 characters, for one-line messages."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _load_index(path: Path) -> dict:
+    """The parsed ``index.json`` at ``path``, if it is of this format and version."""
+    try:
+        index = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as error:
+        raise ShardError(f"{path}: unreadable shard index ({str(error).splitlines()[0]})") from None
+    if not isinstance(index, dict) or index.get("format") != FORMAT:
+        raise ShardError(f"{path}: not an {FORMAT} index")
+    version = index.get("version")
+    if type(version) is not int or not 1 <= version <= VERSION:
+        raise ShardError(f"{path}: index version {_show(version)} is not one this reader knows (1 to {VERSION})")
+    return index
+
+
+def _integers(values: list) -> np.ndarray | None:
+    """``values`` as int64 when every one is an integer that fits, else ``None``."""
+    if not values:
+        return np.zeros(0, dtype=np.int64)
+    try:
+        array = np.array(values)
+    except (ValueError, OverflowError):  # ragged nesting
+        return None
+    return array if array.ndim == 1 and array.dtype == np.int64 else None  # not bools, floats, >= 2**63
+
+
+def _check_shard(path: Path, root: Path, number: int, entry, first: int, num_classes: int, seen: dict) -> int:
+    """Check shard ``number`` of the index at ``path`` (its first sample is ``first``);
+    returns its sample count. Raises :class:`ShardError` naming the shard and the sample."""
+    where = f"{path}: shard {number}"
+    if not isinstance(entry, dict):
+        raise ShardError(f"{where}: not an object")
+    name = entry.get("file")
+    if not _plain_name(name):
+        raise ShardError(f"{where}: file {_show(name)} is not a plain file name inside the folder")
+    where = f"{path}: shard {number} ({name})"
+    if name in seen:
+        raise ShardError(f"{where}: the same file as shard {seen[name]}")
+    seen[name] = number
+    n = entry.get("num_samples")
+    if type(n) is not int or n < 0:
+        raise ShardError(f"{where}: num_samples {_show(n)} is not a count")
+    if "first" in entry and entry["first"] != first:
+        raise ShardError(f"{where}: first {_show(entry['first'])}, but the shards before it hold {first} samples")
+    for field in ("keys", "labels", "offsets", "sizes", "paths"):
+        values = entry.get(field)
+        if not isinstance(values, list) or len(values) != n:
+            raise ShardError(f"{where}: lists {n} samples but not as many {field}")
+    expected = [f"{i:09d}" for i in range(first, first + n)]  # _key
+    if entry["keys"] != expected:
+        j = next(j for j, (key, want) in enumerate(zip(entry["keys"], expected)) if key != want)
+        raise ShardError(f"{where}: sample {first + j} has key {_show(entry['keys'][j])}, not {expected[j]}")
+    if not set(map(type, entry["paths"])) <= {str}:
+        j = next(j for j, p in enumerate(entry["paths"]) if not isinstance(p, str))
+        raise ShardError(f"{where}, sample {_key(first + j)}: path {_show(entry['paths'][j])} is not a string")
+    shard = root / name
+    if not shard.is_file():
+        raise FileNotFoundError(f"{shard}: shard listed in {path} not found")
+    if shard.resolve().parent != root.resolve():
+        raise ShardError(f"{where}: the file resolves to {shard.resolve()}, outside {root}")
+    length = shard.stat().st_size
+    columns = {}
+    for field in ("labels", "offsets", "sizes"):
+        columns[field] = _integers(entry[field])
+        if columns[field] is None:
+            j = next((j for j, v in enumerate(entry[field]) if _integers([v]) is None), 0)
+            raise ShardError(f"{where}, sample {_key(first + j)}: {field[:-1]} {_show(entry[field][j])} "
+                             "is not an integer")
+    labels, offsets, sizes = columns["labels"], columns["offsets"], columns["sizes"]
+    checks = (
+        ((labels < 0) | (labels >= num_classes), lambda j: f"label {labels[j]} is not in [0, {num_classes})"),
+        ((sizes < 0) | (sizes > MAX_SAMPLE_BYTES),
+         lambda j: f"size {sizes[j]} is not in [0, MAX_SAMPLE_BYTES={MAX_SAMPLE_BYTES}]"),
+        (offsets < 0, lambda j: f"offset {offsets[j]} is negative"),
+        (offsets > length - sizes,
+         lambda j: f"bytes {offsets[j]} to {int(offsets[j]) + int(sizes[j])} lie past the end of the shard "
+                   f"({length} bytes: truncated?)"),
+    )
+    for bad, describe in checks:
+        if bad.any():
+            j = int(np.flatnonzero(bad)[0])
+            raise ShardError(f"{where}, sample {_key(first + j)}: {describe(j)}")
+    return n
+
+
 def read_index(root) -> dict:
     """The checked ``index.json`` of a shard folder.
 
+    Every entry is checked: shard files are plain names of files inside ``root``; keys are
+    the sample numbers and the counts add up; labels are within the classes; each image lies
+    within its shard and holds at most :data:`MAX_SAMPLE_BYTES`.
+
     Raises:
         FileNotFoundError: no index, or a shard it lists is missing.
-        ShardError: not an index of this format, or inconsistent with its shards.
+        ShardError: not an index of this format, or a bad entry (one line naming the index,
+            the shard and the sample).
     """
     root = Path(root)
     path = root / INDEX_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path}: shard index not found (write shards with `msn-shards write SRC DST`)")
-    try:
-        index = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
-        raise ShardError(f"{path}: unreadable shard index ({error})") from None
-    if not isinstance(index, dict) or index.get("format") != FORMAT:
-        raise ShardError(f"{path}: not an {FORMAT} index")
-    if int(index.get("version", 0)) > VERSION:
-        raise ShardError(f"{path}: index version {index['version']} is newer than this reader ({VERSION})")
-    total = 0
-    for entry in index["shards"]:
-        shard = root / entry["file"]
-        n = entry["num_samples"]
-        if any(len(entry[k]) != n for k in ("keys", "labels", "offsets", "sizes")):
-            raise ShardError(f"{path}: {entry['file']} lists {n} samples but not as many keys, labels, offsets, sizes")
-        if not shard.is_file():
-            raise FileNotFoundError(f"{shard}: shard listed in {path} not found")
-        end = max((o + s for o, s in zip(entry["offsets"], entry["sizes"])), default=0)
-        if shard.stat().st_size < end:
-            raise ShardError(f"{shard}: truncated ({shard.stat().st_size} bytes, the index needs {end})")
-        total += n
-    if total != index["num_samples"]:
-        raise ShardError(f"{path}: the shards hold {total} samples, the index says {index['num_samples']}")
+    index = _load_index(path)
+    classes, shards, total = index.get("classes"), index.get("shards"), index.get("num_samples")
+    if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
+        raise ShardError(f"{path}: classes is not a list of names")
+    if not isinstance(shards, list):
+        raise ShardError(f"{path}: shards is not a list")
+    if type(total) is not int or total < 0:
+        raise ShardError(f"{path}: num_samples {_show(total)} is not a count")
+    seen: dict[str, int] = {}
+    first = 0
+    for number, entry in enumerate(shards):
+        first += _check_shard(path, root, number, entry, first, len(classes), seen)
+    if first != total:
+        raise ShardError(f"{path}: the shards hold {first} samples, the index says {total}")
     return index
 
 
@@ -296,8 +456,10 @@ class ShardedImages(Dataset):
         return fd
 
     def read_bytes(self, index: int) -> bytes:
-        """The image file of sample ``index``, as stored."""
+        """The image file of sample ``index``, as stored (empty: the writer skipped its file)."""
         size, offset = int(self.sizes[index]), int(self.offsets[index])
+        if size == 0:
+            return b""
         data = os.pread(self._descriptor(self.shard_of(index)), size, offset)
         if len(data) != size:
             raise OSError(f"short read: {len(data)} of {size} bytes at offset {offset}")
@@ -312,6 +474,9 @@ class ShardedImages(Dataset):
                 data = self.read_bytes(index)
             except OSError as error:
                 raise BadImageError(f"{source}: cannot read ({error})") from None
+            if not data:
+                raise BadImageError(f"{source}: empty sample (msn-shards write did not copy its file: a link out "
+                                    "of the source folder, not an image, or too large)")
             return decode_rgb(io.BytesIO(data), self.min_pixels, name=source), label
         except BadImageError as error:
             if self.on_bad_image == "error":
@@ -323,8 +488,12 @@ class ShardedImages(Dataset):
 
     def image_names(self) -> list[str]:
         """The source files' names (no folder), in data set order, as the folder's."""
-        index = json.loads((self.root / INDEX_FILE).read_text(encoding="utf-8"))
-        return [os.path.basename(p) for entry in index["shards"] for p in entry["paths"]]
+        index = read_index(self.root)
+        names = [os.path.basename(p) for entry in index["shards"] for p in entry["paths"]]
+        if len(names) != len(self):
+            raise ShardError(f"{self.root / INDEX_FILE}: changed since it was opened ({len(names)} samples, "
+                             f"not {len(self)})")
+        return names
 
 
 def sharded_dataset(data_cfg, train: bool = True) -> ShardedImages:
@@ -456,7 +625,8 @@ def main(argv: list[str] | None = None) -> int:
     write.add_argument("dst", help="output folder (new or empty), e.g. /shards/imagenet/train")
     write.add_argument("--samples-per-shard", type=int, default=1000, metavar="N",
                        help="images per tar file (default 1000: about 110 MB of ImageNet)")
-    write.add_argument("--overwrite", action="store_true", help="replace the shards and index of a non-empty DST")
+    write.add_argument("--overwrite", action="store_true",
+                       help="replace the index and the shards it names in a non-empty DST (other files stay)")
     write.add_argument("--workers", type=int, default=8, metavar="N",
                        help="shards written at once, by threads (default 8; the work is I/O-bound)")
     write.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -467,8 +637,10 @@ def main(argv: list[str] | None = None) -> int:
     except ShardError as error:
         print(f"msn-shards: error: {error}", file=sys.stderr)
         return 2
+    skipped = sum(size == 0 for entry in index["shards"] for size in entry["sizes"])
     print(f"wrote {index['num_samples']} images of {len(index['classes'])} classes in {len(index['shards'])} "
-          f"shards to {args.dst}")
+          f"shards to {args.dst}" + (f"; {skipped} files not copied (links out of SRC or not images: see the "
+                                     "warnings), their samples left empty" if skipped else ""))
     return 0
 
 
