@@ -31,6 +31,22 @@ def respect_umask(path: str | os.PathLike) -> Path:
     return Path(path)
 
 
+def _replace_from_temporary(path: Path, fill: Callable[[int, str], None], suffix: str = "") -> Path:
+    """Create a private temporary beside ``path``, ``fill(handle, name)`` it, then rename it to
+    ``path``; the temporary is removed when anything fails, an interrupt included."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}{TMP_MARK}", suffix=TMP_SUFFIX + suffix, dir=path.parent)
+    try:
+        fill(handle, tmp)
+        respect_umask(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None], sync: bool = True) -> Path:
     """Call ``write(stream)`` on a new private temporary beside ``path``, then rename it to ``path``.
 
@@ -42,22 +58,14 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None], sy
     Returns:
         ``path``. The temporary is removed when anything fails, an interrupt included.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}{TMP_MARK}", suffix=TMP_SUFFIX, dir=path.parent)
-    try:
+    def fill(handle: int, name: str) -> None:  # noqa: ARG001 - the descriptor is enough
         with os.fdopen(handle, "wb") as stream:
             write(stream)
             stream.flush()
             if sync:
                 os.fsync(stream.fileno())
-        respect_umask(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.lexists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+
+    return _replace_from_temporary(Path(path), fill)
 
 
 def write_bytes(path: str | os.PathLike, data: bytes, sync: bool = False) -> Path:
@@ -71,21 +79,14 @@ def write_text(path: str | os.PathLike, text: str, sync: bool = False) -> Path:
 
 
 def write_with(path: str | os.PathLike, save: Callable[[str], None]) -> Path:
-    """``save(name)`` for writers that take a file name (matplotlib, safetensors): they write a
-    private temporary that is then renamed to ``path``."""
+    """``save(name)`` for writers that take a file name (matplotlib, safetensors, ONNX): they
+    write a private temporary (same extension) that is then renamed to ``path``."""
+    def fill(handle: int, name: str) -> None:
+        os.close(handle)
+        save(name)
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}{TMP_MARK}", suffix=TMP_SUFFIX + path.suffix, dir=path.parent)
-    os.close(handle)
-    try:
-        save(tmp)
-        respect_umask(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.lexists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return _replace_from_temporary(path, fill, path.suffix)
 
 
 def open_append(path: str | os.PathLike) -> IO[str]:
