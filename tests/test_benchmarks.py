@@ -29,7 +29,9 @@ def test_harness_runs_every_section_and_reports(tmp_path, capsys):
     for row in steps.values():
         assert row["gflop_per_step"] > 0 and 0 < row["mfu"] and row["img_per_s"] > 0
     assert steps["ours"]["gflop_per_step"] < steps["authors"]["gflop_per_step"]  # the CLS-only last block
-    assert steps["ours"]["speedup_vs_authors"] > 0
+    # one repeat: the ratio is the authors' time over ours, as the table states it
+    assert steps["ours"]["speedup_vs_authors"] == steps["authors"]["step_s"] / steps["ours"]["step_s"]
+    assert steps["authors"]["speedup_vs_authors"] == 1.0
     levers = {(r["lever"], r["setting"]) for r in report["levers"]}
     assert ("mask ratio", "0.7") in levers and ("views", "one forward per view") in levers
     assert ("attention", "eager") in levers and ("tokens", "zeroed (sequence kept)") in levers
@@ -42,6 +44,13 @@ def test_harness_runs_every_section_and_reports(tmp_path, capsys):
     assert {r["variant"] for r in report["e2e"]} == {"ours", "authors", "ours, step only"}
     assert {r["part"].split(" [")[0] for r in report["profile"]["parts"]} >= {"EMA of the target", "AdamW step", "attention fwd+bwd"}
     assert report["profile"]["operators"] and all(r["self_ms"] >= 0 for r in report["profile"]["operators"])
+
+
+def test_speedup_is_the_median_of_paired_ratios():
+    """The median of the paired ratios baseline / ours, not a ratio of medians: for the second
+    case the paired ratios 3, 0.5, 2.25 have median 2.25, the medians' ratio would be 3 / 2."""
+    assert bench.speedup({"ours": [1.0, 2.0, 4.0], "authors": [2.0, 2.0, 2.0]}, "ours", "authors") == 1.0
+    assert bench.speedup({"ours": [1.0, 2.0, 4.0], "authors": [3.0, 1.0, 9.0]}, "ours", "authors") == 2.25
 
 
 def test_authors_baseline_is_the_same_step_in_exact_arithmetic():
