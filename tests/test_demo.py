@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from conftest import FASHION_MNIST, ROOT
+from conftest import FASHION_MNIST, ROOT, require_dir
 
 pytestmark = pytest.mark.slow
 
@@ -22,8 +22,8 @@ def _demo_module():
     return module
 
 
-@pytest.mark.skipif(not FASHION_MNIST.is_dir(), reason="needs the dataset-fashion-mnist package (make setup)")
 def test_demo_prints_and_writes_its_own_lowshot_table(tmp_path, capsys):
+    require_dir(FASHION_MNIST, "the dataset-fashion-mnist package (make setup)")
     demo = _demo_module()
     out = tmp_path / "demo"
     assert demo.main(["--output-dir", str(out), "--splits", "1", "--eval", "test_limit=1000",

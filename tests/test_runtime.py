@@ -5,11 +5,13 @@ import torch
 
 from msn.runtime import autocast, autocast_dtype, resolve_device
 
-needs_no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only answers")
+@pytest.fixture
+def no_cuda(monkeypatch):
+    """A machine without CUDA, also on a GPU machine (the answers below are the CPU-only ones)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
 
 
-@needs_no_cuda
-def test_devices_on_a_machine_without_cuda():
+def test_devices_on_a_machine_without_cuda(no_cuda):
     assert resolve_device("cpu") == torch.device("cpu")
     assert resolve_device("auto") == torch.device("cpu")
     assert resolve_device("auto", local_rank=1) == torch.device("cpu")
@@ -18,8 +20,7 @@ def test_devices_on_a_machine_without_cuda():
             resolve_device(name)
 
 
-@needs_no_cuda
-def test_the_evaluator_reports_a_bad_device_as_a_config_error():
+def test_the_evaluator_reports_a_bad_device_as_a_config_error(no_cuda):
     from msn.config import ConfigError
     from msn.eval.lowshot import resolve_device as eval_device
 
