@@ -173,15 +173,44 @@ def restore_state(state: dict[str, Any], step_fn, seed: int, rank: int, path: st
                 step_fn.prototypes.weight.copy_(state["prototypes"])
             step_fn.optimizer.load_state_dict(state["optimizer"])
     except (RuntimeError, ValueError, KeyError) as error:
-        first = next((line.strip() for line in str(error).splitlines() if "size mismatch" in line or "Missing" in line),
-                     str(error).splitlines()[0] if str(error) else type(error).__name__)
-        raise ConfigError(f"resume: {path} does not fit this config's model, head or prototypes ({first})") from None
+        raise ConfigError(f"resume: {path} does not fit this config's model, head or prototypes "
+                          f"({_first_misfit(state, step_fn, error)})") from None
     per_rank = state.get("rng_per_rank") or [state.get("rng", {})]
     if rank < len(per_rank):
         set_rng_state(per_rank[rank], step_fn.device)
     else:  # more ranks than when saved: a fresh stream for this rank
         seed_everything(rank_seed(seed, rank) + int(state["step"]))
     return int(state["step"])
+
+
+def _misfits(saved: Any, expected: dict[str, torch.Tensor], prefix: str) -> list[str]:
+    """``KEY: why`` for each tensor of ``expected`` missing from, or shaped otherwise in, ``saved``
+    (and each tensor ``saved`` has beyond it)."""
+    if not isinstance(saved, dict):
+        return [f"{prefix}: not a state dict"]
+    found = []
+    for key, tensor in expected.items():
+        if key not in saved:
+            found.append(f"{prefix}.{key}: missing in the checkpoint")
+        elif isinstance(saved[key], torch.Tensor) and tuple(saved[key].shape) != tuple(tensor.shape):
+            found.append(f"{prefix}.{key}: shape {tuple(saved[key].shape)} in the checkpoint, {tuple(tensor.shape)} here")
+    found += [f"{prefix}.{key}: not in this model" for key in saved if key not in expected]
+    return found
+
+
+def _first_misfit(state: dict[str, Any], step_fn, error: BaseException) -> str:
+    """The first tensor that does not fit, and how many do not, in a few words (the loader's own
+    message lists every key: kilobytes on one line)."""
+    found = []
+    if not sharding.is_sharded(step_fn.online):
+        found = (_misfits(state.get("encoder"), step_fn.network.state_dict(), "encoder")
+                 + _misfits(state.get("target_encoder"), step_fn.target.state_dict(), "target_encoder")
+                 + _misfits({"weight": state.get("prototypes")}, {"weight": step_fn.prototypes.weight}, "prototypes"))
+    if not found:
+        text = " ".join(str(error).split()) or type(error).__name__
+        return text if len(text) <= 120 else text[:117] + "..."
+    more = f"; {len(found) - 1} more tensors differ" if len(found) > 1 else ""
+    return f"{found[0]}{more}"
 
 
 def changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
