@@ -207,7 +207,9 @@ class MSNConfig:
     seed: int = 0  #: seed of weights, data order, augmentations and masks
     device: str = "auto"  #: auto | cpu | cuda | cuda:N
     precision: str = "auto"  #: auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16 | fp64 (numerical checks)
-    resume: str = "auto"  #: auto (output_dir/checkpoints/latest.pt if present) | never | PATH
+    #: auto (output_dir/checkpoints/latest.pt if present, refused when written with another config) | force (auto, even with
+    #: another config) | never | PATH
+    resume: str = "auto"
     init_from: Optional[str] = None  #: weights to start from (README "init_from")
     #: unpickle `resume` / `init_from` files in full (can run code a file carries): only for files you trust (docs/security.md)
     trust_pickle: bool = False
@@ -300,7 +302,8 @@ def validate(cfg: MSNConfig, world_size: int = 1) -> MSNConfig:
            "monitor.shots", f"must be distinct positive counts, got {list(mon.shots)}")
     _check(mon.splits > 0, "monitor.splits", f"must be positive, got {mon.splits}")
     _check(mon.knn_k > 0, "monitor.knn_k", f"must be positive, got {mon.knn_k}")
-    _check(cfg.resume in ("auto", "never") or os.path.isfile(cfg.resume), "resume", f"must be auto, never or an existing checkpoint file, got {cfg.resume!r}")
+    _check(cfg.resume in ("auto", "force", "never") or os.path.isfile(cfg.resume), "resume",
+           f"must be auto, force, never or an existing checkpoint file, got {cfg.resume!r}")
     return cfg
 
 

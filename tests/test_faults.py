@@ -98,7 +98,7 @@ def test_resuming_with_another_model_or_prototype_count_is_one_line(tmp_path):
     for change, first in (("model.embed_dim=48", "encoder.backbone.vit.cls_token: shape (1, 1, 32) in the checkpoint, (1, 1, 48) here"),
                           ("model.depth=3", "encoder.backbone.vit.blocks.2.norm1.weight: missing in the checkpoint"),
                           ("loss.num_prototypes=12", "prototypes.weight: shape (8, 16) in the checkpoint, (12, 16) here")):
-        result = run_script("train.py", *TINY_OVERRIDES, "train.max_steps=3", change, f"output_dir={out}")
+        result = run_script("train.py", *TINY_OVERRIDES, "train.max_steps=3", change, "resume=force", f"output_dir={out}")
         assert result.returncode == 2, result.stderr
         line = last_line(result)
         assert line.startswith(f"error: resume: {latest} does not fit this config's model, head or prototypes ({first}"), line
@@ -126,6 +126,27 @@ def test_non_finite_weights_never_reach_a_checkpoint(tiny_config, monkeypatch):
     state = checkpoint.load_checkpoint(latest)
     assert state["step"] == 2
     assert all(torch.isfinite(t).all() for t in state["encoder"].values() if t.is_floating_point())
+
+
+def test_a_second_experiment_in_the_same_folder_is_refused_unless_forced(tmp_path):
+    """``output_dir`` defaults to ``outputs/${name}`` and ``resume`` to ``auto``: a run with
+    another recipe in that folder must not silently continue the first one."""
+    out = tmp_path / "run"
+    assert run_script("train.py", *TINY_OVERRIDES, "train.max_steps=2", f"output_dir={out}").returncode == 0
+    latest = out / "checkpoints" / "latest.pt"
+    before = latest.read_bytes()
+    other = run_script("train.py", *TINY_OVERRIDES, "train.max_steps=4", "mask.ratio=0.7", f"output_dir={out}")
+    assert other.returncode == 2
+    assert last_line(other) == (f"error: resume=auto: {latest} holds a run with another config (mask.ratio: 0.5 -> 0.7); "
+                                "choose another output_dir for a new run, or resume=force to continue this one")
+    assert latest.read_bytes() == before
+    # run length, logging, the monitor and paths may change: a requeued or extended run resumes silently
+    same = run_script("train.py", *TINY_OVERRIDES, "train.max_steps=3", "train.log_every=1", "logging.project=x",
+                      f"output_dir={out}")
+    assert same.returncode == 0 and "changed config" not in same.stdout + same.stderr
+    forced = run_script("train.py", *TINY_OVERRIDES, "train.max_steps=4", "mask.ratio=0.7", "resume=force", f"output_dir={out}")
+    assert forced.returncode == 0 and "with a changed config: mask.ratio: 0.5 -> 0.7" in forced.stdout + forced.stderr
+    assert checkpoint.load_checkpoint(latest)["step"] == 4
 
 
 def test_changed_config_warning_says_unset(tmp_path):

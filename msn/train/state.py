@@ -26,9 +26,13 @@ from msn.train import sharding
 
 log = logging.getLogger(__name__)
 
-#: Config keys that may change between a run and its resumption without a warning.
-RESUMABLE_CHANGES = {"train.max_steps", "train.progress", "train.log_every", "resume", "logging.wandb",
-                     "data.num_workers", "trust_pickle"}
+#: Config keys that may change between a run and its resumption (run length, logging, paths,
+#: processes): anything else makes ``resume=auto`` refuse (``resume=force`` continues anyway).
+RESUMABLE_CHANGES = {"name", "output_dir", "resume", "init_from", "trust_pickle", "data.root", "data.num_workers",
+                     "train.max_steps", "train.progress", "train.log_every", "train.checkpoint_every_epochs"}
+#: Sections whose every key may change so (logging, the live monitor, which leaves the run's
+#: tensors unchanged, and the process layout).
+RESUMABLE_SECTIONS = ("logging.", "monitor.", "dist.")
 
 
 def rank_seed(seed: int, rank: int) -> int:
@@ -118,7 +122,7 @@ def find_resume_state(resume: str, output_dir: str | os.PathLike, device: torch.
     """The checkpoint ``resume`` asks for, loaded, or ``None`` for a fresh start.
 
     ``never`` refuses a directory that already holds a run (nothing there is overwritten);
-    ``auto`` takes ``latest.pt`` and, when that file is unreadable, the newest readable
+    ``auto`` (and ``force``) takes ``latest.pt`` and, when that file is unreadable, the newest readable
     ``epoch_XXXX.pt`` with a warning; a path must be a readable checkpoint. Checkpoints are
     read as tensors and plain data only, unless ``trust_pickle`` (docs/security.md): a file
     that needs more is refused, never skipped for an older one.
@@ -132,7 +136,7 @@ def find_resume_state(resume: str, output_dir: str | os.PathLike, device: torch.
             raise ConfigError(f"resume=never: {output_dir} already holds a run ({existing}); choose another "
                               f"output_dir, or resume=auto to continue it")
         return None
-    if resume != "auto":
+    if resume not in ("auto", "force"):
         try:
             return Path(resume), checkpoint.load_checkpoint(resume, map_location=device, trust_pickle=trust_pickle)
         except (ValueError, FileNotFoundError) as error:
@@ -215,14 +219,14 @@ def _first_misfit(state: dict[str, Any], step_fn, error: BaseException) -> str:
 
 def changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
     """``key: old -> new`` for every config value that differs (except :data:`RESUMABLE_CHANGES`
-    and the ``dist`` section)."""
+    and :data:`RESUMABLE_SECTIONS`)."""
     changed = []
     for key in sorted(set(old) | set(new)):
         full = f"{prefix}{key}"
         a, b = old.get(key), new.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
             changed.extend(changed_keys(a, b, full + "."))
-        elif a != b and full not in RESUMABLE_CHANGES and not full.startswith("dist."):
+        elif a != b and full not in RESUMABLE_CHANGES and not full.startswith(RESUMABLE_SECTIONS):
             changed.append(f"{full}: {_shown(a)} -> {_shown(b)}")
     return changed
 

@@ -25,7 +25,7 @@ import torch
 from omegaconf import OmegaConf
 
 from msn import checkpoint, distributed, files
-from msn.config import MSNConfig, to_dict
+from msn.config import ConfigError, MSNConfig, to_dict
 from msn.data import build_dataset, build_multiview_data, build_sampler, build_train_loader, start_epoch
 from msn.logging import METRICS_FILE, MetricsLogger, progress_bar
 from msn.runtime import loader_workers, resolve_device
@@ -141,7 +141,11 @@ class Trainer:
                             "is kept as %s", self.output_dir, METRICS_FILE, aside.name)
             return None
         path, state = found
-        changed = train_state.changed_keys(state.get("config", {}), to_dict(self.cfg))
+        changed = train_state.changed_keys(state.get("config") or {}, to_dict(self.cfg))
+        if changed and self.cfg.resume == "auto":
+            more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
+            raise ConfigError(f"resume=auto: {path} holds a run with another config ({', '.join(changed[:3])}{more}); "
+                              f"choose another output_dir for a new run, or resume=force to continue this one")
         if changed:
             log.warning("resuming from %s with a changed config: %s", path, ", ".join(changed))
         self.load_state_dict(state, path)
