@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from msn.architectures import ARCHITECTURES, MODELS, POS_EMBEDS
+from msn.configs import FASHION_MNIST_ROOT
 
 
 class ConfigError(ValueError):
@@ -274,7 +275,7 @@ def validate(cfg: MSNConfig, world_size: int = 1) -> MSNConfig:
     if d.name in ("imagenet", "folder"):
         _check(d.root is not None, "data.root", f"is required for data={d.name} (an ImageFolder root)")
     _check(d.name != "shards" or d.root is not None, "data.root", "is required for data=shards (a folder written by msn-shards)")
-    if d.name != "synthetic" and d.root is not None:
+    if d.name != "synthetic" and d.root not in (None, FASHION_MNIST_ROOT):  # the default one is fetched when missing
         _check(os.path.isdir(d.root), "data.root", f"directory not found: {d.root}")
     _check(d.shard_order in SHARD_ORDERS, "data.shard_order", f"must be global or local, got {d.shard_order!r}")
     _check(d.shard_order == "global" or d.name == "shards", "data.shard_order", f"local needs data=shards, got data={d.name}")

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up everything the project needs on a fresh machine: a virtual environment in .venv with
-# the package and its test extras, and the Fashion-MNIST data (Debian package
-# dataset-fashion-mnist) when it is missing and this machine allows apt-get.
+# the package and its test extras, and the Fashion-MNIST data: the Debian package
+# dataset-fashion-mnist when this machine allows apt-get, else a download into msn's cache.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -25,8 +25,12 @@ if [ ! -d "$data" ]; then
     sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null \
       || echo "[setup] warning: could not install dataset-fashion-mnist; tests that need it will be skipped"
   else
-    echo "[setup] warning: $data is missing and apt-get is not available to this user;"
-    echo "[setup]          install the Debian package dataset-fashion-mnist or pass data.root=..."
+    echo "[setup] $data is missing and apt-get is not available to this user"
   fi
+fi
+if [ ! -d "$data" ]; then
+  echo "[setup] fetching Fashion-MNIST into the cache instead (torchvision's mirror, md5-checked)"
+  .venv/bin/python -c "from msn.data.datasets import prepare_fashion_mnist; print('[setup] Fashion-MNIST in', prepare_fashion_mnist())" \
+    || echo "[setup] warning: no Fashion-MNIST: install the Debian package dataset-fashion-mnist, or run make setup with network access"
 fi
 echo "[setup] done: $(.venv/bin/python -c 'import torch, timm, hydra; print(f"torch {torch.__version__}, timm {timm.__version__}, hydra {hydra.__version__}")')"

@@ -503,3 +503,73 @@ def test_decompression_follows_no_planted_link(fashion_source, tmp_path, monkeyp
     assert not (raw / "t10k-labels-idx1-ubyte").is_symlink()
     assert {p.name: p.read_bytes() for p in raw.iterdir() if not p.is_symlink()} == plain
     assert not [p for p in raw.iterdir() if is_own_temporary(p)]
+
+
+# ------------------------------------------------------------------ Fashion-MNIST fetched when missing
+@pytest.fixture
+def mirror(fashion_source, tmp_path, monkeypatch):
+    """torchvision's Fashion-MNIST mirror list pointed at a loopback HTTP server serving the
+    synthetic gzipped files (and their md5s as the expected ones): the real download code runs
+    without the internet. Yields ``(requests served, {name: plain bytes})``."""
+    import hashlib
+    import http.server
+    import threading
+
+    from torchvision.datasets import FashionMNIST
+
+    source, plain = fashion_source
+    served = []
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, directory=str(source), **kwargs)
+
+        def log_message(self, *args):  # quiet
+            served.append(self.path)
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setattr(FashionMNIST, "mirrors", [f"http://127.0.0.1:{server.server_address[1]}/"])
+    monkeypatch.setattr(FashionMNIST, "resources", [
+        (f"{name}.gz", hashlib.md5((source / f"{name}.gz").read_bytes()).hexdigest()) for name in plain])
+    monkeypatch.setattr(datasets, "FASHION_MNIST_ROOT", str(tmp_path / "no-debian-package"))
+    monkeypatch.setenv("MSN_CACHE_DIR", str(tmp_path / "cache"))
+    try:
+        yield served, plain
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_missing_fashion_mnist_is_downloaded_checked_and_cached(mirror, tmp_path, caplog):
+    served, plain = mirror
+    with caplog.at_level("WARNING"):
+        folder = prepare_fashion_mnist(None)
+    raw = tmp_path / "cache" / "fashion-mnist" / "FashionMNIST" / "raw"
+    assert folder == raw.parent.parent and {p.name: p.read_bytes() for p in raw.iterdir()} == plain
+    assert len(served) == 4 and any("downloading it into" in r.getMessage() for r in caplog.records)
+    assert prepare_fashion_mnist(None) == folder and len(served) == 4  # the second time from the cache
+    assert len(datasets.FashionMNISTDataset(None, train=False)) == 10000
+
+
+def test_a_download_that_does_not_match_its_md5_is_refused_in_one_line(mirror, tmp_path, monkeypatch):
+    from torchvision.datasets import FashionMNIST
+
+    monkeypatch.setattr(FashionMNIST, "resources", [(name, "0" * 32) for name, _ in FashionMNIST.resources])
+    with pytest.raises(FileNotFoundError) as caught:
+        prepare_fashion_mnist(None)
+    message = str(caught.value)
+    assert "\n" not in message and message.startswith(f"data.root: Fashion-MNIST is not at {tmp_path / 'no-debian-package'}")
+    assert "md5" in message and "install the Debian package dataset-fashion-mnist, or run once with network access" in message
+    assert not any((tmp_path / "cache").rglob("*-ubyte"))
+
+
+def test_without_package_or_network_one_line_says_both_ways(tmp_path, monkeypatch):
+    from torchvision.datasets import FashionMNIST
+
+    monkeypatch.setattr(FashionMNIST, "mirrors", ["http://127.0.0.1:9/"])  # the discard port: nothing listens
+    monkeypatch.setattr(datasets, "FASHION_MNIST_ROOT", str(tmp_path / "no-debian-package"))
+    monkeypatch.setenv("MSN_CACHE_DIR", str(tmp_path / "cache"))
+    with pytest.raises(FileNotFoundError, match="download failed .*install the Debian package dataset-fashion-mnist, "
+                                                "or run once with network access, or set data.root"):
+        prepare_fashion_mnist(None)

@@ -14,3 +14,6 @@ CONFIG_DIR = Path(__file__).resolve().parent
 #: The same folder as a Hydra search path (``@hydra.main(config_path=...)``): a package,
 #: found wherever ``msn`` is installed.
 CONFIG_PATH = "pkg://msn.configs"
+#: Where the Debian package ``dataset-fashion-mnist`` installs the data, ``data/fashion_mnist.yaml``'s
+#: root: when it is missing, the data set is fetched into the cache instead (msn.data.datasets).
+FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"

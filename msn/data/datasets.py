@@ -29,12 +29,12 @@ from PIL import Image, ImageOps
 from torchvision.datasets import FashionMNIST, ImageFolder
 from torchvision.transforms.v2 import functional as TF
 
+from msn.configs import FASHION_MNIST_ROOT
 from msn.data.transforms import min_decode_pixels
 from msn.files import write_bytes
 
 log = logging.getLogger(__name__)
 
-FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_FILES = (
     "train-images-idx3-ubyte",
     "train-labels-idx1-ubyte",
@@ -233,13 +233,66 @@ def _idx_problem(name: str, stream) -> str | None:
     return None
 
 
+#: The largest gzipped Fashion-MNIST file (the training images are 26.4 MB).
+MAX_DOWNLOAD_BYTES = 64 * 2**20
+
+
+def _cached_fashion_mnist(target: Path) -> bool:
+    """Whether ``target`` (``.../FashionMNIST/raw``) holds the four idx files, each checked."""
+    for name in FASHION_MNIST_FILES:
+        if not (target / name).is_file():
+            return False
+        with open(target / name, "rb") as stream:
+            if _idx_problem(name, stream) is not None:
+                return False
+    return True
+
+
+def download_fashion_mnist(target: Path) -> None:
+    """Fetch the four gzipped idx files from torchvision's mirrors (``FashionMNIST.mirrors``),
+    check each against torchvision's md5 (``FashionMNIST.resources``) before decompressing it
+    and its idx layout after, and write them into ``target``.
+
+    Raises:
+        FileNotFoundError: a file no mirror served intact (one line: the first reason).
+    """
+    import hashlib
+    import urllib.request
+
+    for packed_name, md5 in FashionMNIST.resources:
+        name, failures = packed_name.removesuffix(".gz"), []
+        for mirror in FashionMNIST.mirrors:
+            url = mirror + packed_name
+            try:
+                with urllib.request.urlopen(url, timeout=60) as response:
+                    packed = response.read(MAX_DOWNLOAD_BYTES + 1)
+            except (OSError, ValueError) as error:
+                failures.append(f"{url}: {' '.join(str(error).split())}")
+                continue
+            digest = hashlib.md5(packed, usedforsecurity=False).hexdigest()
+            if len(packed) > MAX_DOWNLOAD_BYTES or digest != md5:
+                failures.append(f"{url}: md5 {digest}, not {md5}")
+                continue
+            data = gzip.decompress(packed)  # the md5 matched: a known file, not a bomb
+            problem = _idx_problem(name, io.BytesIO(data))
+            if problem:
+                failures.append(f"{url}: not Fashion-MNIST's {name} ({problem})")
+                continue
+            write_bytes(target / name, data, sync=True)
+            break
+        else:
+            raise FileNotFoundError(failures[0] if failures else f"{packed_name}: no mirror")
+
+
 def prepare_fashion_mnist(root: str | None = None) -> Path:
     """Return a folder laid out as torchvision expects (``FashionMNIST/raw/*-ubyte``).
 
     ``root`` may already be in that layout, or hold the four idx files, plain or gzipped
     (the Debian package ``dataset-fashion-mnist`` installs gzipped files in
     ``/usr/share/datasets/fashion-mnist``); gzipped files are decompressed once into
-    ``$MSN_CACHE_DIR`` (default ``~/.cache/msn``). Every file is checked first (magic number,
+    ``$MSN_CACHE_DIR`` (default ``~/.cache/msn``). Where the default root (the Debian
+    package's folder) is missing, the files come from that cache, else are downloaded into it
+    (:func:`download_fashion_mnist`, md5-checked). Every file is checked first (magic number,
     dimensions, exact size, labels in 0-9): a bad cached file is rebuilt from ``root``, a bad
     file in ``root`` is refused (``ValueError``, one line naming it).
     """
@@ -252,12 +305,24 @@ def prepare_fashion_mnist(root: str | None = None) -> Path:
             if problem:
                 raise ValueError(f"{laid_out / name}: not Fashion-MNIST's {name} ({problem})")
         return root_path
+    target = _cache_root() / "fashion-mnist" / "FashionMNIST" / "raw"
+    if not root_path.is_dir() and str(root_path) == FASHION_MNIST_ROOT:  # the default: the cache, or download it
+        if _cached_fashion_mnist(target):
+            return target.parent.parent
+        log.warning("Fashion-MNIST: %s is missing (Debian package dataset-fashion-mnist); downloading it into %s",
+                    root_path, target)
+        try:
+            download_fashion_mnist(target)
+        except FileNotFoundError as error:
+            raise FileNotFoundError(
+                f"data.root: Fashion-MNIST is not at {root_path} and the download failed ({error}); install the "
+                "Debian package dataset-fashion-mnist, or run once with network access, or set data.root") from None
+        return target.parent.parent
     if not root_path.is_dir():
         raise FileNotFoundError(
             f"data.root: Fashion-MNIST folder not found: {root_path} "
             "(install it with `apt-get install dataset-fashion-mnist` or set data.root)"
         )
-    target = _cache_root() / "fashion-mnist" / "FashionMNIST" / "raw"
     for name in FASHION_MNIST_FILES:
         out = target / name
         problem = "missing"

@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from msn.config import DATA_SETS, ConfigError, DataConfig
+from msn.configs import FASHION_MNIST_ROOT
 from msn.eval.baseline_names import BASELINE_NAMES, PIXELS
 
 #: Feature kinds (docs/method.md Sec. 8; the default is the reference's).
@@ -198,7 +199,7 @@ def validate_eval(cfg: EvalConfig) -> EvalConfig:
     if d.name in ("imagenet", "folder"):
         _check(d.root is not None, "data.root", f"is required for data={d.name} (an ImageFolder root)")
     _check(d.name != "shards" or d.root is not None, "data.root", "is required for data=shards (a folder written by msn-shards)")
-    if d.name != "synthetic" and d.root is not None:
+    if d.name != "synthetic" and d.root not in (None, FASHION_MNIST_ROOT):  # the default one is fetched when missing
         _check(os.path.isdir(d.root), "data.root", f"directory not found: {d.root}")
     return cfg
 
