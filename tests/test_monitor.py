@@ -4,6 +4,7 @@ unchanged trajectory, its config keys and its curves in ``msn-plot``."""
 import json
 import math
 import random
+from contextlib import nullcontext
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ import torch
 from msn import checkpoint
 from msn.config import ConfigError, load_config
 from msn.eval.monitor import LowShotProbe, draw_balanced, knn_top1
+from msn.models import build_network
 from msn.plots import PANELS, panels_for, plot_runs
 from msn.train import Trainer
 
@@ -118,13 +120,20 @@ def test_bad_monitor_values_name_the_key(change, key, tmp_path):
     assert str(info.value).startswith(key + ":") and "\n" not in str(info.value)
 
 
-def test_a_pool_too_small_for_the_shots_names_the_key(tmp_path):
-    cfg = load_config(tiny_config_dict(tmp_path, monitor={**TINY_MONITOR, "train_images": 8, "shots": [5]}))
+def test_a_pool_too_small_for_some_shots_scores_the_others_and_says_so_once(tmp_path, caplog):
+    """The monitor is an aid, never a reason a run cannot start (``experiment=fmnist_demo
+    data.subset=64`` used to fail): the shot counts the pool cannot serve are left out."""
+    cfg = load_config(tiny_config_dict(tmp_path, monitor={**TINY_MONITOR, "train_images": 8, "shots": [1, 5]}))
     from msn.data import build_dataset
 
-    with pytest.raises(ConfigError, match=r"^monitor.train_images: a pool of 8 images is too small") as info:
-        LowShotProbe.from_config(cfg, build_dataset(cfg.data))
-    assert "\n" not in str(info.value)
+    probe = LowShotProbe.from_config(cfg, build_dataset(cfg.data))
+    assert probe.shots == [1] and {k for k, _ in probe.subsets} == {1}
+    assert caplog.text.count("monitor: a pool of 8 images has too few images of some class for 5 per class") == 1
+    values = probe(build_network(cfg.model, cfg.head, 32).backbone.eval(), torch.device("cpu"), torch.float32, nullcontext)
+    assert set(values) == {"monitor/knn_top1", "monitor/1shot"}
+    none = LowShotProbe.from_config(load_config(tiny_config_dict(tmp_path, monitor={**TINY_MONITOR, "train_images": 2,
+                                                                                    "shots": [5]})), build_dataset(cfg.data))
+    assert none.shots == [] and none.subsets == []
 
 
 def test_presets_turn_the_monitor_on_for_fashion_mnist_only(tmp_path):

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import time
 
 import pytest
 import torch
@@ -16,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 import msn
 import msn.checkpoint
-from msn.config import ConfigError, to_dict
+from msn.config import ConfigError
 from msn.export import export, load_backbone
 from msn.export.cli import main as export_main
 from msn.train.state import rng_state, set_rng_state

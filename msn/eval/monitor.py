@@ -128,17 +128,31 @@ class LowShotProbe:
         self.pool_labels = torch.tensor([labels[i] for i in self.pool])
         self.test_labels = torch.tensor([labels[i] for i in self.test])
         self.num_classes = max(labels) + 1
-        try:  # positions in the pool of the labelled images of every split and k
-            self.subsets = [(subset.shots, subset.indices) for split in range(mon.splits)
-                            for subset in generate_split(self.pool_labels.tolist(), self.shots, SEED, split)]
-        except SubsetError as error:
-            raise ConfigError(f"monitor.train_images: a pool of {mon.train_images} images is too small for "
-                              f"monitor.shots={self.shots} ({str(error).removeprefix('shots: ')}); "
-                              f"raise monitor.train_images or lower monitor.shots") from None
+        self.shots = self.servable_shots(mon.shots, len(self.pool))
+        # positions in the pool of the labelled images of every split and k
+        self.subsets = [(subset.shots, subset.indices) for split in range(mon.splits)
+                        for subset in generate_split(self.pool_labels.tolist(), self.shots, SEED, split)] if self.shots else []
         views = cfg.data.views
         self.transform = eval_transform(views.rand_size, views.mean, views.std)
         self.image_size = views.rand_size
         self.lambd = EvalConfig.lambd_fallback
+
+    def servable_shots(self, shots: list[int], pool_size: int) -> list[int]:
+        """The shot counts the pool has images for in every class. The monitor is an aid, never
+        a reason a run cannot start: the others are left out, with one warning (the k-NN score
+        needs no shot count and is always there)."""
+        servable, left_out = [], []
+        for k in shots:
+            try:
+                generate_split(self.pool_labels.tolist(), [k], SEED, 0)
+                servable.append(k)
+            except SubsetError:
+                left_out.append(k)
+        if left_out:
+            log.warning("monitor: a pool of %d images has too few images of some class for %s per class; scoring "
+                        "k-NN and monitor.shots=%s only (raise monitor.train_images for more)", pool_size,
+                        ", ".join(map(str, left_out)), servable)
+        return servable
 
     @classmethod
     def from_config(cls, cfg: MSNConfig, train_dataset) -> "LowShotProbe":
