@@ -19,6 +19,11 @@ from omegaconf import DictConfig
 
 from msn.config import ConfigError, DistConfig, load_config, validate
 
+try:  # Hydra calls every hook of a callback: its base class gives the ones not defined here
+    from hydra.experimental.callback import Callback as HydraCallback
+except ImportError:  # no Hydra (a bare GPU image): the entry points cannot run, the callback is never made
+    HydraCallback = object
+
 log = logging.getLogger("msn")
 
 #: The preemption flag an entry point installed before the heavy imports (``train.py``), for
@@ -67,7 +72,7 @@ def _quiet_non_main_ranks(argv: list[str]) -> None:
         argv.append("hydra/job_logging=stdout")
 
 
-class RefuseLinkedOutputs:
+class RefuseLinkedOutputs(HydraCallback):
     """A Hydra callback (``hydra.callbacks`` of both packaged configs): before Hydra writes its
     log file and ``.hydra/`` into the run folder (it opens them with ``open(..., "w")``, which
     follows links), refuse the run in one line when one of those names is a symbolic link

@@ -42,14 +42,14 @@ def test_backbone_and_random_describe_the_checkpoint_and_name_the_cache_entry(ch
     encoder, info = Backbone(cfg, CPU).build_encoder()
     assert info["path"] == str(checkpoint) and info["which"] == "target" and "random_seed" not in info
     assert {k: info[k] for k in ARCHITECTURE} == ARCHITECTURE
-    assert list(encoder.identity) == ["file", "which", "feature", "blocks", "name"]
+    assert list(encoder.identity) == ["weights", "which", "feature", "blocks", "name"]
     assert encoder.identity["name"] == encoder.name == "backbone" and encoder.identity["blocks"] == 2
     assert (encoder.kind, encoder.blocks, encoder.image_size, encoder.architecture) == ("cls_concat", 2, 32, None)
 
     cfg.baseline = "random"
     random, random_info = Random(cfg, CPU).build_encoder()
     assert random_info == {**info, "random_seed": 0} and list(random_info)[-1] == "random_seed"
-    assert list(random.identity) == ["file", "which", "feature", "blocks", "name", "seed"]
+    assert list(random.identity) == ["weights", "which", "feature", "blocks", "name", "seed"]
     assert random.identity == {**encoder.identity, "name": "random", "seed": 0} and random.name == "random"
     assert not torch.equal(random.model.vit.patch_embed.proj.weight, encoder.model.vit.patch_embed.proj.weight)
 

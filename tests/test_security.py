@@ -308,6 +308,8 @@ def test_hydra_never_writes_its_log_or_config_through_a_planted_link(tmp_path, s
     overrides = [*TINY_OVERRIDES, "train.max_steps=1"] if script == "train.py" else ["baseline=pixels", "data=synthetic"]
     result = run_script(script, *overrides, f"output_dir={out}")
     assert result.returncode == 2
-    assert last_line(result) == (f"error: {out / name}: is a symbolic link; a run folder's files are never written "
-                                 f"through links (remove it, or choose another output_dir)")
+    assert result.stderr.strip().splitlines() == [f"error: {out / name}: is a symbolic link; a run folder's files are never written "
+                                                  f"through links (remove it, or choose another output_dir)"]
     assert victim.read_text() == "precious\n"
+    clean = run_script(script, *overrides, f"output_dir={tmp_path / 'clean'}")  # no link: Hydra's hooks run quietly
+    assert clean.returncode == 0 and "Callback" not in clean.stderr, clean.stderr[-2000:]
