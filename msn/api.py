@@ -24,7 +24,7 @@ from typing import Any, Sequence
 import torch
 
 from msn import checkpoint
-from msn.config import load_config
+from msn.config import literal, load_config
 from msn.configs import CONFIG_DIR
 
 
@@ -109,6 +109,7 @@ def lowshot(backbone: str | os.PathLike | None, data: str = "fashion_mnist", sho
     from msn.eval.lowshot import run_lowshot
 
     base = [f"data={data}", f"shots=[{','.join(str(int(k)) for k in shots)}]"]
-    if backbone is not None:
-        base.append(f"backbone={os.fspath(backbone)}")
-    return run_lowshot(load_eval_config(_compose("eval_lowshot", [*base, *overrides])))
+    raw = _compose("eval_lowshot", [*base, *overrides])
+    if backbone is not None:  # set after composing, as text: a path is never parsed as an override or interpolation
+        raw.backbone = literal(os.fspath(backbone))
+    return run_lowshot(load_eval_config(raw))

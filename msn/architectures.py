@@ -102,13 +102,38 @@ ARCHITECTURE_LIMITS: dict[str, tuple[float, float]] = {
 }
 
 
+#: Each field in range is not enough: their product is what costs. At most this many patch
+#: tokens per image (a 1,024 px image with patch 8) ...
+MAX_TOKENS = 16384
+#: ... and this many parameters in encoder, head and prototypes (ViT-G/14 has 1.8 G).
+MAX_PARAMETERS = 2_000_000_000
+
+
+def parameter_estimate(fields: dict) -> int:
+    """Parameters of the encoder blocks, head and prototypes these fields describe (missing
+    fields count nothing): per block ``(4 + 2 * mlp_ratio) * embed_dim^2``, the head's three
+    layers, ``num_prototypes * output_dim``."""
+    width, hidden, output = (int(fields.get(key) or 0) for key in ("embed_dim", "hidden_dim", "output_dim"))
+    blocks = int(fields.get("depth") or 0) * (4 + 2 * float(fields.get("mlp_ratio") or 4.0)) * width**2
+    head = width * hidden + hidden * hidden + hidden * output
+    return int(blocks + head + int(fields.get("num_prototypes") or 0) * output)
+
+
 def out_of_range(fields: dict) -> Optional[str]:
     """``key=value (allowed lo..hi)`` for the first field outside :data:`ARCHITECTURE_LIMITS`
-    (non-numbers included), or ``None`` when every field is in range."""
+    (non-numbers included), then the token count and :func:`parameter_estimate` against
+    :data:`MAX_TOKENS` and :data:`MAX_PARAMETERS`; ``None`` when everything is in range."""
     for key, (low, high) in ARCHITECTURE_LIMITS.items():
         value = fields.get(key)
         if value is None:
             continue
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
             return f"{key}={value!r} (allowed {low:g}..{high:g})"
+    if fields.get("image_size") and fields.get("patch_size"):
+        tokens = (int(fields["image_size"]) // int(fields["patch_size"])) ** 2
+        if tokens > MAX_TOKENS:
+            return f"{tokens} patch tokens per image (image_size / patch_size squared; allowed up to {MAX_TOKENS})"
+    parameters = parameter_estimate(fields)
+    if parameters > MAX_PARAMETERS:
+        return f"about {parameters / 1e9:.1f} G parameters (allowed up to {MAX_PARAMETERS / 1e9:g} G)"
     return None

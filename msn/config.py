@@ -325,15 +325,21 @@ def load_config(raw: DictConfig | dict[str, Any], world_size: int = 1) -> MSNCon
     return validate(cfg, world_size)
 
 
-def to_dict(cfg: MSNConfig) -> dict[str, Any]:
-    """Plain-container form (JSON/YAML friendly) of a typed config: its values as they are (a
-    typed config holds no interpolation left to resolve; a ``${...}`` in it is literal text)."""
+def plain_dict(typed: Any) -> dict[str, Any]:
+    """Plain-container form (JSON/YAML friendly, tuples as lists) of a typed config dataclass:
+    its values as they are (a typed config holds no interpolation left to resolve; a ``${...}``
+    in it is literal text, never resolved again)."""
     def plain(value: Any) -> Any:
         if isinstance(value, dict):
             return {key: plain(item) for key, item in value.items()}
         return [plain(item) for item in value] if isinstance(value, (list, tuple)) else value
 
-    return plain(dataclasses.asdict(cfg))
+    return plain(dataclasses.asdict(typed))
+
+
+def to_dict(cfg: MSNConfig) -> dict[str, Any]:
+    """:func:`plain_dict` of a training config."""
+    return plain_dict(cfg)
 
 
 #: Keys that name this machine's files: left out of anything made to be shared (exports, model

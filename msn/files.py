@@ -12,6 +12,7 @@ their names, so that a clean-up after a crash deletes only what this project wro
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -90,9 +91,24 @@ def write_with(path: str | os.PathLike, save: Callable[[str], None]) -> Path:
 
 
 def open_append(path: str | os.PathLike) -> IO[str]:
-    """``path`` opened to append text; a symbolic link under that name is refused (``OSError``)."""
-    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
-    return os.fdopen(os.open(path, flags, 0o666), "a", encoding="utf-8")
+    """``path`` opened to append text. A symbolic link under that name is refused (``OSError``),
+    and so is anything but a regular file (a FIFO would block the writer for ever)."""
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0)
+    handle = os.open(path, flags, 0o666)
+    if not stat.S_ISREG(os.fstat(handle).st_mode):
+        os.close(handle)
+        raise OSError(f"{path}: not a regular file; refused")
+    return os.fdopen(handle, "a", encoding="utf-8")
+
+
+def open_regular(path: str | os.PathLike) -> IO[bytes]:
+    """``path`` opened to read bytes, refused (``OSError``) unless it is a regular file: a FIFO
+    or a device planted among images would block or never end a read."""
+    handle = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    if not stat.S_ISREG(os.fstat(handle).st_mode):
+        os.close(handle)
+        raise OSError(f"{path}: not a regular file")
+    return os.fdopen(handle, "rb")
 
 
 def is_own_temporary(path: Path) -> bool:

@@ -63,7 +63,7 @@ def load_torch_file(path: str | os.PathLike, *, trust_pickle: bool = False,
         ValueError: the file is not a readable ``what`` (one line naming it).
     """
     try:
-        return torch.load(os.fspath(path), map_location=map_location, weights_only=not trust_pickle)
+        loaded = torch.load(os.fspath(path), map_location=map_location, weights_only=not trust_pickle)
     except pickle.UnpicklingError as error:
         found = [] if trust_pickle else needed_globals(path, error)
         if found:
@@ -74,3 +74,23 @@ def load_torch_file(path: str | os.PathLike, *, trust_pickle: bool = False,
     except Exception as error:  # noqa: BLE001 - any other failure means a damaged or foreign file
         first = str(error).strip().splitlines()[0][:160] if str(error).strip() else ""
         raise ValueError(f"{os.fspath(path)}: not a readable {what} ({type(error).__name__}: {first})") from None
+    expanded = _first_expanded(loaded)
+    if expanded is not None:
+        raise ValueError(f"{os.fspath(path)}: refused: tensor {expanded} claims more elements than its stored bytes "
+                         f"(an expanded view: a small file that would become a large tensor)")
+    return loaded
+
+
+def _first_expanded(value: Any, where: str = "") -> str | None:
+    """The name of the first tensor in ``value`` (nested dicts, lists, tuples) whose elements
+    overlap in storage (a stride-0 or overlapping view), or None."""
+    if isinstance(value, torch.Tensor):
+        needed = value.numel() * value.element_size()
+        stored = value.untyped_storage().nbytes() - value.storage_offset() * value.element_size()
+        return f"{where or '(the file)'} {tuple(value.shape)}" if needed > stored else None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, (list, tuple)) else ()
+    for key, item in items:
+        found = _first_expanded(item, f"{where}.{key}" if where else str(key))
+        if found is not None:
+            return found
+    return None

@@ -46,6 +46,7 @@ sys.path.insert(0, str(ROOT))
 
 import msn.export  # noqa: E402,F401 - registers timm's "vit_msn" (shapes timm has no name for)
 from msn import files  # noqa: E402
+from msn.export.common import check_architecture  # noqa: E402
 from msn.data.datasets import FashionMNISTDataset  # noqa: E402
 from msn.eval.classifier import accuracy, fit_logistic_regression, normalize_rows, select_lambda  # noqa: E402
 from msn.eval.config import EvalConfig  # noqa: E402
@@ -219,6 +220,12 @@ def load_timm(export_dir: str | Path, num_labels: int = NUM_CLASSES) -> Route:
     from timm.data import create_transform, resolve_data_config
 
     config, overlay = timm_overlay(export_dir)
+    args = config.get("model_args", {})
+    side = args.get("img_size")
+    side = side[0] if isinstance(side, (list, tuple)) and side else side
+    check_architecture({"embed_dim": args.get("embed_dim"), "depth": args.get("depth"), "num_heads": args.get("num_heads"),
+                        "mlp_ratio": args.get("mlp_ratio"), "patch_size": args.get("patch_size"), "image_size": side},
+                       f"{export_dir}/config.json")  # before timm builds it
     model = timm.create_model(config["architecture"], pretrained=True, num_classes=num_labels,
                               pretrained_cfg_overlay=overlay, **config["model_args"])
     check_timm_weights(model, overlay["file"])

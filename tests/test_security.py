@@ -313,3 +313,67 @@ def test_hydra_never_writes_its_log_or_config_through_a_planted_link(tmp_path, s
     assert victim.read_text() == "precious\n"
     clean = run_script(script, *overrides, f"output_dir={tmp_path / 'clean'}")  # no link: Hydra's hooks run quietly
     assert clean.returncode == 0 and "Callback" not in clean.stderr, clean.stderr[-2000:]
+
+
+# ------------------------------------------------------------------ found by an adversarial review
+def test_a_head_wider_than_the_bounds_is_refused_before_it_is_built(tmp_path, run, monkeypatch):
+    """The head's widths come from tensor shapes: a 300,000-wide ``fc1`` of one column is
+    a small file, its ``fc2`` would be 335 GiB."""
+    folder = tmp_path / "export"
+    export(run["path"], folder, "msn")
+    tensors = load_file(folder / "weights.safetensors")
+    tensors["head.fc1.weight"] = torch.zeros(300_000, 1, dtype=torch.uint8)
+    save_file(tensors, folder / "weights.safetensors")
+    monkeypatch.setattr("msn.export.loading.ProjectionHead", lambda *a, **k: pytest.fail("head built"))
+    with pytest.raises(ValueError, match="architecture out of range: hidden_dim=300000"):
+        load_backbone(folder)
+
+
+def test_fields_each_in_range_but_too_large_together_are_refused(tmp_path, run, monkeypatch):
+    state = msn.checkpoint.load_checkpoint(run["path"])
+    state["config"]["model"].update(depth=64, embed_dim=4096, num_heads=64, mlp_ratio=16.0)
+    torch.save(state, tmp_path / "huge.pt")
+    monkeypatch.setattr("msn.export.loading.build_network", lambda *a, **k: pytest.fail("built"))
+    with pytest.raises(ValueError, match=r"architecture out of range: about 38\.\d G parameters"):
+        load_backbone(tmp_path / "huge.pt")
+    state["config"]["model"].update(depth=2, embed_dim=64, num_heads=4, mlp_ratio=4.0, patch_size=1)
+    state["config"]["data"]["views"]["rand_size"] = 2048
+    torch.save(state, tmp_path / "tokens.pt")
+    with pytest.raises(ValueError, match="4194304 patch tokens per image"):
+        load_backbone(tmp_path / "tokens.pt")
+
+
+def test_an_expanded_tensor_is_refused(tmp_path):
+    """A stride-0 view stores one row but claims a million: the file is small, any copy huge."""
+    torch.save({"target_encoder": {"cls_token": torch.zeros(1, 64).expand(1_000_000, 64)}}, tmp_path / "x.pt")
+    assert (tmp_path / "x.pt").stat().st_size < 10_000
+    with pytest.raises(ValueError, match=r"refused: tensor target_encoder.cls_token \(1000000, 64\) claims more elements"):
+        load_backbone(tmp_path / "x.pt")
+
+
+def test_a_path_handed_to_the_api_is_never_an_override_or_interpolation(tmp_path, run, monkeypatch):
+    monkeypatch.setenv("MSN_PLANTED_SECRET", "s3cr3t")
+    folder = tmp_path / "m_${oc.env:MSN_PLANTED_SECRET}"
+    folder.mkdir()
+    shutil.copy(run["path"], folder / "latest.pt")
+    results = msn.lowshot(folder / "latest.pt", data="synthetic", shots=[1], overrides=[
+        f"output_dir={tmp_path / 'eval'}", "cache=false", "splits=1", "lambd=0.01", "progress=false",
+        "data.synthetic_size=24"])
+    assert results["config"]["backbone"] == str(folder / "latest.pt")
+    assert "s3cr3t" not in (tmp_path / "eval" / "results.json").read_text()
+
+
+def test_a_fifo_or_a_linked_checkpoints_folder_in_a_run_folder_is_one_line(tmp_path):
+    fifo = tmp_path / "fifo"
+    fifo.mkdir()
+    os.mkfifo(fifo / "metrics.jsonl")
+    blocked = run_script("train.py", *TINY_OVERRIDES, "train.max_steps=1", f"output_dir={fifo}", timeout=120)
+    assert blocked.returncode == 2 and last_line(blocked).endswith("metrics.jsonl: is not a regular file (remove it, "
+                                                                   "or choose another output_dir)")
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    (linked / "checkpoints").symlink_to(tmp_path / "elsewhere")
+    refused = run_script("train.py", *TINY_OVERRIDES, "train.max_steps=1", f"output_dir={linked}")
+    assert refused.returncode == 2 and "checkpoints: is a symbolic link" in last_line(refused)
+    assert not any((tmp_path / "elsewhere").iterdir())

@@ -573,3 +573,63 @@ def test_without_package_or_network_one_line_says_both_ways(tmp_path, monkeypatc
     with pytest.raises(FileNotFoundError, match="download failed .*install the Debian package dataset-fashion-mnist, "
                                                 "or run once with network access, or set data.root"):
         prepare_fashion_mnist(None)
+
+
+def test_a_fifo_among_images_is_a_bad_image_not_a_hang(tmp_path):
+    folder = tmp_path / "images" / "a"
+    folder.mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(folder / "0.png")
+    os.mkfifo(folder / "1.png")
+    dataset = datasets.ImageFolderDataset(str(tmp_path / "images"))
+    assert dataset[1][0] is None and dataset[0][0].shape == (3, 8, 8)
+    with pytest.raises(BadImageError, match="not a regular file"):
+        decode_rgb(folder / "1.png")
+
+
+def test_a_link_back_up_the_tree_is_walked_once(tmp_path):
+    """``a/x -> .`` and ``a/y -> .`` made torchvision's walk endless (and its memory grow)."""
+    folder = tmp_path / "images" / "a"
+    (folder / "sub").mkdir(parents=True)
+    for path in (folder / "0.png", folder / "sub" / "1.png"):
+        Image.new("RGB", (8, 8)).save(path)
+    (folder / "x").symlink_to(".")
+    (folder / "y").symlink_to(".")
+    (folder / "sub" / "up").symlink_to("..")
+    names = sorted(os.path.relpath(path, folder) for path, _ in datasets.ImageFolderDataset(str(tmp_path / "images")).samples)
+    assert names == ["0.png", "sub/1.png"]
+
+
+def test_a_plain_tree_lists_as_torchvision_lists_it(tmp_path):
+    from torchvision.datasets import ImageFolder
+
+    for name in ("b/2.png", "a/z/1.png", "a/0.png", "a/y.jpg", "b/notes.txt"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / name, format="PNG") if not name.endswith(".txt") else (tmp_path / name).write_text("x")
+    (tmp_path / "b" / "link").symlink_to(tmp_path / "a" / "z")  # a link to another folder is still followed
+    assert datasets.ImageFolderDataset(str(tmp_path)).samples == ImageFolder(str(tmp_path)).samples
+
+
+def test_overwrite_deletes_no_file_a_hostile_index_names(shard_folder, tmp_path):
+    dst, _ = shard_folder
+    src = tmp_path / "src"
+    (dst / "NOTES.md").write_text("mine")
+    (dst / "shard-000009.tar").write_text("not a tar")
+    index = json.loads((dst / "index.json").read_text())
+    for name in ("NOTES.md", "shard-000009.tar"):
+        index["shards"][0]["file"] = name
+        (dst / "index.json").write_text(json.dumps(index))
+        assert shards_module.main(["write", str(src), str(dst), "--overwrite", "--no-progress"]) == 2
+    assert (dst / "NOTES.md").read_text() == "mine" and (dst / "shard-000009.tar").read_text() == "not a tar"
+
+
+def test_torchvisions_processed_files_are_never_read(fashion_source, tmp_path, monkeypatch):
+    """torchvision prefers ``processed/*.pt`` over the checked idx files when both exist."""
+    source, plain = fashion_source
+    monkeypatch.setenv("MSN_CACHE_DIR", str(tmp_path / "cache"))
+    folder = prepare_fashion_mnist(str(source))
+    (folder / "FashionMNIST" / "processed").mkdir()
+    for split in ("training", "test"):
+        torch.save((torch.zeros(5, 28, 28, dtype=torch.uint8), torch.tensor([999, -7, 3, 3, 3])),
+                   folder / "FashionMNIST" / "processed" / f"{split}.pt")
+    data = datasets.FashionMNISTDataset(str(source), train=False)
+    assert len(data) == 10000 and set(data.targets) <= set(range(10))

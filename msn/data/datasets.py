@@ -27,11 +27,13 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 from torchvision.datasets import FashionMNIST, ImageFolder
+from torchvision.datasets.folder import has_file_allowed_extension
+from torchvision.datasets.mnist import read_image_file, read_label_file
 from torchvision.transforms.v2 import functional as TF
 
 from msn.configs import FASHION_MNIST_ROOT
 from msn.data.transforms import min_decode_pixels
-from msn.files import write_bytes
+from msn.files import open_regular, write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +136,8 @@ def decode_rgb(path, min_pixels: int | None = None, name: str | None = None) -> 
             header, before any pixel is decoded.
     """
     try:
-        with Image.open(path) as image:  # reads the header only
+        stream = path if hasattr(path, "read") else open_regular(path)  # a FIFO would block the read
+        with stream, Image.open(stream) as image:  # reads the header only
             check_image_size(image, name or path)
             if min_pixels:
                 reduce_on_decode(image, min_pixels)
@@ -161,6 +164,23 @@ def reduce_on_decode(image: Image.Image, min_pixels: int) -> int:
     return factor
 
 
+def _walk_each_folder_once(top: str) -> list[tuple[str, list[str], list[str]]]:
+    """``os.walk(top, followlinks=True)``, but a folder already walked (by its device and inode:
+    reached again through a link) is not entered again."""
+    if not os.path.isdir(top):
+        return []
+    seen, walked = set(), []
+    for root, folders, files in os.walk(top, followlinks=True):
+        status = os.stat(root)
+        if (status.st_dev, status.st_ino) in seen:
+            folders[:] = []
+            continue
+        seen.add((status.st_dev, status.st_ino))
+        folders.sort()  # the alias kept for a folder reached twice does not depend on listing order
+        walked.append((root, folders, files))
+    return walked
+
+
 class ImageFolderDataset(ImageFolder):
     """torchvision ``ImageFolder`` returning uint8 tensors, robust to unreadable files.
 
@@ -180,6 +200,30 @@ class ImageFolderDataset(ImageFolder):
             raise FileNotFoundError(f"data.root={root}: {str(error).splitlines()[0]}") from None
         self.on_bad_image, self.min_pixels = on_bad_image, min_pixels
         self._warned: set[str] = set()
+
+    @staticmethod
+    def make_dataset(directory, class_to_idx: dict[str, int], extensions=None, is_valid_file=None,
+                     allow_empty: bool = False) -> list[tuple[str, int]]:
+        """torchvision's listing (sorted classes, then the sorted walk of each class folder, links
+        to folders followed), except that each real folder is walked once: a link back up the
+        tree (``a/x -> .``) would make the walk endless."""
+        if is_valid_file is None:
+            def is_valid_file(name: str) -> bool:
+                return has_file_allowed_extension(name, extensions)
+        samples, found = [], set()
+        for name in sorted(class_to_idx):
+            walked = _walk_each_folder_once(os.path.join(directory, name))
+            for root, _, files in sorted(walked):
+                for file in sorted(files):
+                    path = os.path.join(root, file)
+                    if is_valid_file(path):
+                        samples.append((path, class_to_idx[name]))
+                        found.add(name)
+        empty = sorted(set(class_to_idx) - found)
+        if empty and not allow_empty:
+            raise FileNotFoundError(f"Found no valid file for the classes {', '.join(empty)}. "
+                                    f"Supported extensions are: {', '.join(extensions or ())}")
+        return samples
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor | None, int]:
         path, label = self.samples[index]
@@ -361,10 +405,11 @@ class FashionMNISTDataset(torch.utils.data.Dataset):
     classes = FASHION_MNIST_CLASSES
 
     def __init__(self, root: str | None = None, train: bool = True):
-        reader = FashionMNIST(str(prepare_fashion_mnist(root)), train=train, download=False)
-        self.images = reader.data  # uint8 [N, 28, 28]
+        raw = prepare_fashion_mnist(root) / "FashionMNIST" / "raw"  # the checked idx files, never processed/*.pt
+        prefix = "train" if train else "t10k"
+        self.images = read_image_file(str(raw / f"{prefix}-images-idx3-ubyte"))  # uint8 [N, 28, 28]
         self.image_size = (self.images.shape[1], self.images.shape[2])
-        self.targets = [int(t) for t in reader.targets]
+        self.targets = [int(t) for t in read_label_file(str(raw / f"{prefix}-labels-idx1-ubyte"))]
         self.train = train
 
     def __len__(self) -> int:

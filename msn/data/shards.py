@@ -35,6 +35,7 @@ import io
 import json
 import logging
 import os
+import re
 import stat
 import sys
 import tarfile
@@ -57,6 +58,8 @@ log = logging.getLogger(__name__)
 INDEX_FILE = "index.json"
 FORMAT, VERSION = "msn-shards", 1
 SHARD_PATTERN = "shard-{:06d}.tar"
+#: The names this writer gives its shards (``--overwrite`` deletes no other name).
+SHARD_NAME = re.compile(r"shard-[0-9]{6}\.tar")
 #: The largest image file a shard holds (the writer skips larger files, the reader refuses an
 #: index with a larger entry): ImageNet's largest JPEG is a few MB.
 MAX_SAMPLE_BYTES = 256 * 2**20
@@ -141,10 +144,20 @@ def _previous_shards(dst: Path) -> list[Path]:
     if not isinstance(shards, list) or not all(isinstance(entry, dict) for entry in shards):
         raise ShardError(f"{path}: not an {FORMAT} index (no list of shards); nothing deleted")
     for number, entry in enumerate(shards):
-        if not _plain_name(entry.get("file")):
-            raise ShardError(f"{path}: shard {number}: file {_show(entry.get('file'))} is not a plain file name; "
-                             "nothing deleted")
+        name = entry.get("file")
+        if not _plain_name(name) or not SHARD_NAME.fullmatch(name):
+            raise ShardError(f"{path}: shard {number}: file {_show(name)} is not a shard name "
+                             f"({SHARD_PATTERN.format(number)}, ...); nothing deleted")
+        if (dst / name).is_file() and not (dst / name).is_symlink() and not _is_tar(dst / name):
+            raise ShardError(f"{path}: shard {number}: {name} is not a tar file; nothing deleted")
     return [dst / entry["file"] for entry in shards]
+
+
+def _is_tar(path: Path) -> bool:
+    """Whether ``path`` starts with a POSIX tar header (what this writer writes)."""
+    with open(path, "rb") as stream:
+        header = stream.read(_BLOCK)
+    return len(header) == _BLOCK and header[257:262] == b"ustar"
 
 
 def _clear(dst: Path) -> None:

@@ -17,7 +17,7 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from msn.config import DATA_SETS, ConfigError, DataConfig
+from msn.config import DATA_SETS, ConfigError, DataConfig, plain_dict
 from msn.configs import FASHION_MNIST_ROOT
 from msn.eval.baseline_names import BASELINE_NAMES, PIXELS
 
@@ -221,5 +221,5 @@ def load_eval_config(raw: DictConfig | dict[str, Any]) -> EvalConfig:
 
 
 def eval_config_to_dict(cfg: EvalConfig) -> dict[str, Any]:
-    """Plain-container form of a typed eval config (for ``results.json``)."""
-    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+    """Plain-container form of a typed eval config (for ``results.json``; nothing resolved again)."""
+    return plain_dict(cfg)

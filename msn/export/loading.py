@@ -108,6 +108,7 @@ def load_backbone(path: str | os.PathLike, which: str = "target", *, num_heads: 
         network = None
         if encoder.head is not None:
             dims = head_dims(encoder.head)
+            check_architecture({**arch, **dims}, source.path)
             head = ProjectionHead(backbone.embed_dim, dims["hidden_dim"], dims["output_dim"], dims["use_bn"])
             load_strict(head, encoder.head, encoder.origin, f"{label} head")
             network = MSNNetwork(backbone, head)

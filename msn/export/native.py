@@ -181,7 +181,7 @@ def export_info(loaded: LoadedBackbone, fmt: str, files: list[str], output: str 
                 extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """The ``msn_export.json`` document of an export in the folder ``output`` (docs/formats.md Sec. 2).
 
-    Records the source (its path relative to ``output``, so the folder names no machine's
+    Records the source (its file name only: a path, even relative, would tell this machine's
     layout; format, step, epoch), which encoder, the architecture, the training config when
     known, the evaluation preprocessing and the recommended feature.
     """
@@ -191,7 +191,7 @@ def export_info(loaded: LoadedBackbone, fmt: str, files: list[str], output: str 
         "msn_export_version": EXPORT_VERSION,
         "format": fmt,
         "source": {
-            "path": os.path.relpath(os.path.abspath(source["path"]), os.path.abspath(output)) if source.get("path") else None,
+            "file": os.path.basename(os.path.normpath(source["path"])) if source.get("path") else None,
             "format": source.get("format"),
             "step": source.get("step"),
             "epoch": source.get("epoch"),
@@ -229,7 +229,6 @@ def apply_export_info(source: WeightsSource, folder: Path) -> WeightsSource:
         if key in arch:
             source.arch.setdefault(key, arch[key])
     src = info.get("source") or {}
-    origin = os.path.normpath(folder / src["path"]) if src.get("path") else None  # recorded relative to the folder
-    source.info.update({"export": info.get("format"), "exported_from": origin,
+    source.info.update({"export": info.get("format"), "exported_from": src.get("file") or src.get("path"),
                         "step": src.get("step"), "epoch": src.get("epoch")})
     return source

@@ -237,9 +237,25 @@ def _shown(value: Any) -> str:
 
 
 def _refuse_link(path: Path) -> None:
+    """A planted link (or FIFO, device, folder) under the name of a file the run writes: one line."""
     if path.is_symlink():
         raise ConfigError(f"{path}: is a symbolic link; a run folder's files are never written through links "
                           f"(remove it, or choose another output_dir)")
+    if os.path.lexists(path) and not path.is_file():
+        raise ConfigError(f"{path}: is not a regular file (remove it, or choose another output_dir)")
+
+
+def check_run_folder(output_dir: str | os.PathLike) -> None:
+    """Refuse, in one line, a run folder whose ``checkpoints/`` is a link (checkpoints would be
+    written wherever it points: set ``output_dir`` there instead) or whose ``metrics.jsonl`` is
+    a link or not a regular file (:class:`ConfigError`)."""
+    folder = checkpoint.checkpoint_dir(output_dir)
+    if folder.is_symlink():
+        raise ConfigError(f"{folder}: is a symbolic link; checkpoints are never written through links "
+                          f"(set output_dir to the folder where they should go)")
+    if os.path.lexists(folder) and not folder.is_dir():
+        raise ConfigError(f"{folder}: is not a folder (remove it, or choose another output_dir)")
+    _refuse_link(Path(output_dir) / METRICS_FILE)
 
 
 def _logged_step(line: str) -> int:

@@ -200,6 +200,7 @@ class Trainer:
                 return self.fit(preemption, finish)
         preemption.device = self.device
         self.output_dir.mkdir(parents=True, exist_ok=True)
+        train_state.check_run_folder(self.output_dir)  # every rank: all stop, none waits in a collective
         if self.is_main:
             for path in checkpoint.remove_stale_temporaries(self.output_dir):
                 log.info("removed %s, left by an interrupted save", path.name)
