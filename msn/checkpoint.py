@@ -28,6 +28,9 @@ FORMAT = "msn-checkpoint"
 #: it); 1 held numpy RNG states, which only full unpickling reads (docs/security.md).
 VERSION = 2
 LATEST = "latest.pt"
+#: The checkpoint before ``latest.pt``, kept until a finite step after ``latest.pt`` shows that
+#: one good (a checkpoint is good when the step after it was finite).
+PREVIOUS = "previous.pt"
 
 
 def checkpoint_dir(output_dir: str | os.PathLike) -> Path:
@@ -40,10 +43,22 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
     return atomic_write(path, lambda stream: torch.save(obj, stream))
 
 
-def save_training_checkpoint(state: dict[str, Any], output_dir: str | os.PathLike, epoch_copy: int | None = None) -> Path:
-    """Write ``checkpoints/latest.pt`` (and ``checkpoints/epoch_XXXX.pt`` when ``epoch_copy``)."""
+def save_training_checkpoint(state: dict[str, Any], output_dir: str | os.PathLike, epoch_copy: int | None = None,
+                             keep_previous: bool = False) -> Path:
+    """Write ``checkpoints/latest.pt`` (and ``checkpoints/epoch_XXXX.pt`` when ``epoch_copy``).
+
+    Args:
+        keep_previous: keep the ``latest.pt`` being replaced as ``previous.pt`` (a hard link
+            where the file system has them, else a rename) until :func:`drop_previous`.
+    """
     state = {"format": FORMAT, "version": VERSION, **state}
     folder = checkpoint_dir(output_dir)
+    if keep_previous and (folder / LATEST).is_file():
+        (folder / PREVIOUS).unlink(missing_ok=True)
+        try:
+            os.link(folder / LATEST, folder / PREVIOUS)
+        except OSError:
+            os.replace(folder / LATEST, folder / PREVIOUS)
     latest = atomic_save(state, folder / LATEST)
     if epoch_copy is not None:
         atomic_save(state, folder / f"epoch_{epoch_copy:04d}.pt")
@@ -54,6 +69,17 @@ def remove_stale_temporaries(output_dir: str | os.PathLike) -> list[Path]:
     """Delete the temporaries of saves a crash interrupted (only names :mod:`msn.files` gives
     its temporaries, never through a linked ``checkpoints/``); returns them."""
     return remove_own_temporaries(checkpoint_dir(output_dir))
+
+
+def drop_previous(output_dir: str | os.PathLike) -> None:
+    """Delete ``previous.pt``: ``latest.pt`` has been shown good."""
+    (checkpoint_dir(output_dir) / PREVIOUS).unlink(missing_ok=True)
+
+
+def find_previous(output_dir: str | os.PathLike) -> Path | None:
+    """Path of ``previous.pt`` if one exists."""
+    path = checkpoint_dir(output_dir) / PREVIOUS
+    return path if path.is_file() and not path.is_symlink() else None
 
 
 def epoch_copies(output_dir: str | os.PathLike) -> list[Path]:

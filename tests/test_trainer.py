@@ -101,3 +101,49 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_config, monkeypatch)
     state = checkpoint.load_checkpoint(checkpoint.find_latest(cfg.output_dir))
     assert state["step"] == 4  # end of epoch 1, before the NaN
     assert all(torch.isfinite(t).all() for t in state["encoder"].values() if t.is_floating_point())
+
+
+def test_a_checkpoint_is_good_only_once_a_finite_step_followed_it(tiny_config, monkeypatch):
+    """One step per epoch, the loss non-finite from the fourth step on (as a learning rate of
+    1e30 does: the third update leaves huge but finite weights). ``latest.pt`` (step 3) was
+    followed by a non-finite step, so the message names ``previous.pt`` (step 2), kept until a
+    finite step shows ``latest.pt`` good."""
+    cfg = tiny_config(data={"synthetic_size": 8}, optim={"epochs": 6})
+    trainer = Trainer(cfg)
+    real_loss = step_module.msn_loss
+
+    def poisoned(*args, **kwargs):
+        out = real_loss(*args, **kwargs)
+        if trainer.step >= 3:
+            out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(step_module, "msn_loss", poisoned)
+    folder = checkpoint.checkpoint_dir(cfg.output_dir)
+    with pytest.raises(TrainingDivergedError) as caught:
+        trainer.fit()
+    assert str(caught.value) == (f"non-finite loss between steps 4 and 4; stopping. {folder / 'latest.pt'} (step 3) was "
+                                 f"followed by a non-finite step; the last good checkpoint is {folder / 'previous.pt'}: "
+                                 f"resume={folder / 'previous.pt'} continues from it.")
+    assert checkpoint.load_checkpoint(folder / "previous.pt")["step"] == 2
+    assert checkpoint.load_checkpoint(folder / "latest.pt")["step"] == 3
+
+
+def test_previous_is_dropped_once_a_finite_step_shows_latest_good(tiny_config, monkeypatch):
+    """Two steps per epoch, a record every step, the loss non-finite from the fourth step:
+    step 3 was finite after ``latest.pt`` (step 2), so that one is named and nothing else kept."""
+    cfg = tiny_config(data={"synthetic_size": 16}, optim={"epochs": 6}, train={"log_every": 1, "progress": False})
+    trainer = Trainer(cfg)
+    real_loss = step_module.msn_loss
+
+    def poisoned(*args, **kwargs):
+        out = real_loss(*args, **kwargs)
+        if trainer.step >= 3:
+            out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(step_module, "msn_loss", poisoned)
+    folder = checkpoint.checkpoint_dir(cfg.output_dir)
+    with pytest.raises(TrainingDivergedError, match=f"The last good checkpoint is {folder / 'latest.pt'}.$"):
+        trainer.fit()
+    assert checkpoint.load_checkpoint(folder / "latest.pt")["step"] == 2 and not (folder / "previous.pt").exists()

@@ -110,7 +110,8 @@ def gather_state(cfg: MSNConfig, step_fn, step: int, steps_per_epoch: int, extra
 
 def holds_run(output_dir: str | os.PathLike) -> Path | None:
     """The file that shows ``output_dir`` already holds a run (a checkpoint or logged metrics)."""
-    for path in (checkpoint.checkpoint_dir(output_dir) / checkpoint.LATEST, *checkpoint.epoch_copies(output_dir),
+    folder = checkpoint.checkpoint_dir(output_dir)
+    for path in (folder / checkpoint.LATEST, folder / checkpoint.PREVIOUS, *checkpoint.epoch_copies(output_dir),
                  Path(output_dir) / METRICS_FILE):
         if path.is_file() and path.stat().st_size > 0:
             return path
@@ -122,8 +123,8 @@ def find_resume_state(resume: str, output_dir: str | os.PathLike, device: torch.
     """The checkpoint ``resume`` asks for, loaded, or ``None`` for a fresh start.
 
     ``never`` refuses a directory that already holds a run (nothing there is overwritten);
-    ``auto`` (and ``force``) takes ``latest.pt`` and, when that file is unreadable, the newest readable
-    ``epoch_XXXX.pt`` with a warning; a path must be a readable checkpoint. Checkpoints are
+    ``auto`` (and ``force``) takes ``latest.pt`` and, when that file is unreadable, ``previous.pt``
+    or the newest readable ``epoch_XXXX.pt`` with a warning; a path must be a readable checkpoint. Checkpoints are
     read as tensors and plain data only, unless ``trust_pickle`` (docs/security.md): a file
     that needs more is refused, never skipped for an older one.
 
@@ -142,7 +143,8 @@ def find_resume_state(resume: str, output_dir: str | os.PathLike, device: torch.
         except (ValueError, FileNotFoundError) as error:
             raise ConfigError(f"resume: {error}") from None
     latest = checkpoint.find_latest(output_dir)
-    candidates = ([latest] if latest else []) + checkpoint.epoch_copies(output_dir)
+    previous = checkpoint.find_previous(output_dir)
+    candidates = [path for path in (latest, previous) if path] + checkpoint.epoch_copies(output_dir)
     failures = []
     for path in candidates:
         try:

@@ -91,6 +91,10 @@ class Trainer:
         if workers > 0:  # Slurm signals every process: workers leave it to the main one
             self.loader.worker_init_fn = IgnoreSignals(cfg.dist.preempt_signals)
         self.step = 0
+        #: the step of ``latest.pt`` (written or resumed in this process), and whether a finite
+        #: step after it has shown it good (until then ``previous.pt`` is kept)
+        self.latest_step: int | None = None
+        self.latest_shown_good = False
         self.skipped_images = 0
         self.train_seconds = 0.0
         self.wandb_run_id: str | None = None
@@ -156,6 +160,7 @@ class Trainer:
                         self.cfg.optim.batch_size, self.cfg.optim.batch_size // self.world_size)
         if self.is_main:
             train_state.truncate_metrics(self.output_dir / METRICS_FILE, self.step)
+        self.latest_step, self.latest_shown_good = self.step, False
         log.info("resumed from %s at step %d", path, self.step)
         return path
 
@@ -171,7 +176,8 @@ class Trainer:
                                         f"a checkpoint. {self._latest_note()}")
         state = self.state_dict()
         if self.is_main:
-            checkpoint.save_training_checkpoint(state, self.output_dir, epoch_copy)
+            checkpoint.save_training_checkpoint(state, self.output_dir, epoch_copy, keep_previous=True)
+        self.latest_step, self.latest_shown_good = self.step, False
 
     # ------------------------------------------------------------------ loop
     def train_step(self, batch) -> torch.Tensor:
@@ -258,6 +264,10 @@ class Trainer:
                         raise TrainingDivergedError(f"non-finite loss between steps {last_good_step + 1} and "
                                                     f"{self.step}; stopping. {self._latest_note()}")
                     last_good_step = self.step
+                    if self.latest_step is not None and self.step > self.latest_step and not self.latest_shown_good:
+                        self.latest_shown_good = True  # a finite step after latest.pt: the one before it can go
+                        if self.is_main:
+                            checkpoint.drop_previous(self.output_dir)
                     if monitor_due:  # into this step's record, its time outside every window
                         record.update(self._evaluate_monitor())
                         window.restart()
@@ -309,9 +319,17 @@ class Trainer:
         }
 
     def _latest_note(self) -> str:
-        latest = checkpoint.find_latest(self.output_dir)
+        """The newest checkpoint known good: ``latest.pt`` once a finite step followed it, else
+        ``previous.pt`` (a checkpoint is good when the step after it was finite)."""
+        latest, previous = checkpoint.find_latest(self.output_dir), checkpoint.find_previous(self.output_dir)
         if latest is None:
             return "No checkpoint was written."
+        if self.latest_step is not None and not self.latest_shown_good and self.step > self.latest_step:
+            if previous is None:
+                return (f"{latest} (step {self.latest_step}) was followed by a non-finite step, and no earlier "
+                        f"checkpoint is kept: start again with other settings.")
+            return (f"{latest} (step {self.latest_step}) was followed by a non-finite step; the last good checkpoint "
+                    f"is {previous}: resume={previous} continues from it.")
         return f"The last good checkpoint is {latest}."
 
 
