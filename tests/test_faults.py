@@ -73,6 +73,7 @@ def test_corrupt_latest_falls_back_to_the_newest_epoch_copy_and_litter_is_remove
     folder = out / "checkpoints"
     assert checkpoint.load_checkpoint(folder / "epoch_0001.pt")["step"] == 4
     (folder / "latest.pt").write_bytes((folder / "latest.pt").read_bytes()[:1000])  # a torn file
+    assert checkpoint.load_checkpoint(folder / "previous.pt")["step"] == 4  # the checkpoint before it
     litter = folder / ".latest.pt.msn-k2j4.tmp"  # how an interrupted save names its temporary
     litter.write_bytes(b"\0" * 4096)
     foreign = folder / ".notes.tmp"  # not a name this project gives: never deleted
@@ -80,10 +81,15 @@ def test_corrupt_latest_falls_back_to_the_newest_epoch_copy_and_litter_is_remove
     again = run_script("train.py", *keep_epochs, "train.max_steps=8", f"output_dir={out}")
     assert again.returncode == 0, again.stderr
     printed = again.stdout + again.stderr  # Hydra's log goes to stdout
-    assert "latest.pt: not a readable checkpoint" in printed and f"continuing from {folder / 'epoch_0001.pt'}" in printed
+    assert "latest.pt: not a readable checkpoint" in printed and f"continuing from {folder / 'previous.pt'}" in printed
     assert not litter.exists() and foreign.read_text() == "mine"
     assert checkpoint.load_checkpoint(folder / "latest.pt")["step"] == 8
     assert steps_logged(out) == [2, 4, 6, 8]  # step 6 logged once: the records after step 4 were cut
+
+    (folder / "latest.pt").write_bytes(b"garbage")
+    (folder / "previous.pt").unlink()
+    epochs = run_script("train.py", *keep_epochs, "train.max_steps=8", f"output_dir={out}")
+    assert epochs.returncode == 0 and f"continuing from {folder / 'epoch_0002.pt'}" in epochs.stdout + epochs.stderr
 
     (folder / "latest.pt").write_bytes(b"garbage")
     named = run_script("train.py", *TINY_OVERRIDES, f"resume={folder / 'latest.pt'}", f"output_dir={out}")
