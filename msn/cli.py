@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -72,11 +73,12 @@ def _quiet_non_main_ranks(argv: list[str]) -> None:
         argv.append("hydra/job_logging=stdout")
 
 
-class RefuseLinkedOutputs(HydraCallback):
-    """A Hydra callback (``hydra.callbacks`` of both packaged configs): before Hydra writes its
-    log file and ``.hydra/`` into the run folder (it opens them with ``open(..., "w")``, which
-    follows links), refuse the run in one line when one of those names is a symbolic link
-    (docs/security.md)."""
+class CheckRunFolder(HydraCallback):
+    """A Hydra callback (``hydra.callbacks`` of both packaged configs), run before Hydra writes
+    its log file and ``.hydra/`` into the run folder: a folder that cannot be written (a
+    read-only mount, no permission, a file in the way) is one line instead of Hydra's
+    traceback, and so is a symbolic link under one of Hydra's names (it opens them with
+    ``open(..., "w")``, which follows links; docs/security.md)."""
 
     def on_run_start(self, config: DictConfig, **kwargs) -> None:  # noqa: ARG002 - Hydra's signature
         from omegaconf import OmegaConf
@@ -90,6 +92,12 @@ class RefuseLinkedOutputs(HydraCallback):
             if (folder / name).is_symlink():
                 _fail(f"{folder / name}: is a symbolic link; a run folder's files are never written through links "
                       f"(remove it, or choose another output_dir)")
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=folder):
+                pass
+        except OSError as error:
+            _fail(f"cannot write the run's files in {folder}: {error.strerror or error}")
 
 
 def eval_lowshot_main() -> None:

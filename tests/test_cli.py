@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from msn import checkpoint
 
 from conftest import TINY_OVERRIDES, run_script
@@ -51,3 +53,15 @@ def test_multirun_gives_every_job_its_own_directory(tmp_path):
     assert not torch.equal(states[0]["encoder"][first], states[1]["encoder"][first])
     for job in (0, 1):
         assert [json.loads(line)["step"] for line in open(sweep / str(job) / "metrics.jsonl")] == [2, 3]
+
+
+@pytest.mark.parametrize("script", ["train.py", "eval_lowshot.py"])
+def test_an_unwritable_run_folder_is_one_line_before_hydra_writes(tmp_path, script):
+    """A folder that cannot be made (here a file is in the way; a read-only mount or missing
+    permission fail the same call) used to end in Hydra's traceback from its log handler."""
+    (tmp_path / "afile").write_text("x")
+    out = tmp_path / "afile" / "run"
+    overrides = [*TINY_OVERRIDES, "train.max_steps=1"] if script == "train.py" else ["baseline=pixels", "data=synthetic"]
+    result = run_script(script, *overrides, f"output_dir={out}")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [f"error: cannot write the run's files in {out}: Not a directory"]
