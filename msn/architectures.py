@@ -35,6 +35,7 @@ class ModelPreset:
 #: The model presets; ``model=NAME`` on the command line picks one.
 MODELS: dict[str, ModelPreset] = {
     "vit_mini_4": ModelPreset("vit_mini", 4),
+    "vit_mini_7": ModelPreset("vit_mini", 7),
     "vit_tiny_16": ModelPreset("vit_tiny", 16),
     "vit_small_16": ModelPreset("vit_small", 16, "facebook/vit-msn-small"),
     "vit_base_16": ModelPreset("vit_base", 16, "facebook/vit-msn-base"),

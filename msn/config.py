@@ -88,7 +88,7 @@ class DataConfig:
     on_bad_image: str = "skip"  #: skip (log once, count in skipped_images) | error
     augment: str = "batched"  #: batched (per-image parameters, batched ops) | device (the same, run on the training device) | per_sample (torchvision per image)
     reduced_decode: bool = True  #: decode large JPEGs scaled down by 2, 4 or 8 when every view's crop is still downscaled (msn.data.transforms.min_decode_pixels); false: full decode like the reference
-    subset: Optional[int] = None  #: train on the first N images only
+    subset: Optional[int] = None  #: train on N images drawn by `seed` over the whole data set (shard_order=local: the first N)
     long_tail_ratio: Optional[float] = None  #: training split only: class i keeps ratio^(-i/(C-1)) of its images, a seeded draw (largest/smallest class = ratio; msn.data.datasets.long_tail_indices)
     shard_order: str = "global"  #: data=shards only: global (the ImageFolder order, every rank reads all shards) | local (each rank reads its own run of shards; docs/formats.md Sec. 9)
     synthetic_size: int = 256  #: images of data=synthetic

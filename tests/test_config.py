@@ -64,16 +64,17 @@ def test_model_presets_come_from_the_registry_and_overrides_win(tmp_path):
 
 
 def test_command_line_overrides_beat_the_preset(tmp_path):
-    cfg = load_config(compose_config("experiment=fmnist_demo", "data=folder", f"data.root={tmp_path}", "mask.ratio=0.3"))
+    cfg = load_config(compose_config("experiment=fmnist_demo", "data=folder", f"data.root={tmp_path}", "model=vit_tiny_16",
+                                     "mask.ratio=0.5"))
     assert cfg.data.name == "folder" and cfg.data.root == str(tmp_path)
-    assert cfg.model.arch == "vit_mini" and cfg.mask.ratio == 0.3
+    assert cfg.model.arch == "vit_tiny" and cfg.model.patch_size == 16 and cfg.mask.ratio == 0.5
     cfg = load_config(compose_config("experiment=vits16_in1k", "model=vit_tiny_16", f"data.root={tmp_path}"))
     assert cfg.model.arch == "vit_tiny" and cfg.mask.ratio == 0.15
 
 
 def test_demo_preset_targets_fashion_mnist():
     raw = compose_config("experiment=fmnist_demo")
-    assert raw.data.name == "fashion_mnist" and raw.model.name == "vit_mini_4"
+    assert raw.data.name == "fashion_mnist" and raw.model.name == "vit_mini_7"
     assert load_config(raw).model.patch_size == 7  # the showcase's model (fmnist_msn)
     assert raw.data.views.rand_size == 28 and raw.data.views.focal_size == 14
 
@@ -134,3 +135,37 @@ def test_prior_and_long_tail_defaults_and_overrides(tmp_path):
     cfg = load_config(compose_config("loss.prior=power_law", "loss.prior_exponent=0.5", "data=synthetic",
                                      "data.long_tail_ratio=10", f"output_dir={tmp_path}"))
     assert (cfg.loss.prior, cfg.loss.prior_exponent, cfg.data.long_tail_ratio) == ("power_law", 0.5, 10.0)
+
+
+def test_a_model_or_data_override_brings_its_own_patch_and_views(tmp_path):
+    """The Fashion-MNIST presets take their model (patch 7) and their views (14 px focal views)
+    from the model and data groups: overriding either brings that group's own values instead
+    of keeping the preset's, and what does not fit is refused in one line."""
+    demo = compose_config("experiment=fmnist_demo")
+    assert (demo.model.name, demo.data.views.rand_size, demo.data.views.focal_size, demo.data.views.num_focal) == \
+        ("vit_mini_7", 28, 14, 6)
+    assert load_config(demo).model.patch_size == 7
+    tiny = compose_config("experiment=fmnist_demo", "model=vit_tiny_16")
+    with pytest.raises(ConfigError, match=r"^data.views.rand_size: 28 px is not a positive multiple of model.patch_size=16"):
+        load_config(tiny)
+    (tmp_path / "images").mkdir()
+    folder = compose_config("experiment=fmnist_demo", "data=folder", f"data.root={tmp_path / 'images'}")
+    views = folder.data.views
+    assert (views.rand_size, views.focal_size, views.num_focal, list(views.mean)) == (224, 96, 10, [0.485, 0.456, 0.406])
+    with pytest.raises(ConfigError, match=r"^data.views.focal_size: 96 px is not a positive multiple of model.patch_size=7$"):
+        load_config(folder)  # the folder's 96 px focal views do not fit the preset's patch 7: say so, do not guess
+
+
+def test_data_subset_is_a_seeded_draw_over_every_class():
+    from msn.data import SyntheticImages, training_subset
+
+    data = SyntheticImages(size=100, num_classes=10, image_size=8)
+    drawn = training_subset(data, 30, seed=0)
+    assert list(drawn.indices) == sorted(drawn.indices) and len(set(drawn.indices)) == 30
+    assert max(drawn.indices) > 30  # not the first 30
+    assert list(training_subset(data, 30, seed=0).indices) == list(drawn.indices)
+    assert list(training_subset(data, 30, seed=1).indices) != list(drawn.indices)
+    assert list(training_subset(data, 30, seed=0, shard_local=True).indices) == list(range(30))
+    assert training_subset(data, None, seed=0) is data and training_subset(data, 100, seed=0) is data
+    with pytest.raises(ValueError, match="^data.subset: 101 images asked for, the data set holds 100$"):
+        training_subset(data, 101, seed=0)

@@ -197,7 +197,7 @@ def test_config_validates_shards_and_shard_order(written, tiny_config):
         tiny_config(data={"name": "shards", "root": None})
     with pytest.raises(FileNotFoundError, match="data.root: no index.json"):
         build_dataset(_data_cfg(tiny_config, dst.parent / "images"))
-    composed = load_config(compose_config("experiment=fmnist_demo", "data=shards", f"data.root={dst}",
+    composed = load_config(compose_config("experiment=vits16_in1k", "data=shards", f"data.root={dst}",
                                           "data.shard_order=local"))
     assert (composed.data.name, composed.data.shard_order) == ("shards", "local")
 

@@ -7,6 +7,7 @@ from msn.data.datasets import (
     build_dataset,
     fixed_image_size,
     prepare_fashion_mnist,
+    training_subset,
 )
 from msn.data.batch_augment import BatchMultiView, BatchPhotometric
 from msn.data.loader import (
@@ -41,6 +42,7 @@ __all__ = [
     "prepare_fashion_mnist",
     "geometric_transform",
     "start_epoch",
+    "training_subset",
     "view_transform",
     "ShardLocalSampler",
     "ShardedImages",

@@ -496,6 +496,27 @@ class LongTailSubset(torch.utils.data.Subset):
         return [names[i] for i in self.indices]
 
 
+def training_subset(dataset, count: int | None, seed: int, shard_local: bool = False) -> torch.utils.data.Dataset:
+    """``data.subset``: ``count`` images drawn without replacement over the whole data set
+    (every class, not the first folders) by a generator seeded with ``seed``, kept in
+    ascending order; with ``data.shard_order=local`` the first ``count`` (the shard reader
+    reads whole shards in order). ``None`` keeps the data set whole.
+
+    Raises:
+        ValueError: ``count`` exceeds the data set (one line naming the key).
+    """
+    if count is None:
+        return dataset
+    if count > len(dataset):
+        raise ValueError(f"data.subset: {count} images asked for, the data set holds {len(dataset)}")
+    if count == len(dataset):
+        return dataset
+    if shard_local:
+        return torch.utils.data.Subset(dataset, range(count))
+    drawn = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:count]
+    return torch.utils.data.Subset(dataset, drawn.sort().values.tolist())
+
+
 def build_dataset(data_cfg, train: bool = True) -> torch.utils.data.Dataset:
     """The data set named by ``data_cfg`` (:func:`_named_dataset`); with
     ``data_cfg.long_tail_ratio`` set, the training split becomes its long-tailed subset

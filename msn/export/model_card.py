@@ -31,7 +31,7 @@ def _recipe(loaded: LoadedBackbone) -> list[str]:
     if cfg is None:
         return ["- Pre-training recipe: not recorded in the source (a weights file without our config)."]
     data = cfg.data.name  # never its root: a card is shared, the path is this machine's
-    subset = f", first {cfg.data.subset} images" if cfg.data.subset else ""
+    subset = f", a subset of {cfg.data.subset} images" if cfg.data.subset else ""
     return [
         f"- Data: {data}{subset}, labels unused.",
         f"- Objective: MSN (Assran et al., ECCV 2022), {cfg.loss.num_prototypes} prototypes, "

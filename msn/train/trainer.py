@@ -26,7 +26,7 @@ from omegaconf import OmegaConf
 
 from msn import checkpoint, distributed, files
 from msn.config import ConfigError, MSNConfig, to_dict
-from msn.data import build_dataset, build_multiview_data, build_sampler, build_train_loader, start_epoch
+from msn.data import build_dataset, build_multiview_data, build_sampler, build_train_loader, start_epoch, training_subset
 from msn.logging import METRICS_FILE, MetricsLogger, progress_bar
 from msn.runtime import loader_workers, resolve_device
 from msn.train import state as train_state
@@ -60,9 +60,8 @@ class Trainer:
         self.device = resolve_device(cfg.device, distributed.local_rank() if self.world_size > 1 else None)
         self.output_dir = Path(cfg.output_dir)
 
-        self.dataset = build_dataset(cfg.data, train=True)
-        if cfg.data.subset is not None and cfg.data.subset < len(self.dataset):
-            self.dataset = torch.utils.data.Subset(self.dataset, range(cfg.data.subset))
+        self.dataset = training_subset(build_dataset(cfg.data, train=True), cfg.data.subset, cfg.seed,
+                                       cfg.data.shard_order == "local")
         global_batch = cfg.optim.batch_size
         self.steps_per_epoch = len(self.dataset) // global_batch
         if self.steps_per_epoch == 0:
