@@ -47,9 +47,16 @@ def test_kill_9_before_the_first_checkpoint_then_resume_logs_every_step_once(tmp
     proc.wait(timeout=30)
     logged = steps_logged(out)
     assert len(logged) >= 3 and checkpoint.find_latest(out) is None, logged  # killed before step 50
+    killed_records = (out / "metrics.jsonl").read_text()
     again = run_script("train.py", *LONG_EPOCH, "train.max_steps=5", f"output_dir={out}")
     assert again.returncode == 0, again.stderr
-    assert steps_logged(out) == [1, 2, 3, 4, 5]  # the killed run's records are gone, none twice
+    assert steps_logged(out) == [1, 2, 3, 4, 5]  # the killed run's records are set aside, none twice
+    assert (out / "metrics.jsonl.1.old").read_text() == killed_records  # kept, not deleted
+    assert "is kept as metrics.jsonl.1.old" in again.stdout + again.stderr
+    (out / "checkpoints" / "latest.pt").unlink()
+    (out / "checkpoints" / "previous.pt").unlink(missing_ok=True)
+    third = run_script("train.py", *LONG_EPOCH, "train.max_steps=2", f"output_dir={out}")
+    assert third.returncode == 0 and (out / "metrics.jsonl.2.old").is_file()  # a second fresh start: .2.old
 
 
 def test_resume_never_refuses_a_directory_holding_a_run(tmp_path):
@@ -272,3 +279,43 @@ def test_a_record_after_a_resume_says_how_many_steps_it_averages(tmp_path):
     assert run_script("train.py", *common, "train.max_steps=8").returncode == 0
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [(r["step"], r["window_steps"]) for r in records] == [(4, 4), (7, 3), (8, 1)]
+
+
+@pytest.mark.parametrize("name", ["USR1", "USR2"])
+def test_usr_signals_stop_like_sigterm_with_exit_75(tmp_path, name):
+    """Slurm's ``--signal`` sends USR1 or USR2: the same checkpoint-then-exit-75 as SIGTERM."""
+    out = tmp_path / "run"
+    env = dict(os.environ, HYDRA_FULL_ERROR="0", WANDB_MODE="disabled")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *LONG_EPOCH, f"output_dir={out}"],
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while len(steps_logged(out)) < 2 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(getattr(signal, f"SIG{name}"))
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 75, stderr
+    stopped = int(stderr.split(f"preempted: stopped by SIG{name} at step ")[1].split(",")[0])
+    assert checkpoint.load_checkpoint(out / "checkpoints" / "latest.pt")["step"] == stopped >= 2
+
+
+def test_rank_0_requeues_its_slurm_job(tmp_path, monkeypatch):
+    """``dist.requeue=auto`` in a Slurm job runs ``scontrol requeue <job>`` (``<array>_<task>``
+    for an array job); ``never`` and a run outside Slurm do not (a fake scontrol records it)."""
+    from msn.cli import _requeue
+
+    calls = tmp_path / "calls"
+    fake = tmp_path / "bin" / "scontrol"
+    fake.parent.mkdir()
+    fake.write_text(f"#!/bin/sh\necho \"$@\" >> {calls}\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
+    for variable in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID"):
+        monkeypatch.delenv(variable, raising=False)
+    assert _requeue("auto") == "run the same command again to resume"
+    monkeypatch.setenv("SLURM_JOB_ID", "1234")
+    assert _requeue("never") == "run the same command again to resume" and not calls.exists()
+    assert _requeue("auto") == "requeued Slurm job 1234"
+    monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "77")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3")
+    assert _requeue("auto") == "requeued Slurm job 77_3"
+    assert calls.read_text().splitlines() == ["requeue 1234", "requeue 77_3"]
