@@ -72,6 +72,7 @@ def sniff(probe: Probe) -> bool:
 def read(probe: Probe) -> WeightsSource:
     """Refuse, naming the checkpoint to load instead (an inference graph has no weights to train)."""
     info_path = probe.location / EXPORT_INFO
-    origin = (read_json(info_path).get("source") or {}).get("path") if info_path.is_file() else None
-    where = f"; load the checkpoint it came from ({os.path.normpath(probe.location / origin)})" if origin else ""
+    source = (read_json(info_path).get("source") or {}) if info_path.is_file() else {}
+    origin = source.get("file") or source.get("path")
+    where = f"; load the checkpoint it came from ({origin})" if origin else ""
     raise ValueError(f"{probe.path}: an ONNX export is for inference and is not read back{where}")

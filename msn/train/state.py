@@ -256,7 +256,8 @@ def check_run_folder(output_dir: str | os.PathLike) -> None:
         raise ConfigError(f"{folder}: is a symbolic link; checkpoints are never written through links "
                           f"(set output_dir to the folder where they should go)")
     if os.path.lexists(folder) and not folder.is_dir():
-        raise ConfigError(f"{folder}: is not a folder (remove it, or choose another output_dir)")
+        raise ConfigError(f"cannot write the run's files: {folder} is not a folder (remove it, or choose another "
+                          f"output_dir)")
     _refuse_link(Path(output_dir) / METRICS_FILE)
 
 
