@@ -160,3 +160,11 @@ def test_config_errors_are_one_line(tmp_path):
     with pytest.raises(msn.config.ConfigError, match="^shots: class"):
         run_lowshot(config({"data": synthetic(synthetic_size=16), "baseline": "pixels", "shots": [5],
                             "output_dir": str(tmp_path), "cache": False, "progress": False}))
+
+
+def test_an_override_of_a_key_that_does_not_exist_is_refused_by_hydra(tmp_path):
+    """docs/eval.md: an override of a key that does not exist, without ``+``, is refused by
+    Hydra itself, exit code 1 (and nothing is evaluated)."""
+    result = run_cli("baseline=pixels", "data=synthetic", "nosuchkey=1", f"output_dir={tmp_path / 'out'}")
+    assert result.returncode == 1 and "nosuchkey" in result.stderr
+    assert not (tmp_path / "out" / "results.json").exists()
