@@ -1,7 +1,12 @@
-"""The faithful baseline of the benchmarks: the authors' training step and data path, written
-from their published description and code structure (docs/method.md Sec. 6), not ours.
+"""The baseline of the benchmarks: a reconstruction of the authors' step, tested equal in float64,
+and of their data path. It is written from their published description and code structure
+(docs/method.md Sec. 6) as a subclass of our :class:`msn.train.MSNStep`, not taken from their code.
+Tested equal: one update of :class:`AuthorsStep` and one of our step, on the same weights, batch
+and kept tokens, give the same weights, target, prototypes and loss in float64 (to 1e-9), with
+nothing masked (tests/test_benchmarks.py::test_authors_baseline_is_the_same_step_in_exact_arithmetic)
+and with the paper's ViT-S mask, ratio 0.15 shared by the batch (tests/test_authors_step.py).
 
-What the authors' step does, and this baseline does too:
+What the authors' step does, and this reconstruction does too:
 
 * one forward per resolution group (anchors, then all focal views), the anchors' dropped
   tokens removed with ONE random subset for the whole batch;
@@ -11,6 +16,13 @@ What the authors' step does, and this baseline does too:
   encoder, a norm per weight gradient read to the host for logging every step;
 * the EMA as a Python loop of ``mul_`` / ``add_`` per parameter;
 * per-image PIL augmentation (torchvision v1 transforms on PIL images).
+
+Where it is not the authors' code: the shared subset is drawn by our
+:class:`msn.masking.AnchorMasks` (a generator seeded by the run's seed and the step, positions
+sorted), theirs by ``1 + torch.randperm(N)[:K]`` from the global generator at each anchor forward,
+in that random order. The order of the kept tokens does not change the update (tested in
+tests/test_authors_step.py); which subset a step keeps differs, which changes neither the number
+of kept tokens nor the work of the step.
 """
 
 from __future__ import annotations
@@ -43,8 +55,9 @@ class FullBlocksForward(nn.Module):
 
 
 class AuthorsStep(MSNStep):
-    """:class:`msn.train.MSNStep` with the authors' choices wherever they differ from ours
-    (module docstring). Build with :meth:`from_reference_config`."""
+    """A reconstruction of the authors' step, tested equal in float64 (module docstring;
+    tests/test_authors_step.py, tests/test_benchmarks.py): :class:`msn.train.MSNStep` with the
+    authors' choices wherever they differ from ours. Build with :meth:`from_reference_config`."""
 
     @classmethod
     def from_reference_config(cls, cfg: MSNConfig, device: torch.device) -> "AuthorsStep":

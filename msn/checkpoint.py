@@ -66,9 +66,10 @@ def save_training_checkpoint(state: dict[str, Any], output_dir: str | os.PathLik
 
 
 def remove_stale_temporaries(output_dir: str | os.PathLike) -> list[Path]:
-    """Delete the temporaries of saves a crash interrupted (only names :mod:`msn.files` gives
-    its temporaries, never through a linked ``checkpoints/``); returns them."""
-    return remove_own_temporaries(checkpoint_dir(output_dir))
+    """Delete the temporaries of writes a crash interrupted, in the run folder (the
+    ``metrics.jsonl`` cut-back, ``config.yaml``) and in ``checkpoints/`` (only names
+    :mod:`msn.files` gives its temporaries, never through a linked folder); returns them."""
+    return remove_own_temporaries(output_dir) + remove_own_temporaries(checkpoint_dir(output_dir))
 
 
 def drop_previous(output_dir: str | os.PathLike) -> None:

@@ -66,7 +66,14 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None], sy
             if sync:
                 os.fsync(stream.fileno())
 
-    return _replace_from_temporary(Path(path), fill)
+    path = _replace_from_temporary(Path(path), fill)
+    if sync:  # the rename itself reaches the disk (a power cut after it keeps the new file)
+        folder = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
+    return path
 
 
 def write_bytes(path: str | os.PathLike, data: bytes, sync: bool = False) -> Path:
