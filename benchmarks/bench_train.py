@@ -187,13 +187,13 @@ class PerViewForward(nn.Module):
 
 
 class StepRunner:
-    """:class:`msn.train.MSNStep` (or, with ``authors``, the faithful baseline
+    """:class:`msn.train.MSNStep` (or, with ``authors``, the reconstruction of the authors' step
     :class:`reference_recipe.AuthorsStep`) on a fixed batch; ``forward`` swaps its
     online-forward module (``None``: the trainer's own)."""
 
     def __init__(self, cfg: MSNConfig, channels_last: bool = False, authors: bool = False, **forward):
         self.device = resolve_device(cfg.device)
-        if authors:  # the faithful baseline (benchmarks/reference_recipe.py)
+        if authors:  # the reconstruction of the authors' step (benchmarks/reference_recipe.py)
             self.step_fn = AuthorsStep.from_reference_config(cfg, self.device)
         else:
             self.step_fn = MSNStep.from_config(cfg, self.device, steps_per_epoch=1)
