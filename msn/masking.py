@@ -91,14 +91,23 @@ class AnchorMasks:
         self.num_patches, self.ratio, self.shared, self.seed = num_patches, ratio, shared, seed
         self.first_row = rank * (global_batch // world_size)
 
-    def __call__(self, step: int, batch_size: int, device: torch.device | str | None = None) -> torch.Tensor | None:
-        """Keep indices [batch_size, 1 + K] of this rank's anchors at ``step`` (CLS first)."""
+    def __call__(self, step: int, batch_size: int, device: torch.device | str | None = None,
+                 rows: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Keep indices [batch_size, 1 + K] of this rank's anchors at ``step`` (CLS first).
+
+        ``rows``: the places in this rank's share of the global batch of the images present,
+        when unreadable ones were dropped (:attr:`msn.data.MultiViewBatch.rows`); default
+        ``0..batch_size-1``. Each image then keeps its own row's mask, on any number of ranks.
+        """
         if self.ratio == 0:
             return None
         if self.shared:
             return sample_keep_indices(batch_size, self.num_patches, self.ratio, shared=True,
                                        generator=mask_generator(self.seed, step), device=device)
-        rows = [torch.randperm(self.num_patches, generator=mask_generator(self.seed, step, row))[: self.kept]
-                for row in range(self.first_row, self.first_row + batch_size)]
-        chosen = torch.stack(rows).sort(dim=1).values + 1
+        places = range(batch_size) if rows is None else [int(row) for row in rows]
+        if len(places) != batch_size:
+            raise ValueError(f"{len(places)} rows for a batch of {batch_size} anchors")
+        subsets = [torch.randperm(self.num_patches, generator=mask_generator(self.seed, step, self.first_row + place))[: self.kept]
+                   for place in places]
+        chosen = torch.stack(subsets).sort(dim=1).values + 1
         return torch.cat([torch.zeros(batch_size, 1, dtype=torch.long), chosen], dim=1).to(device)

@@ -121,3 +121,105 @@ def step_worker(rank: int, world: int, port: int, out: str, tiny: dict, memax_in
     torch.save(results, Path(out) / f"rank{rank}.pt")
     dist.barrier()
     dist.destroy_process_group()
+
+
+def fit_worker(rank: int, world: int, port: int, runs: list) -> None:
+    """``Trainer(load_config(run, world_size=world)).fit()`` for each composed config dict of
+    ``runs``, in order, on this rank (the runs of the world-size resume tests)."""
+    _init(rank, world, port)
+    from msn.config import load_config
+    from msn.train import Trainer
+
+    for composed in runs:
+        Trainer(load_config(composed, world_size=world)).fit()
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------- runs on other world sizes
+#: Checkpoint entries that differ between runs on different numbers of ranks by design: the
+#: RNG states of every rank (one per rank; a rank the checkpoint did not have starts a fresh
+#: stream) and the recorded world size; with ``conftest.RUN_SPECIFIC`` (the config, the wall
+#: time). Rank 0's stream (``rng``) is compared.
+WORLD_SPECIFIC = {("config",), ("extra", "train_seconds"), ("rng_per_rank",), ("extra", "world_size")}
+#: Tolerance of :func:`assert_same_run`, relative to the largest magnitude of the tensor's kind
+#: (:func:`_kind`: the weights and buffers, ~1; AdamW's first moments; its second moments), for
+#: float64 runs of at most 6 steps, global batch 12, peak lr 1e-3. Images, augmentations, masks
+#: and data order are the same bits on any number of ranks (tests/test_data_rank_invariance.py):
+#: what is left is the order of the sums that cross ranks (DDP's all-reduce or FSDP2's
+#: reduce-scatter of the gradients, SyncBN's statistics, the loss's Sinkhorn and ME-MAX sums,
+#: the clipping norm), where the 12 images' terms become 1, 2 or 3 partial sums added in another
+#: order. In float64 that moves a sum of n <= 36 terms (12 images x 3 views) by at most
+#: n u sum|terms|, u = 2^-53 = 1.1e-16: ~4e-15 relative.
+#:
+#: * A weight with a real gradient inherits about that relative error (AdamW's m / sqrt(v) is
+#:   scale-free): measured <= 5e-14 of the largest moment (DDP, 2 -> 1 and 2 -> 3 ranks).
+#: * A weight whose gradient is zero in exact arithmetic (a bias just before a batch norm,
+#:   which subtracts it again: head.fc1.bias, head.fc2.bias, and the final LayerNorm's bias that
+#:   feeds fc1) has a gradient that is rounding alone, |g| <= delta = 36 u sum|terms| ~ 4e-15
+#:   (the terms are O(1) at most), and AdamW turns it into steps of lr |g| / (|g| + eps)
+#:   <= lr delta / eps, eps = 1e-8: such a weight is noise of up to
+#:   sum_t lr_t delta / eps <= 6 x 1e-3 x 4e-7 = 2.4e-9 in each run, so two runs differ by up
+#:   to 4.8e-9 there, absolute. That noise then reaches everything downstream absolutely (the
+#:   batch norms' running means, the features, hence every gradient and moment, relative to
+#:   the scale of their kind).
+#:
+#: So 1e-8 of the kind's largest magnitude, twice that worst case. Measured on this CPU: at
+#: most 3.7e-11 (the noise biases, themselves ~1e-11 in every run), 1e-11 for the moments. A
+#: real difference is orders above: another crop of one image, or one step more or less, moves
+#: the online weights by ~lr = 1e-3 and the EMA target by ~(1 - m) lr = 4e-6.
+RESIZE_TOL = 1e-8
+
+
+def _kind(path: tuple) -> str | None:
+    """What a checkpoint entry is compared with: ``weights`` (encoder, target, prototypes), an
+    AdamW state name (``exp_avg``, ``exp_avg_sq``, ``step``), or ``None``: to the bit (the RNG
+    state, the data position, the optimiser's hyperparameters)."""
+    if path[0] in ("encoder", "target_encoder", "prototypes"):
+        return "weights"
+    if path[:2] == ("optimizer", "state"):
+        return str(path[-1])
+    return None
+
+
+def _leaves(tree, path: tuple = ()):
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            yield from _leaves(value, path + (key,))
+    elif isinstance(tree, (list, tuple)):
+        for index, value in enumerate(tree):
+            yield from _leaves(value, path + (index,))
+    else:
+        yield path, tree
+
+
+def assert_same_run(a: dict, b: dict, tol: float = RESIZE_TOL) -> tuple[int, float]:
+    """``conftest.assert_same_state`` for runs on different numbers of ranks: the same tree,
+    every entry but :data:`WORLD_SPECIFIC` compared, floating tensors of a :func:`_kind` within
+    ``tol`` of the kind's largest magnitude, every other entry equal (tensors to the bit).
+    Returns the number of tensors compared and the largest difference (relative to the scale)."""
+
+    def kept(tree) -> dict:
+        return {path: x for path, x in _leaves(tree) if not any(path[:len(s)] == s for s in WORLD_SPECIFIC)}
+
+    left, right = kept(a), kept(b)
+    assert left.keys() == right.keys(), sorted(map(str, set(left) ^ set(right)))[:5]
+    scales: dict[str, float] = {}
+    for path, x in left.items():
+        if isinstance(x, torch.Tensor) and x.is_floating_point() and x.numel() and _kind(path):
+            scales[_kind(path)] = max(scales.get(_kind(path), 0.0), float(x.abs().max()))
+    compared, largest = 0, 0.0
+    for path, x in left.items():
+        y, where = right[path], "/".join(map(str, path))
+        if not isinstance(x, torch.Tensor):
+            assert x == y, f"{where}: {x!r} != {y!r}"
+            continue
+        assert isinstance(y, torch.Tensor) and x.dtype == y.dtype and x.shape == y.shape, f"{where}: dtype/shape"
+        compared += 1
+        if not (x.is_floating_point() and _kind(path)) or not x.numel():
+            assert torch.equal(x, y), f"{where}: differs"
+            continue
+        error = float((x - y).abs().max()) / scales[_kind(path)]
+        largest = max(largest, error)
+        assert error <= tol, f"{where}: differs by {error:.3g} of the largest {_kind(path)} ({scales[_kind(path)]:.3g})"
+    return compared, largest

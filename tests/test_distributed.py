@@ -1,7 +1,9 @@
 """Multi-process training on the CPU with gloo (2 processes), preemption and launcher configs.
 
 One spawn of 2 ranks (module fixture) runs the step-level checks and the Trainer runs of the
-resume test; torchrun launches `train.py` for the relaunch and the preemption tests.
+resume test; torchrun launches `train.py` for the relaunch and the preemption tests. The
+`resized` fixture runs the default augmentation on 1, 2 and 3 ranks (one process, a spawn of
+2, a spawn of 3) for the tests of resuming on another number of ranks.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from msn.train import Trainer
 from msn.train.preemption import EXIT_PREEMPTED
 
 from conftest import ROOT, TINY_OVERRIDES, assert_same_state, compose_config, tiny_config_dict
-from dist_helpers import free_port, record_keep_indices, step_worker, torchrun
+from dist_helpers import assert_same_run, fit_worker, free_port, record_keep_indices, step_worker, torchrun
 
 WORLD = 2
 #: 2 ranks x 4 images = the single-process batch of 8; per-sample augmentation is a function
@@ -211,6 +213,63 @@ def test_world_size_change_on_resume_keeps_the_data_order(two_ranks, tmp_path, c
     assert b["step"] == 8 and b["extra"]["world_size"] == 1
     _assert_states_close(a["encoder"], b["encoder"])  # float64: equal in exact arithmetic
     torch.testing.assert_close(a["prototypes"], b["prototypes"], rtol=0, atol=EXACT)
+
+
+# ---------------------------------------------------------------------------- (3b) other world sizes
+#: The default augmentation (``data.augment=batched``) in float64, global batch 12 (1, 2 or 3
+#: ranks of 12, 6 or 4 images), 36 images: 3 steps per epoch, 6 in the run.
+RESIZE_OVERRIDES = [*TINY_OVERRIDES, "precision=fp64", "optim.batch_size=12", "data.synthetic_size=36"]
+RESIZE_STEPS = 6
+
+
+def _resize_config(out, steps: int, resume: str = "auto") -> dict:
+    return OmegaConf.to_container(compose_config(*RESIZE_OVERRIDES, f"output_dir={out}", f"train.max_steps={steps}",
+                                                 f"resume={resume}"), resolve=True)
+
+
+def _fit(composed: dict) -> None:
+    Trainer(load_config(composed)).fit()
+
+
+@pytest.fixture(scope="module")
+def resized(tmp_path_factory):
+    """Runs of :data:`RESIZE_STEPS` steps with the default augmentation: uninterrupted on 2
+    ranks, and stopped then resumed on another number of ranks (2 -> 1 and 2 -> 3 after step 2,
+    1 -> 2 after step 4, both mid-epoch). Returns the tmp dir."""
+    tmp = tmp_path_factory.mktemp("resize")
+    _fit(_resize_config(tmp / "one_4", 4))  # one process, steps 1-4
+    two = [_resize_config(tmp / "two_straight", RESIZE_STEPS), _resize_config(tmp / "two_2", 2),
+           _resize_config(tmp / "one_to_two", RESIZE_STEPS, str(tmp / "one_4/checkpoints/latest.pt"))]
+    mp.spawn(fit_worker, args=(2, free_port(), two), nprocs=2, join=True)
+    step2 = str(tmp / "two_2/checkpoints/latest.pt")
+    _fit(_resize_config(tmp / "two_to_one", RESIZE_STEPS, step2))
+    mp.spawn(fit_worker, args=(3, free_port(), [_resize_config(tmp / "two_to_three", RESIZE_STEPS, step2)]),
+             nprocs=3, join=True)
+    return tmp
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("run, worlds", [("two_to_one", (2, 1)), ("one_to_two", (1, 2)), ("two_to_three", (2, 3))],
+                         ids=["2 -> 1 ranks", "1 -> 2 ranks", "2 -> 3 ranks"])
+def test_run_resumed_on_another_number_of_ranks_ends_where_the_uninterrupted_run_ends(resized, run, worlds):
+    """Default augmentation, float64: a run stopped mid-epoch and resumed on another number of
+    ranks ends with every tensor of the uninterrupted 2-rank run's checkpoint (weights, target
+    encoder, prototypes, AdamW state, batch-norm statistics, rank 0's RNG state), up to the
+    order of the cross-rank sums (:data:`dist_helpers.RESIZE_TOL`, derived there)."""
+    a = checkpoint.load_checkpoint(resized / "two_straight/checkpoints/latest.pt")
+    b = checkpoint.load_checkpoint(resized / run / "checkpoints/latest.pt")
+    assert a["step"] == b["step"] == RESIZE_STEPS and a["extra"]["world_size"] == 2
+    assert b["extra"]["world_size"] == worlds[1] and len(b["rng_per_rank"]) == worlds[1]
+    compared, largest = assert_same_run(a, b)
+    print(f"{run}: {compared} tensors, largest difference {largest:.3g} of its kind's scale")
+    assert compared > 100  # every weight, buffer, moment and rank 0's RNG state
+    # not vacuous: the run moved every group of weights from its start
+    start = checkpoint.load_checkpoint(resized / "two_2/checkpoints/latest.pt")
+    for key, moved in (("encoder", 1e-3), ("prototypes", 1e-3), ("target_encoder", 1e-5)):  # EMA: 1 - m = 0.004
+        before, after = start[key], a[key]
+        if key != "prototypes":
+            before, after = before["head.fc3.weight"], after["head.fc3.weight"]
+        assert (after - before).abs().max() > moved, key
 
 
 # ---------------------------------------------------------------------------- (4) preemption

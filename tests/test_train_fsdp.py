@@ -10,7 +10,9 @@ at most lr / eps = 1e5 by AdamW (docs in tests/test_distributed.py), stays below
 :data:`EXACT`. Measured: FSDP2 and DDP agree to the bit on 2 ranks (a sum of two terms and a
 halving round alike in any order), one process differs from two by ~7e-12. Runs that take
 the same path in the same order (a resume on the same ranks and strategy, recomputed
-activations) must match to the bit.
+activations) must match to the bit. The ``resized`` fixture (one process, 3 ranks, then 2)
+resumes FSDP2 runs of the default augmentation on another number of ranks, uneven shards
+included (:data:`dist_helpers.RESIZE_TOL`).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from msn.config import ConfigError, load_config
 from msn.train import Trainer
 
 from conftest import tiny_config_dict
-from dist_helpers import _init, free_port
+from dist_helpers import _init, assert_same_run, fit_worker, free_port
 
 WORLD = 2
 EXACT = 1e-9
@@ -174,6 +176,55 @@ def test_fsdp2_checkpoint_resumes_on_one_process_like_the_uninterrupted_run(runs
     resumed = _load(tmp_path / "one/checkpoints/latest.pt")
     assert resumed["extra"]["world_size"] == 1
     _assert_same_weights(_load(runs / "straight/checkpoints/latest.pt"), resumed, EXACT)
+
+
+# ---------------------------------------------------------------------------- (2b) other world sizes
+#: The default augmentation (``data.augment=batched``) in float64, global batch 12 over 1, 2 or
+#: 3 ranks (on 3, every dim 0 not divisible by 3 is sharded unevenly: the width 32 as 11, 11, 10,
+#: the 8 prototypes as 3, 3, 2), 36 images: 3 steps per epoch, 6 in the run.
+RESIZE = {"precision": "fp64", "data": {"synthetic_size": 36}, "optim": {"batch_size": 12, "epochs": 2, "warmup_epochs": 1},
+          "dist": {"strategy": "fsdp2"}}
+RESIZE_STEPS = 6
+
+
+def _resize_config(out: Path, steps: int, resume: str = "auto") -> dict:
+    cfg = tiny_config_dict(out, **RESIZE)
+    cfg["train"] = {**cfg["train"], "max_steps": steps}
+    cfg["resume"] = resume
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def resized(tmp_path_factory) -> Path:
+    """FSDP2 runs of :data:`RESIZE_STEPS` steps: uninterrupted on 2 ranks, and resumed on 2
+    ranks from one process's step 4 and from 3 ranks' step 2 (both mid-epoch)."""
+    tmp = tmp_path_factory.mktemp("fsdp2_resize")
+    Trainer(load_config(_resize_config(tmp / "one_4", 4))).fit()  # one process: FSDP2 shards nothing
+    mp.spawn(fit_worker, args=(3, free_port(), [_resize_config(tmp / "three_2", 2)]), nprocs=3, join=True)
+    runs = [_resize_config(tmp / "straight", RESIZE_STEPS),
+            _resize_config(tmp / "one_to_two", RESIZE_STEPS, str(tmp / "one_4/checkpoints/latest.pt")),
+            _resize_config(tmp / "three_to_two", RESIZE_STEPS, str(tmp / "three_2/checkpoints/latest.pt"))]
+    mp.spawn(fit_worker, args=(WORLD, free_port(), runs), nprocs=WORLD, join=True)
+    return tmp
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("run, saved_on", [("one_to_two", 1), ("three_to_two", 3)], ids=["1 -> 2 ranks", "3 -> 2 ranks"])
+def test_fsdp2_run_resumed_from_another_number_of_ranks_ends_where_the_uninterrupted_run_ends(resized, run, saved_on):
+    """A checkpoint of 1 process, or of 3 ranks with uneven shards, resumed under FSDP2 on 2
+    ranks ends with every tensor of the uninterrupted 2-rank run (weights, target, prototypes,
+    AdamW state, rank 0's RNG state), up to the order of the cross-rank sums
+    (:data:`dist_helpers.RESIZE_TOL`: the reduce-scatter's in place of the all-reduce's)."""
+    straight = _load(resized / "straight/checkpoints/latest.pt")
+    resumed = _load(resized / run / "checkpoints/latest.pt")
+    saved = _load(resized / ("one_4" if saved_on == 1 else "three_2") / "checkpoints/latest.pt")
+    assert saved["extra"]["world_size"] == saved_on and resumed["extra"]["world_size"] == WORLD
+    assert straight["step"] == resumed["step"] == RESIZE_STEPS
+    compared, largest = assert_same_run(straight, resumed)
+    print(f"{run}: {compared} tensors, largest difference {largest:.3g} of its kind's scale")
+    assert compared > 100
+    # not vacuous: the resumed steps moved the weights
+    assert (resumed["encoder"]["head.fc3.weight"] - saved["encoder"]["head.fc3.weight"]).abs().max() > 1e-4
 
 
 # ---------------------------------------------------------------------------- (3) checkpointing

@@ -7,17 +7,25 @@ its own parameters, including the random order of the four colour-jitter operati
 distribution is the one of torchvision's ``ColorJitter``/``RandomGrayscale``/``GaussianBlur``
 applied per image (docs/method.md Sec. 1). Each operation matches the torchvision functional
 of the same name on float images (tests/test_data_batch_augment.py).
+
+Every random number of a view comes from :func:`view_uniforms`, the one source of the
+``batched`` and ``device`` paths: a block of uniforms per image, drawn from a generator
+seeded by the image's ``(seed, epoch, index)`` alone. The parameters are functions of those
+uniforms (:func:`crop_boxes`, :meth:`BatchPhotometric.params`, :meth:`BatchMultiView.sample`),
+so an image's views do not depend on the batch it is in: not on the number of ranks the global
+batch is split over, nor on the unreadable images dropped beside it.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
-from msn.data.transforms import blur_kernel_size
+from msn.data.transforms import CROP_RATIO, blur_kernel_size, sample_seed
 
 LUMA = (0.2989, 0.587, 0.114)
 
@@ -118,6 +126,43 @@ def _update_rows(x: torch.Tensor, chosen: torch.Tensor, op, by_mask: bool) -> to
 
 JITTER_OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
 
+# ---------------------------------------------------------------------------- random numbers
+#: RandomResizedCrop's tries of an area and an aspect ratio before its central fallback
+CROP_ATTEMPTS = 10
+#: Uniforms of one crop: the area fraction of each attempt, the log aspect ratio of each
+#: attempt, then the top and the left offset (:func:`crop_boxes`).
+CROP_DRAWS = 2 * CROP_ATTEMPTS + 2
+#: Uniforms of one view's photometric parameters: 4 jitter factors, whether to jitter, 4 sort
+#: keys of the jitter order, grayscale, blur, blur sigma (:meth:`BatchPhotometric.params`).
+PHOTOMETRIC_DRAWS = 12
+#: Uniforms of one view, in this order: its crop, its flip, its photometric parameters.
+VIEW_DRAWS = CROP_DRAWS + 1 + PHOTOMETRIC_DRAWS
+_FLIP = CROP_DRAWS
+_PHOTOMETRIC = slice(CROP_DRAWS + 1, VIEW_DRAWS)
+
+
+def view_uniforms(keys: Sequence[tuple[int, int]], seed: int, num_views: int) -> torch.Tensor:
+    """Every random number of the views of a batch: float32 [B, num_views, VIEW_DRAWS] uniforms
+    in [0, 1) (``torch.rand``'s), view ``v`` of image ``b`` in ``[b, v]`` (0 the target, 1 the
+    anchor, then the focal views; columns as :data:`VIEW_DRAWS` says).
+
+    Row ``b`` is drawn from torch's CPU generator seeded by ``sample_seed(seed, *keys[b])``
+    (its 63 bits folded into the 32 that the generator keeps) and from nothing else, so it is
+    the same whatever batch, rank or worker the image ``keys[b] = (epoch, index)`` lands in.
+    """
+    draws = torch.empty(len(keys), num_views * VIEW_DRAWS)
+    generator = torch.Generator()
+    for row, (epoch, index) in zip(draws, keys):
+        key = sample_seed(seed, epoch, index)
+        generator.manual_seed(key ^ (key >> 32))
+        torch.rand(row.shape, generator=generator, out=row)
+    return draws.view(len(keys), num_views, VIEW_DRAWS)
+
+
+def view_major(per_image: torch.Tensor) -> torch.Tensor:
+    """[B, V, ...] -> [V * B, ...]: view 0 of every image, then view 1... (the loader's order)."""
+    return per_image.transpose(0, 1).flatten(0, 1)
+
 
 @dataclass
 class PhotometricParams:
@@ -151,21 +196,29 @@ class BatchPhotometric:
         self.mean = torch.tensor(views_cfg.mean).view(1, 3, 1, 1)
         self.std = torch.tensor(views_cfg.std).view(1, 3, 1, 1)
 
-    def sample(self, n: int, generator: torch.Generator) -> PhotometricParams:
-        """Draw every image's parameters on the CPU (identical on every device)."""
+    def params(self, uniforms: torch.Tensor) -> PhotometricParams:
+        """The parameters of ``N`` images from their uniforms [N, PHOTOMETRIC_DRAWS] (on the
+        CPU, so identical on every device): ``ColorJitter``'s factors uniform in
+        ``[max(0, 1 - s), 1 + s]`` (hue ``[-s, s]``) and a uniformly random order of its four
+        operations (the argsort of four uniforms), each operation applied with its
+        probability, blur sigma uniform in its range."""
         b, c, s, h = self.strength
         low = torch.tensor([max(0.0, 1 - b), max(0.0, 1 - c), max(0.0, 1 - s), -h])
         high = torch.tensor([1 + b, 1 + c, 1 + s, h])
-        factors = low + (high - low) * torch.rand(n, 4, generator=generator)
         lo, hi = self.sigma_range
         return PhotometricParams(
-            jitter=torch.rand(n, generator=generator) < self.jitter_p,
-            factors=factors,
-            order=torch.rand(n, 4, generator=generator).argsort(dim=1),
-            gray=torch.rand(n, generator=generator) < self.gray_p,
-            blur=torch.rand(n, generator=generator) < self.blur_p,
-            sigma=lo + (hi - lo) * torch.rand(n, generator=generator),
+            jitter=uniforms[:, 4] < self.jitter_p,
+            factors=low + (high - low) * uniforms[:, 0:4],
+            order=uniforms[:, 5:9].argsort(dim=1, stable=True),
+            gray=uniforms[:, 9] < self.gray_p,
+            blur=uniforms[:, 10] < self.blur_p,
+            sigma=lo + (hi - lo) * uniforms[:, 11],
         )
+
+    def sample(self, n: int, generator: torch.Generator) -> PhotometricParams:
+        """The parameters of ``n`` images from one ``generator`` (tests, benchmarks; the loader
+        draws per image, :func:`view_uniforms`)."""
+        return self.params(torch.rand(n, PHOTOMETRIC_DRAWS, generator=generator))
 
     def apply(self, images: torch.Tensor, params: PhotometricParams, select: str = "auto") -> torch.Tensor:
         """uint8 or float [N, 3, H, W] -> normalised float32 views.
@@ -194,26 +247,31 @@ class BatchPhotometric:
         return self.apply(images, self.sample(images.shape[0], generator))
 
 
-def sample_crop_boxes(count: int, height: int, width: int, scale: tuple[float, float],
-                      generator: torch.Generator, ratio: tuple[float, float] = (3 / 4, 4 / 3),
-                      attempts: int = 10) -> torch.Tensor:
-    """RandomResizedCrop boxes for ``count`` crops of an ``height x width`` image, vectorised.
+def crop_boxes(uniforms: torch.Tensor, height: int, width: int, scale: tuple[float, float],
+               ratio: tuple[float, float] = CROP_RATIO) -> torch.Tensor:
+    """RandomResizedCrop boxes of an ``height x width`` image from uniforms, vectorised.
 
     Same algorithm as torchvision's ``RandomResizedCrop``: up to ``attempts`` draws of an area
     fraction in ``scale`` and a log-uniform aspect ratio, the first that fits wins, else a
-    central crop. Returns float [count, 4] boxes ``(x0, y0, x1, y1)`` in pixels.
+    central crop. ``uniforms`` [count, 2 * attempts + 2]: the area draws, the aspect draws,
+    the top and the left offset (:data:`CROP_DRAWS` columns at the default 10 attempts).
+    Returns float [count, 4] boxes ``(x0, y0, x1, y1)`` in pixels.
     """
+    count, attempts = uniforms.shape[0], (uniforms.shape[1] - 2) // 2
+    # contiguous copies: the kernels below see the layouts of separate draws, so that
+    # sample_crop_boxes gives the boxes it gave before these were one tensor (bit for bit)
+    u_area, u_aspect = uniforms[:, :attempts].contiguous(), uniforms[:, attempts:2 * attempts].contiguous()
+    u_top, u_left = uniforms[:, 2 * attempts].contiguous(), uniforms[:, 2 * attempts + 1].contiguous()
     area = height * width
-    target = area * (scale[0] + (scale[1] - scale[0]) * torch.rand(count, attempts, generator=generator))
+    target = area * (scale[0] + (scale[1] - scale[0]) * u_area)
     low, high = math.log(ratio[0]), math.log(ratio[1])
-    aspect = torch.exp(low + (high - low) * torch.rand(count, attempts, generator=generator))
+    aspect = torch.exp(low + (high - low) * u_aspect)
     w = torch.round(torch.sqrt(target * aspect))
     h = torch.round(torch.sqrt(target / aspect))
     fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
     first = torch.where(fits.any(dim=1), fits.float().argmax(dim=1), torch.full((count,), -1))
     rows = torch.arange(count)
     w, h = w[rows, first.clamp_min(0)], h[rows, first.clamp_min(0)]
-    u_top, u_left = torch.rand(count, generator=generator), torch.rand(count, generator=generator)
     top = torch.floor(u_top * (height - h + 1))
     left = torch.floor(u_left * (width - w + 1))
     fallback = first < 0
@@ -228,6 +286,18 @@ def sample_crop_boxes(count: int, height: int, width: int, scale: tuple[float, f
         w[fallback], h[fallback] = float(fw), float(fh)
         top[fallback], left[fallback] = float((height - fh) // 2), float((width - fw) // 2)
     return torch.stack([left, top, left + w, top + h], dim=1)
+
+
+def sample_crop_boxes(count: int, height: int, width: int, scale: tuple[float, float],
+                      generator: torch.Generator, ratio: tuple[float, float] = CROP_RATIO,
+                      attempts: int = CROP_ATTEMPTS) -> torch.Tensor:
+    """:func:`crop_boxes` of ``count`` crops drawn from one ``generator`` (the area draws
+    [count, attempts], the aspect draws, the tops [count], the lefts, in that order)."""
+    uniforms = torch.cat([torch.rand(count, attempts, generator=generator),
+                          torch.rand(count, attempts, generator=generator),
+                          torch.rand(count, 1, generator=generator),
+                          torch.rand(count, 1, generator=generator)], dim=1)
+    return crop_boxes(uniforms, height, width, scale, ratio)
 
 
 def resized_crops(images: torch.Tensor, boxes: torch.Tensor, image_index: torch.Tensor, size: int,
@@ -267,8 +337,8 @@ class BatchMultiView:
     Used by ``data.augment=batched`` (and ``device``) when the data set has a fixed image size
     (Fashion-MNIST, synthetic): every crop box, flip and photometric parameter is drawn per
     view and image, as torchvision would image by image, but each operation runs once over the
-    batch. :meth:`sample` draws them (host, seeded generator), :meth:`render` applies them on
-    whatever device holds the images.
+    batch. :meth:`sample` turns each image's uniforms (:func:`view_uniforms`) into the batch's
+    plan (host), :meth:`render` applies it on whatever device holds the images.
 
     Args:
         views_cfg: a :class:`msn.config.ViewsConfig`.
@@ -279,21 +349,24 @@ class BatchMultiView:
         self.rand = BatchPhotometric(views_cfg, views_cfg.rand_size)
         self.focal = BatchPhotometric(views_cfg, views_cfg.focal_size)
 
-    def sample(self, count: int, height: int, width: int, generator: torch.Generator) -> ViewPlan:
-        """The plan of a batch of ``count`` images of ``height x width``."""
+    @property
+    def num_views(self) -> int:
+        """Views per image: target, anchor and the focal views."""
+        return 2 + self.cfg.num_focal
+
+    def sample(self, uniforms: torch.Tensor, height: int, width: int) -> ViewPlan:
+        """The plan of a batch of images of ``height x width`` from their uniforms
+        [B, num_views, VIEW_DRAWS] (:func:`view_uniforms`)."""
         cfg = self.cfg
 
-        def geometry(views: int, scale) -> tuple[torch.Tensor, torch.Tensor]:
-            boxes = sample_crop_boxes(views * count, height, width, tuple(scale), generator)
-            return boxes, torch.rand(views * count, generator=generator) < cfg.hflip
+        def group(views: torch.Tensor, scale, photometric: BatchPhotometric):
+            draws = view_major(views)
+            boxes = crop_boxes(draws[:, :CROP_DRAWS], height, width, tuple(scale))
+            return boxes, draws[:, _FLIP] < cfg.hflip, photometric.params(draws[:, _PHOTOMETRIC])
 
-        rand_boxes, rand_flip = geometry(2, cfg.rand_scale)
-        rand_params = self.rand.sample(2 * count, generator)
-        focal_boxes = focal_flip = focal_params = None
-        if cfg.num_focal:
-            focal_boxes, focal_flip = geometry(cfg.num_focal, cfg.focal_scale)
-            focal_params = self.focal.sample(cfg.num_focal * count, generator)
-        return ViewPlan(rand_boxes, rand_flip, rand_params, focal_boxes, focal_flip, focal_params)
+        rand = group(uniforms[:, :2], cfg.rand_scale, self.rand)
+        focal = group(uniforms[:, 2:], cfg.focal_scale, self.focal) if cfg.num_focal else (None, None, None)
+        return ViewPlan(*rand, *focal)
 
     def render(self, images: torch.Tensor, plan: ViewPlan) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """uint8 [B, 3, H, W] -> (target [B], anchor [B], focal [V*B] view-major), normalised."""
@@ -310,8 +383,9 @@ class BatchMultiView:
         return pair[:b], pair[b:], focal
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Sample and render at once (``data.augment=batched``)."""
-        return self.render(images, self.sample(images.shape[0], *images.shape[-2:], generator))
+        """Sample (from one ``generator``) and render at once (tests, benchmarks)."""
+        uniforms = torch.rand(images.shape[0], self.num_views, VIEW_DRAWS, generator=generator)
+        return self.render(images, self.sample(uniforms, *images.shape[-2:]))
 
 
 # ---------------------------------------------------------------------------- device augmentation
@@ -326,6 +400,14 @@ class DeferredPhotometric:
     focal: BatchPhotometric
     rand_params: PhotometricParams
     focal_params: PhotometricParams | None
+
+    @classmethod
+    def sample(cls, rand: BatchPhotometric, focal: BatchPhotometric, uniforms: torch.Tensor) -> "DeferredPhotometric":
+        """The photometric parameters of every view from the images' uniforms
+        [B, views, VIEW_DRAWS] (:func:`view_uniforms`; views 0 and 1 the target and anchor)."""
+        draws = uniforms[..., _PHOTOMETRIC]
+        focal_params = focal.params(view_major(draws[:, 2:])) if draws.shape[1] > 2 else None
+        return cls(rand, focal, rand.params(view_major(draws[:, :2])), focal_params)
 
     def apply(self, target: torch.Tensor, anchor: torch.Tensor, focal: torch.Tensor):
         both = self.rand.apply(torch.cat([target, anchor]), self.rand_params)

@@ -2,8 +2,9 @@
 
 Determinism does not depend on worker count or on where a run was resumed: the epoch's order
 is a permutation seeded by ``(seed, epoch)``, and each sample's augmentation is drawn from a
-generator seeded by ``(seed, epoch, index)`` (anchor masks are drawn by the train step,
-:class:`msn.masking.AnchorMasks`). The loader never draws from the
+generator seeded by ``(seed, epoch, index)``, with every ``data.augment`` (per image, never
+per batch: nor does it depend on the number of ranks; anchor masks are drawn by the train
+step, :class:`msn.masking.AnchorMasks`). The loader never draws from the
 global torch generator: its own generator (the workers' base seed) is seeded by
 ``(seed, epoch, rank)`` in :func:`start_epoch`, so a resumed run's global random stream
 continues the uninterrupted run's.
@@ -18,12 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from msn.data.datasets import BadImageError
-from msn.data.transforms import MultiViewTransform
-
-
-def sample_seed(seed: int, epoch: int, index: int) -> int:
-    """A 63-bit seed unique to ``(seed, epoch, index)``."""
-    return (seed * 0x9E3779B1 + epoch * 0x85EBCA77 + index * 0xC2B2AE3D + 0x27D4EB2F) % (2**63 - 1)
+from msn.data.transforms import MultiViewTransform, sample_seed
 
 
 class MultiViewDataset(Dataset):
@@ -71,7 +67,9 @@ def _source(base: Dataset, index: int) -> str:
 @dataclass
 class MultiViewBatch:
     """A collated batch: ``target`` [B,3,H,W], ``anchor`` [B,3,H,W], ``focal`` [V*B,3,h,w]
-    view-major, ``labels`` [B], ``skipped`` bad images.
+    view-major, ``labels`` [B], ``skipped`` bad images; ``rows``, when images were skipped, the
+    places [B] the remaining ones had in the loader's batch (``None``: ``0..B-1``), so that what
+    is keyed by an image's place (:class:`msn.masking.AnchorMasks`) stays with the image.
 
     With ``data.augment=device`` the images are still uint8 and ``pending`` holds the
     augmentation left to run (:class:`~msn.data.batch_augment.DeferredPhotometric` or
@@ -85,10 +83,11 @@ class MultiViewBatch:
     labels: torch.Tensor
     skipped: int
     pending: Any = None
+    rows: torch.Tensor | None = None
 
     def pin_memory(self) -> "MultiViewBatch":
         return MultiViewBatch(self.target.pin_memory(), self.anchor.pin_memory(), self.focal.pin_memory(),
-                              self.labels.pin_memory(), self.skipped, self.pending)
+                              self.labels.pin_memory(), self.skipped, self.pending, self.rows)
 
     def to(self, device: torch.device, dtype: torch.dtype | None = None) -> "MultiViewBatch":
         """On ``device``, augmented there if ``pending``; the images (not the labels) also in
@@ -97,7 +96,8 @@ class MultiViewBatch:
         if self.pending is not None:
             views = self.pending.apply(*views)
         target, anchor, focal = (t.to(dtype) if dtype is not None else t for t in views)
-        return MultiViewBatch(target, anchor, focal, self.labels.to(device, non_blocking=True), self.skipped)
+        return MultiViewBatch(target, anchor, focal, self.labels.to(device, non_blocking=True), self.skipped,
+                              rows=self.rows)
 
     @property
     def size(self) -> int:
@@ -107,11 +107,15 @@ class MultiViewBatch:
 def collate_views(samples: list, photometric=None, seed: int = 0, batch_views=None, defer: bool = False) -> MultiViewBatch:
     """Stack samples view-major, dropping unreadable ones (:class:`Unreadable`) and counting them.
 
+    Every random parameter of an image's views is drawn from uniforms keyed by its
+    ``(seed + 1, epoch, index)`` (:func:`msn.data.batch_augment.view_uniforms`), never by the
+    batch: a global batch split over any number of ranks, with or without unreadable images
+    beside it, gives each image the same views.
+
     Args:
         samples: items of :class:`MultiViewDataset`.
         photometric: optional ``(rand, focal)`` pair of
-            :class:`msn.data.batch_augment.BatchPhotometric` applied to the uint8 crops, with
-            a generator seeded by the batch's first ``(epoch, index)`` key.
+            :class:`msn.data.batch_augment.BatchPhotometric` applied to the uint8 crops.
         seed: run seed.
         batch_views: optional :class:`msn.data.batch_augment.BatchMultiView` that makes every
             view of the batch from the raw uint8 images (samples carry ``views = [image]``).
@@ -119,21 +123,22 @@ def collate_views(samples: list, photometric=None, seed: int = 0, batch_views=No
             training device (``data.augment=device``): the batch carries uint8 pixels and a
             ``pending`` augmentation, and equals the ``batched`` one once moved.
     """
-    from msn.data.batch_augment import DeferredPhotometric, DeferredViews
+    from msn.data.batch_augment import DeferredPhotometric, DeferredViews, view_uniforms
 
     good = [s for s in samples if not isinstance(s, Unreadable)]
     if not good:
         raise BadImageError(f"every image of a batch of {len(samples)} was unreadable, {samples[0].source} first; "
                             f"data.on_bad_image=skip needs one readable image per batch")
     labels, skipped = torch.tensor([s[1] for s in good]), len(samples) - len(good)
-    generator = torch.Generator().manual_seed(sample_seed(seed + 1, *good[0][2]))
+    rows = torch.tensor([i for i, s in enumerate(samples) if not isinstance(s, Unreadable)]) if skipped else None
+    keys = [s[2] for s in good]
     if batch_views is not None:
         images = torch.stack([s[0][0] for s in good])
-        plan = batch_views.sample(len(good), *images.shape[-2:], generator)
+        plan = batch_views.sample(view_uniforms(keys, seed + 1, batch_views.num_views), *images.shape[-2:])
         if defer:
             empty = images.new_zeros(0)
-            return MultiViewBatch(images, empty, empty, labels, skipped, DeferredViews(batch_views, plan))
-        return MultiViewBatch(*batch_views.render(images, plan), labels, skipped)
+            return MultiViewBatch(images, empty, empty, labels, skipped, DeferredViews(batch_views, plan), rows)
+        return MultiViewBatch(*batch_views.render(images, plan), labels, skipped, rows=rows)
     num_focal = len(good[0][0]) - 2
     target = torch.stack([s[0][0] for s in good])
     anchor = torch.stack([s[0][1] for s in good])
@@ -142,13 +147,12 @@ def collate_views(samples: list, photometric=None, seed: int = 0, batch_views=No
     else:
         focal = torch.empty(0, *anchor.shape[1:], dtype=anchor.dtype)
     if photometric is None:
-        return MultiViewBatch(target, anchor, focal, labels, skipped)
+        return MultiViewBatch(target, anchor, focal, labels, skipped, rows=rows)
     rand, small = photometric
-    pending = DeferredPhotometric(rand, small, rand.sample(2 * len(good), generator),
-                                  small.sample(focal.shape[0], generator) if num_focal else None)
+    pending = DeferredPhotometric.sample(rand, small, view_uniforms(keys, seed + 1, 2 + num_focal))
     if defer:
-        return MultiViewBatch(target, anchor, focal, labels, skipped, pending)
-    return MultiViewBatch(*pending.apply(target, anchor, focal), labels, skipped)
+        return MultiViewBatch(target, anchor, focal, labels, skipped, pending, rows)
+    return MultiViewBatch(*pending.apply(target, anchor, focal), labels, skipped, rows=rows)
 
 
 class MultiViewCollate:

@@ -24,6 +24,13 @@ def blur_kernel_size(sigma_max: float, image_size: int) -> int:
 CROP_RATIO = (3 / 4, 4 / 3)
 
 
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A 63-bit seed unique to ``(seed, epoch, index)``: every augmentation of image ``index``
+    in ``epoch`` is drawn from a generator seeded by it (``seed`` plus a small offset per
+    stream), never by the batch or the rank the image lands in."""
+    return (seed * 0x9E3779B1 + epoch * 0x85EBCA77 + index * 0xC2B2AE3D + 0x27D4EB2F) % (2**63 - 1)
+
+
 def min_decode_pixels(views_cfg) -> int:
     """The fewest pixels a decoded image may have so that every random-resized crop of every
     view is still shrunk (or kept) to its output size, never enlarged: a crop of area fraction

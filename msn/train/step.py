@@ -149,7 +149,7 @@ class MSNStep:
 
     def forward_loss(self, batch: MultiViewBatch, step: int) -> MSNLossOutput:
         """Forward of every view and the MSN loss at ``step`` (``batch`` on the device)."""
-        keep = self.masks(step, batch.size, self.device)
+        keep = self.masks(step, batch.size, self.device, batch.rows)  # each image keeps its own row's mask
         with self.autocast():
             anchor = self.online(batch.anchor, keep, batch.focal)
             with torch.no_grad():
