@@ -28,8 +28,8 @@ def _dataset(size=16):
 
 
 def test_views_shapes_and_order():
-    views, label, key = _dataset()[(0, 3)]
-    assert len(views) == 2 + 3 and key == (0, 3)
+    views, label, key, replaced = _dataset()[(0, 3)]
+    assert len(views) == 2 + 3 and key == (0, 3) and replaced is False
     assert [v.shape[-1] for v in views] == [32, 32, 16, 16, 16]
     assert all(v.dtype == torch.float32 for v in views)
     assert label == 3

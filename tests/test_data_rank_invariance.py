@@ -106,25 +106,32 @@ class _WithBadImages(torch.utils.data.Dataset):
 
 
 @pytest.mark.parametrize("augment, kind", CASES, ids=[f"{a}-{k}" for a, k in CASES])
-def test_bad_images_remove_their_rows_and_change_no_other(augment, kind, tiny_config, tmp_path):
-    """Dropping unreadable images leaves every other row's views as they were, on any number
-    of ranks (before, the first readable image seeded the whole batch's draws), and its anchor
-    mask too when the batch's ``rows`` reach :class:`msn.masking.AnchorMasks`."""
+def test_bad_images_are_replaced_and_change_no_other_row(augment, kind, tiny_config, tmp_path):
+    """An unreadable image is replaced by another image of the data set, drawn from its own
+    ``(seed, epoch, index)`` and augmented with its own key: the batch keeps its size (so a
+    compiled step keeps its graphs and every rank its share), every other row's views, label
+    and anchor mask stay as they were, and the replaced rows are the same bits on 1, 2 and 3
+    ranks; both are counted as skipped."""
     data_cfg = tiny_config(data={"views": VIEWS, "augment": augment}).data
     dataset = _dataset(kind, tmp_path)
-    clean = _global_batches(dataset, data_cfg, 1, epochs=(0,))
+    clean = _global_batches(dataset, data_cfg, 1, epochs=(0,))[0]
     sampler = ResumableSampler(len(dataset), GLOBAL_BATCH, SEED)
     order = [index for _, index in sampler]  # epoch 0, one process: the global rows in order
     bad_rows = (0, 5)  # the first image of the global batch (and of every rank's share) and another
     bad = _WithBadImages(dataset, [order[row] for row in bad_rows])
     kept = torch.tensor([row for row in range(GLOBAL_BATCH) if row not in bad_rows])
-    expected = {"target": clean[0]["target"][kept], "anchor": clean[0]["anchor"][kept],
-                "focal": clean[0]["focal"].view(NUM_FOCAL, GLOBAL_BATCH, 3, 16, 16)[:, kept].flatten(0, 1),
-                "labels": clean[0]["labels"][kept], "masks": clean[0]["masks"][kept]}
-    for world in (1, 2, 3):
-        dirty = _global_batches(bad, data_cfg, world, epochs=(0,))
-        assert dirty[0]["skipped"] == len(bad_rows)
-        _assert_bitwise_equal(expected, dirty[0], f"{world} ranks, bad rows {bad_rows}:")
+
+    def rows_of(batch, chosen):
+        focal = batch["focal"].view(NUM_FOCAL, GLOBAL_BATCH, 3, 16, 16)[:, chosen].flatten(0, 1)
+        return {"target": batch["target"][chosen], "anchor": batch["anchor"][chosen], "focal": focal,
+                "labels": batch["labels"][chosen], "masks": batch["masks"][chosen]}
+
+    dirty = {world: _global_batches(bad, data_cfg, world, epochs=(0,))[0] for world in (1, 2, 3)}
+    for world, batch in dirty.items():
+        assert batch["skipped"] == len(bad_rows) and batch["target"].shape == clean["target"].shape
+        _assert_bitwise_equal(rows_of(clean, kept), rows_of(batch, kept), f"{world} ranks, rows kept:")
+        _assert_bitwise_equal(dirty[1], batch, f"{world} ranks against 1:")
+    assert not torch.equal(dirty[1]["target"][0], clean["target"][0])  # row 0 now holds another image
 
 
 @pytest.mark.parametrize("shared", [False, True], ids=["per-image masks", "mask.shared"])

@@ -146,9 +146,11 @@ def test_a_folder_skips_and_counts_or_refuses_the_10_million_by_1_png(tmp_path, 
         assert folder[bad] == (None, 1)
     assert sum("line.png: refused" in r.getMessage() for r in caplog.records) == 1  # warned once
     views = MultiViewDataset(folder, MultiViewTransform(VIEWS), seed=0)
-    assert views[(0, bad)] == Unreadable(str(line))
+    assert views[(0, bad)][3] is True  # replaced by the readable image, augmented with its own key
     batch = collate_views([views[(0, 1 - bad)], views[(0, bad)]])
-    assert batch.size == 1 and batch.skipped == 1  # counted
+    assert batch.size == 2 and batch.skipped == 1  # the batch keeps its size; the bad image is counted
+    lone = MultiViewDataset(torch.utils.data.Subset(folder, [bad]), MultiViewTransform(VIEWS), seed=0)  # nothing to replace it with
+    assert lone[(0, 0)] == Unreadable(str(line))
     strict = ImageFolderDataset(str(tmp_path), on_bad_image="error")
     with pytest.raises(BadImageError, match=f"^{line}: refused: 10000000x1 "):
         strict[bad]

@@ -23,7 +23,7 @@ from msn.data.transforms import MultiViewTransform, sample_seed
 
 
 class MultiViewDataset(Dataset):
-    """Wrap an image data set; item ``(epoch, index)`` -> ``(views, label, key)``.
+    """Wrap an image data set; item ``(epoch, index)`` -> ``(views, label, key, replaced)``.
 
     Args:
         base: data set of ``(uint8 image or None, label)``.
@@ -39,14 +39,35 @@ class MultiViewDataset(Dataset):
         return len(self.base)
 
     def __getitem__(self, key: tuple[int, int]):
+        """``(views, label, key, replaced)``: an unreadable image is replaced by another image of
+        the data set, drawn from ``(seed, epoch, index)`` (:data:`REPLACEMENT_TRIES` candidates),
+        augmented with the unreadable one's own key, so that a batch keeps its size and every
+        rank its share; :class:`Unreadable` only when every candidate is unreadable too."""
         epoch, index = key
         image, label = self.base[index]
-        if image is None:
-            return Unreadable(_source(self.base, index))
+        replaced = image is None
+        if replaced:
+            image, label = self._replacement(epoch, index)
+            if image is None:
+                return Unreadable(_source(self.base, index))
         with torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(sample_seed(self.seed, epoch, index))
             views = [image] if self.transform is None else self.transform(image)
-        return views, label, key
+        return views, label, key, replaced
+
+    def _replacement(self, epoch: int, index: int):
+        """The first readable of :data:`REPLACEMENT_TRIES` images drawn for ``(seed, epoch, index)``."""
+        generator = torch.Generator().manual_seed(sample_seed(self.seed + 3, epoch, index) % 2**32)
+        for other in torch.randint(len(self.base), (REPLACEMENT_TRIES,), generator=generator).tolist():
+            if other != index:
+                image, label = self.base[other]
+                if image is not None:
+                    return image, label
+        return None, None
+
+
+#: Images tried in place of an unreadable one before the batch is left one image short.
+REPLACEMENT_TRIES = 8
 
 
 @dataclass(frozen=True)
@@ -105,7 +126,8 @@ class MultiViewBatch:
 
 
 def collate_views(samples: list, photometric=None, seed: int = 0, batch_views=None, defer: bool = False) -> MultiViewBatch:
-    """Stack samples view-major, dropping unreadable ones (:class:`Unreadable`) and counting them.
+    """Stack samples view-major, dropping unreadable ones (:class:`Unreadable`: no replacement
+    could be read either) and counting them with the replaced ones.
 
     Every random parameter of an image's views is drawn from uniforms keyed by its
     ``(seed + 1, epoch, index)`` (:func:`msn.data.batch_augment.view_uniforms`), never by the
@@ -129,8 +151,10 @@ def collate_views(samples: list, photometric=None, seed: int = 0, batch_views=No
     if not good:
         raise BadImageError(f"every image of a batch of {len(samples)} was unreadable, {samples[0].source} first; "
                             f"data.on_bad_image=skip needs one readable image per batch")
-    labels, skipped = torch.tensor([s[1] for s in good]), len(samples) - len(good)
-    rows = torch.tensor([i for i, s in enumerate(samples) if not isinstance(s, Unreadable)]) if skipped else None
+    labels = torch.tensor([s[1] for s in good])
+    skipped = len(samples) - len(good) + sum(bool(s[3]) for s in good if len(s) > 3)  # replaced ones count too
+    dropped = len(samples) - len(good)
+    rows = torch.tensor([i for i, s in enumerate(samples) if not isinstance(s, Unreadable)]) if dropped else None
     keys = [s[2] for s in good]
     if batch_views is not None:
         images = torch.stack([s[0][0] for s in good])
