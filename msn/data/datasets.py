@@ -187,7 +187,7 @@ class ImageFolderDataset(ImageFolder):
     Args:
         root: folder with one sub-folder per class.
         on_bad_image: ``skip`` returns ``None`` for an unreadable file (warned once per file
-            and process; the collate function drops it and counts it) or ``error`` raises.
+            and process; the pre-training loader replaces it by another image and counts it) or ``error`` raises.
         min_pixels: decode JPEGs at a reduced size keeping at least this many pixels
             (:func:`reduce_on_decode`; pre-training passes
             :func:`msn.data.transforms.min_decode_pixels`), or in full when ``None``.
