@@ -377,3 +377,65 @@ def test_a_fifo_or_a_linked_checkpoints_folder_in_a_run_folder_is_one_line(tmp_p
     refused = run_script("train.py", *TINY_OVERRIDES, "train.max_steps=1", f"output_dir={linked}")
     assert refused.returncode == 2 and "checkpoints: is a symbolic link" in last_line(refused)
     assert not any((tmp_path / "elsewhere").iterdir())
+
+
+# ------------------------------------------------------------------ the rest of docs/security.md's list
+def test_msn_export_takes_the_trust_switch_explicitly(tmp_path, run):
+    marker = tmp_path / "marker"
+    state = msn.checkpoint.load_checkpoint(run["path"])
+    state["extra"] = {"note": __import__("test_safe_load").RunsCode(marker)}
+    torch.save(state, tmp_path / "mine.pt")
+    assert export_main([str(tmp_path / "mine.pt"), "--format", "msn", "--output", str(tmp_path / "a")]) == 2
+    assert not marker.exists()
+    assert export_main([str(tmp_path / "mine.pt"), "--format", "msn", "--output", str(tmp_path / "b"),
+                        "--trust-pickle"]) == 0
+    assert marker.exists() and (tmp_path / "b" / "weights.safetensors").is_file()
+
+
+def test_every_local_path_key_is_left_out_of_what_is_shared(tmp_path):
+    from msn.config import LOCAL_PATH_KEYS, MSNConfig, from_dict, shareable_dict
+
+    values = {**msn.config.to_dict(MSNConfig()), "output_dir": "/home/alice/runs/x", "resume": "/home/alice/x.pt",
+              "init_from": "/home/alice/init.pt"}
+    values["data"]["root"], values["monitor"]["root"] = "/home/alice/data", "/home/alice/labelled"
+    shared = shareable_dict(from_dict(values))
+    assert "/home/alice" not in json.dumps(shared)
+    assert set(LOCAL_PATH_KEYS) == {"output_dir", "resume", "init_from", "data.root", "monitor.root"}
+
+
+def test_a_planted_feature_cache_file_is_never_unpickled(tmp_path, run):
+    """A ``<cache_dir>/<key>.pt`` someone else prepared: refused like any torch file, then rebuilt."""
+    overrides = [f"output_dir={tmp_path / 'eval'}", f"cache_dir={tmp_path / 'cache'}", "splits=1", "lambd=0.01",
+                 "progress=false", "data.synthetic_size=24"]
+    msn.lowshot(run["path"], data="synthetic", shots=[1], overrides=overrides)
+    marker = tmp_path / "marker"
+    for cached in (tmp_path / "cache").glob("*.pt"):
+        planted(cached, marker)
+    again = msn.lowshot(run["path"], data="synthetic", shots=[1], overrides=overrides)
+    assert not marker.exists() and again["features_extracted"]["test"] > 0
+
+
+def test_finetune_checks_a_timm_folders_architecture_before_timm_builds_it(tmp_path, run, monkeypatch):
+    import sys
+
+    from conftest import ROOT
+
+    sys.path.insert(0, str(ROOT / "scripts"))  # as tests/test_finetune.py imports it
+    import finetune
+    folder = tmp_path / "timm"
+    export(run["path"], folder, "timm")
+    config = json.loads((folder / "config.json").read_text())
+    config["model_args"]["depth"] = 400
+    (folder / "config.json").write_text(json.dumps(config))
+    monkeypatch.setattr("timm.create_model", lambda *a, **k: pytest.fail("timm built it"))
+    with pytest.raises(ValueError, match="architecture out of range: depth=400"):
+        finetune.load_timm(folder)
+
+
+def test_subset_files_replace_a_planted_link(tmp_path):
+    from msn.eval.subsets import write_subset_file
+
+    victim = plant_link(tmp_path / "subsets" / "1imgs_class.txt")
+    write_subset_file(tmp_path / "subsets" / "1imgs_class.txt", ["a_1.png", "b_2.png"])
+    assert victim.read_text() == "precious\n"
+    assert (tmp_path / "subsets" / "1imgs_class.txt").read_text() == "a_1.png\nb_2.png\n"
