@@ -109,12 +109,12 @@ def test_the_order_of_the_kept_tokens_does_not_change_the_authors_step():
     draw, next_draw = authors.step_fn.masks, elsewhere.step_fn.masks
     order = torch.randperm(41, generator=torch.Generator().manual_seed(1)) + 1
 
-    def shuffled(step, batch_size, device=None):
-        keep = draw(step, batch_size, device)
+    def shuffled(step, batch_size, device=None, rows=None):
+        keep = draw(step, batch_size, device, rows)
         return torch.cat([keep[:, :1], keep[:, order]], dim=1)
 
     authors.step_fn.masks = shuffled
-    elsewhere.step_fn.masks = lambda step, batch_size, device=None: next_draw(step + 1, batch_size, device)
+    elsewhere.step_fn.masks = lambda step, batch_size, device=None, rows=None: next_draw(step + 1, batch_size, device, rows)
     for runner in (ours, authors, elsewhere):
         runner()
     kept = ours.step_fn.kept[0]
