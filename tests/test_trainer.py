@@ -84,18 +84,23 @@ def test_resumed_checkpoint_equals_uninterrupted_in_every_tensor_and_rng(tiny_co
     assert assert_same_state(a, b) > 50
 
 
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_config, monkeypatch):
-    cfg = tiny_config()
-    trainer = Trainer(cfg)
+def poison_loss_from(trainer: Trainer, step: int, monkeypatch) -> None:
+    """Make the loss NaN for every update from ``trainer.step == step`` on."""
     real_loss = step_module.msn_loss
 
     def poisoned(*args, **kwargs):
         out = real_loss(*args, **kwargs)
-        if trainer.step >= 5:
+        if trainer.step >= step:
             out.loss = out.loss * float("nan")
         return out
 
     monkeypatch.setattr(step_module, "msn_loss", poisoned)
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_config, monkeypatch):
+    cfg = tiny_config()
+    trainer = Trainer(cfg)
+    poison_loss_from(trainer, 5, monkeypatch)
     with pytest.raises(TrainingDivergedError, match="non-finite loss between steps 5 and 6"):
         trainer.fit()
     state = checkpoint.load_checkpoint(checkpoint.find_latest(cfg.output_dir))
@@ -110,15 +115,7 @@ def test_a_checkpoint_is_good_only_once_a_finite_step_followed_it(tiny_config, m
     finite step shows ``latest.pt`` good."""
     cfg = tiny_config(data={"synthetic_size": 8}, optim={"epochs": 6})
     trainer = Trainer(cfg)
-    real_loss = step_module.msn_loss
-
-    def poisoned(*args, **kwargs):
-        out = real_loss(*args, **kwargs)
-        if trainer.step >= 3:
-            out.loss = out.loss * float("nan")
-        return out
-
-    monkeypatch.setattr(step_module, "msn_loss", poisoned)
+    poison_loss_from(trainer, 3, monkeypatch)
     folder = checkpoint.checkpoint_dir(cfg.output_dir)
     with pytest.raises(TrainingDivergedError) as caught:
         trainer.fit()
@@ -134,15 +131,7 @@ def test_previous_is_dropped_once_a_finite_step_shows_latest_good(tiny_config, m
     step 3 was finite after ``latest.pt`` (step 2), so that one is named and nothing else kept."""
     cfg = tiny_config(data={"synthetic_size": 16}, optim={"epochs": 6}, train={"log_every": 1, "progress": False})
     trainer = Trainer(cfg)
-    real_loss = step_module.msn_loss
-
-    def poisoned(*args, **kwargs):
-        out = real_loss(*args, **kwargs)
-        if trainer.step >= 3:
-            out.loss = out.loss * float("nan")
-        return out
-
-    monkeypatch.setattr(step_module, "msn_loss", poisoned)
+    poison_loss_from(trainer, 3, monkeypatch)
     folder = checkpoint.checkpoint_dir(cfg.output_dir)
     with pytest.raises(TrainingDivergedError, match=f"The last good checkpoint is {folder / 'latest.pt'}.$"):
         trainer.fit()
