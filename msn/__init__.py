@@ -3,7 +3,7 @@
 Sub-packages own one concern each: ``msn.models`` (encoder, head, prototypes),
 ``msn.masking`` (token drop), ``msn.losses`` (the MSN objective), ``msn.data``
 (datasets and multi-view augmentation), ``msn.train`` (optimisation loop),
-``msn.checkpoint`` (atomic save/resume) and ``msn.logging`` (metrics, wandb, progress).
+``msn.checkpoint`` (atomic save/resume) and ``msn.metrics_log`` (metrics, wandb, progress).
 """
 
 __version__ = "0.1.0"

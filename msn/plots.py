@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from msn.files import write_with
-from msn.logging import read_metrics
+from msn.metrics_log import read_metrics
 
 PANELS = (
     ("loss", ("loss", "ce"), "loss terms"),

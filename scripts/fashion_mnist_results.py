@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 
 from msn import files  # noqa: E402
 from msn.eval import report  # noqa: E402
-from msn.logging import read_metrics  # noqa: E402
+from msn.metrics_log import read_metrics  # noqa: E402
 from msn.plots import plot_runs  # noqa: E402
 
 PRESET = "fmnist_msn"

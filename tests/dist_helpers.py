@@ -40,17 +40,17 @@ def _init(rank: int, world: int, port: int) -> None:
 
 def _snapshot(trainer) -> dict:
     return {
-        "encoder": {k: v.detach().clone() for k, v in trainer.network.state_dict().items()},
-        "target": {k: v.detach().clone() for k, v in trainer.target.state_dict().items()},
-        "prototypes": trainer.prototypes.weight.detach().clone(),
-        "grads": {k: p.grad.detach().clone() for k, p in trainer.network.named_parameters() if p.grad is not None},
-        "proto_grad": trainer.prototypes.weight.grad.detach().clone(),
+        "encoder": {k: v.detach().clone() for k, v in trainer.msn_step.network.state_dict().items()},
+        "target": {k: v.detach().clone() for k, v in trainer.msn_step.target.state_dict().items()},
+        "prototypes": trainer.msn_step.prototypes.weight.detach().clone(),
+        "grads": {k: p.grad.detach().clone() for k, p in trainer.msn_step.network.named_parameters() if p.grad is not None},
+        "proto_grad": trainer.msn_step.prototypes.weight.grad.detach().clone(),
     }
 
 
 def record_keep_indices(trainer) -> list:
     """Record the ``keep_indices`` of every online forward of ``trainer`` (into the list returned)."""
-    seen, backbone = [], trainer.network.backbone
+    seen, backbone = [], trainer.msn_step.network.backbone
     original = backbone.forward
 
     def spy(images, keep_indices=None):

@@ -117,7 +117,7 @@ def _encoder_dtypes(trainer) -> list[torch.dtype]:
     """Hook the first block's qkv product of the online and the target encoder: the dtypes
     their outputs have (appended at each forward)."""
     dtypes: list[torch.dtype] = []
-    for network in (trainer.network, trainer.target):
+    for network in (trainer.msn_step.network, trainer.msn_step.target):
         network.backbone.vit.blocks[0].attn.qkv.register_forward_hook(lambda m, i, out: dtypes.append(out.dtype))
     return dtypes
 
@@ -142,18 +142,18 @@ def test_bf16_step_computes_the_loss_in_float32_and_matches_the_fp32_step(tmp_pa
     out16, out32 = tmp_path / "bf16", tmp_path / "fp32"
     fp32 = Trainer(cuda_config(out32, precision="fp32"))
     bf16 = Trainer(cuda_config(out16, precision="bf16"))
-    assert bf16.device.type == torch.device(DEVICE).type and bf16.autocast_dtype == torch.bfloat16
-    for a, b in zip(fp32.network.state_dict().values(), bf16.network.state_dict().values()):
+    assert bf16.device.type == torch.device(DEVICE).type and bf16.msn_step.autocast_dtype == torch.bfloat16
+    for a, b in zip(fp32.msn_step.network.state_dict().values(), bf16.msn_step.network.state_dict().values()):
         assert torch.equal(a, b)  # the same initial weights (same seed)
     batch = first_batch(fp32)
 
     # the projections the loss sees, in both precisions (training mode, like the step)
-    keep = fp32.update.masks(0, batch.size, fp32.device)
+    keep = fp32.msn_step.masks(0, batch.size, fp32.device)
     on_device = batch.to(fp32.device)
     with torch.no_grad():
-        z32 = fp32.update.online(on_device.anchor, keep, on_device.focal)
-        with bf16.autocast():
-            z16 = bf16.update.online(on_device.anchor, keep, on_device.focal)
+        z32 = fp32.msn_step.online(on_device.anchor, keep, on_device.focal)
+        with bf16.msn_step.autocast():
+            z16 = bf16.msn_step.online(on_device.anchor, keep, on_device.focal)
     assert z32.dtype == torch.float32 and z16.dtype == torch.bfloat16
     unit = lambda z: torch.nn.functional.normalize(z.double(), dim=-1)  # noqa: E731
     change = float((unit(z16) - unit(z32)).norm(dim=-1).max())
@@ -273,10 +273,10 @@ test_cuda._one_rank_worker(*sys.argv[2:])
 
 def _snapshot(trainer, stats) -> dict:
     return {"stats": stats.detach().cpu(),
-            "encoder": {k: v.detach().cpu() for k, v in trainer.network.state_dict().items()},
-            "target": {k: v.detach().cpu() for k, v in trainer.target.state_dict().items()},
-            "prototypes": trainer.prototypes.weight.detach().cpu(),
-            "grads": {k: p.grad.detach().cpu() for k, p in trainer.network.named_parameters() if p.grad is not None}}
+            "encoder": {k: v.detach().cpu() for k, v in trainer.msn_step.network.state_dict().items()},
+            "target": {k: v.detach().cpu() for k, v in trainer.msn_step.target.state_dict().items()},
+            "prototypes": trainer.msn_step.prototypes.weight.detach().cpu(),
+            "grads": {k: p.grad.detach().cpu() for k, p in trainer.msn_step.network.named_parameters() if p.grad is not None}}
 
 
 def _one_rank_worker(out: str, port: str) -> None:
@@ -306,8 +306,8 @@ def _one_rank_worker(out: str, port: str) -> None:
     try:
         trainer = Trainer(cuda_config(out_dir / "ddp", precision="fp64"))
         # MSNStep wraps the online forward in DDP from two ranks on; wrap it here the same way
-        assert not isinstance(trainer.update.online, DistributedDataParallel)
-        ddp = DistributedDataParallel(trainer.update.online,
+        assert not isinstance(trainer.msn_step.online, DistributedDataParallel)
+        ddp = DistributedDataParallel(trainer.msn_step.online,
                                       device_ids=[device.index] if device.type == "cuda" else None,
                                       **_no_forward_buffer_sync())
         buckets = []
@@ -317,7 +317,7 @@ def _one_rank_worker(out: str, port: str) -> None:
             return allreduce_hook(state, bucket)
 
         ddp.register_comm_hook(None, counting_allreduce)
-        trainer.update.online = ddp
+        trainer.msn_step.online = ddp
         result = _snapshot(trainer, trainer.train_step(first_batch(trainer)))
         result.update(backend=dist.get_backend(), world_size=dist.get_world_size(), reduced=sum(buckets))
         torch.save(result, out_dir / "ddp.pt")
@@ -360,9 +360,9 @@ def test_short_cuda_run_finishes_with_a_finite_loss_and_a_checkpoint(tmp_path):
     trainer = Trainer(cfg)
     on_gpu = torch.device(DEVICE).type == "cuda"  # (DEVICE is "cpu" only to rehearse this file)
     assert trainer.device.type == torch.device(DEVICE).type
-    assert trainer.autocast_dtype == (torch.bfloat16 if on_gpu else None)
-    assert all(p.device.type == trainer.device.type for p in trainer.network.parameters())
-    assert trainer.optimizer.defaults.get("fused") or not on_gpu  # fused AdamW on CUDA
+    assert trainer.msn_step.autocast_dtype == (torch.bfloat16 if on_gpu else None)
+    assert all(p.device.type == trainer.device.type for p in trainer.msn_step.network.parameters())
+    assert trainer.msn_step.optimizer.defaults.get("fused") or not on_gpu  # fused AdamW on CUDA
     record = trainer.fit()
     assert record["step"] == 6 and math.isfinite(record["loss"]), record
     records = [json.loads(line) for line in open(out / "metrics.jsonl")]

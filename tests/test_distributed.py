@@ -76,10 +76,10 @@ def single(tmp_path_factory):
     trainer.sampler.set_position(0, 0)
     batch = next(iter(trainer.loader))
     stats = trainer.train_step(batch)
-    return {"stats": stats, "anchor": batch.anchor, "encoder": trainer.network.state_dict(),
-            "target": trainer.target.state_dict(), "prototypes": trainer.prototypes.weight.detach(),
-            "proto_grad": trainer.prototypes.weight.grad,
-            "grads": {k: p.grad for k, p in trainer.network.named_parameters() if p.grad is not None}}
+    return {"stats": stats, "anchor": batch.anchor, "encoder": trainer.msn_step.network.state_dict(),
+            "target": trainer.msn_step.target.state_dict(), "prototypes": trainer.msn_step.prototypes.weight.detach(),
+            "proto_grad": trainer.msn_step.prototypes.weight.grad,
+            "grads": {k: p.grad for k, p in trainer.msn_step.network.named_parameters() if p.grad is not None}}
 
 
 def _assert_states_close(a: dict, b: dict, atol: float = EXACT) -> None:

@@ -18,8 +18,8 @@ from msn.train import Trainer
 
 # ------------------------------------------------------------------ README "Key settings": seed
 def network_state(trainer) -> dict[str, torch.Tensor]:
-    state = {k: v.clone() for k, v in trainer.network.state_dict().items()}
-    state["prototypes"] = trainer.prototypes.weight.detach().clone()
+    state = {k: v.clone() for k, v in trainer.msn_step.network.state_dict().items()}
+    state["prototypes"] = trainer.msn_step.prototypes.weight.detach().clone()
     return state
 
 
@@ -41,7 +41,7 @@ def test_seed_sets_initial_weights_data_order_augmentation_and_masks(tiny_config
         order = [index for _, index in trainer.sampler]
         data, collate = build_multiview_data(build_dataset(cfg.data, train=True), cfg.data, seed)
         views = collate([data[(0, index)] for index in range(4)])  # the same images for every seed
-        masks = trainer.update.masks(0, cfg.optim.batch_size, torch.device("cpu"))
+        masks = trainer.msn_step.masks(0, cfg.optim.batch_size, torch.device("cpu"))
         result = {"weights": network_state(trainer), "order": order, "target": views.target.clone(),
                   "anchor": views.anchor.clone(), "focal": views.focal.clone(), "masks": masks.clone()}
         trainer.close_loader()

@@ -372,7 +372,7 @@ def test_target_head_batch_norms_use_the_target_batch_statistics(tiny_config):
     (no gradient reaches the target)."""
     cfg = tiny_config(train={"max_steps": 1})
     trainer = Trainer(cfg)
-    head = trainer.target.head
+    head = trainer.msn_step.target.head
     seen = []
 
     def check(module, inputs, output):
@@ -392,4 +392,4 @@ def test_target_head_batch_norms_use_the_target_batch_statistics(tiny_config):
             handle.remove()
     assert seen == [(True, True), (True, True)]  # one target forward, both norms on batch statistics
     assert all(not torch.equal(bn.running_mean, before) for bn, before in zip(bns, running))
-    assert all(p.grad is None and not p.requires_grad for p in trainer.target.parameters())
+    assert all(p.grad is None and not p.requires_grad for p in trainer.msn_step.target.parameters())

@@ -123,16 +123,16 @@ def test_non_finite_weights_never_reach_a_checkpoint(tiny_config, monkeypatch):
     ``latest.pt`` must stay the step-2 state and the message must name it."""
     cfg = tiny_config(data={"synthetic_size": 8}, optim={"epochs": 6})
     trainer = Trainer(cfg)
-    real_step = trainer.optimizer.step
+    real_step = trainer.msn_step.optimizer.step
 
     def exploding_step(*args, **kwargs):
         out = real_step(*args, **kwargs)
-        if trainer.step == 2:  # the third update (steps count from 0 inside the update)
+        if trainer.global_step == 2:  # the third update (steps count from 0 inside the update)
             with torch.no_grad():
-                next(trainer.network.parameters()).fill_(float("inf"))
+                next(trainer.msn_step.network.parameters()).fill_(float("inf"))
         return out
 
-    monkeypatch.setattr(trainer.optimizer, "step", exploding_step)
+    monkeypatch.setattr(trainer.msn_step.optimizer, "step", exploding_step)
     latest = checkpoint.checkpoint_dir(cfg.output_dir) / checkpoint.LATEST
     with pytest.raises(TrainingDivergedError, match=f"non-finite weights after step 3.*last good checkpoint is {latest}"):
         trainer.fit()

@@ -1,4 +1,4 @@
-"""msn.logging: metrics.jsonl and wandb (offline), a resumed run continuing its wandb run, and
+"""msn.metrics_log: metrics.jsonl and wandb (offline), a resumed run continuing its wandb run, and
 training on a machine without wandb."""
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def test_artifact_format_is_checked_before_training(tmp_path):
 def test_logger_passes_wandb_settings(monkeypatch, tmp_path):
     import wandb
 
-    from msn.logging import MetricsLogger
+    from msn.metrics_log import MetricsLogger
 
     seen = {}
 

@@ -246,16 +246,16 @@ def test_sincos_position_table_stays_fixed_through_training(tiny_config):
     from conftest import first_batch
 
     learned = Trainer(tiny_config())
-    assert learned.network.backbone.vit.pos_embed.requires_grad
+    assert learned.msn_step.network.backbone.vit.pos_embed.requires_grad
     trainer = Trainer(tiny_config(model={"pos_embed": "sincos"}))
-    vit = trainer.network.backbone.vit
+    vit = trainer.msn_step.network.backbone.vit
     table = sincos_pos_embed(vit.patch_embed.grid_size[0], vit.embed_dim)
     assert not vit.pos_embed.requires_grad and torch.equal(vit.pos_embed.detach(), table)
-    before = {k: v.clone() for k, v in trainer.network.state_dict().items()}
+    before = {k: v.clone() for k, v in trainer.msn_step.network.state_dict().items()}
     batch = first_batch(trainer)
     for _ in range(2):
         trainer.train_step(batch)
-    after = trainer.network.state_dict()
+    after = trainer.msn_step.network.state_dict()
     assert torch.equal(after["backbone.vit.pos_embed"], table)
-    assert torch.equal(trainer.target.state_dict()["backbone.vit.pos_embed"], table)
+    assert torch.equal(trainer.msn_step.target.state_dict()["backbone.vit.pos_embed"], table)
     assert not torch.equal(after["backbone.vit.cls_token"], before["backbone.vit.cls_token"])  # the rest trains

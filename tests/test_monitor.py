@@ -89,7 +89,7 @@ def test_monitor_records_and_an_unchanged_trajectory(tiny_config, tmp_path):
         assert (keys <= set(record)) == (record["step"] in (4, 7)), record
     for record in records[1], records[3]:
         assert all(0 <= record[k] <= 100 for k in keys - {"monitor/seconds"}) and record["monitor/seconds"] > 0
-    assert trainer.target.training and trainer.network.training  # train mode restored
+    assert trainer.msn_step.target.training and trainer.msn_step.network.training  # train mode restored
     assert trainer._postfix(records[-1])["knn"] == f"{records[-1]['monitor/knn_top1']:.1f}"
     a = checkpoint.load_checkpoint(tmp_path / "off/checkpoints/latest.pt")
     b = checkpoint.load_checkpoint(tmp_path / "on/checkpoints/latest.pt")

@@ -17,7 +17,7 @@ def test_one_forward_per_resolution_group_and_only_anchor_masked(tiny_config, mo
     original = MSNViT.forward
 
     def spy(self, images, keep_indices=None):
-        role = "target" if self is trainer.target.backbone else "online"
+        role = "target" if self is trainer.msn_step.target.backbone else "online"
         calls.append((role, tuple(images.shape), None if keep_indices is None else tuple(keep_indices.shape)))
         return original(self, images, keep_indices)
 
@@ -33,22 +33,22 @@ def test_one_forward_per_resolution_group_and_only_anchor_masked(tiny_config, mo
 
 def test_step_order_lr_clip_and_ema(tiny_config):
     trainer = Trainer(tiny_config(optim={"clip_grad": 1e-3}))
-    online_before = [p.detach().clone() for p in trainer.network.parameters()]
-    prototypes_before = trainer.prototypes.weight.detach().clone()
-    target_before = [p.detach().clone() for p in trainer.target.parameters()]
+    online_before = [p.detach().clone() for p in trainer.msn_step.network.parameters()]
+    prototypes_before = trainer.msn_step.prototypes.weight.detach().clone()
+    target_before = [p.detach().clone() for p in trainer.msn_step.target.parameters()]
     assert all(torch.equal(a, b) for a, b in zip(online_before, target_before))
     trainer.train_step(first_batch(trainer))
-    s = trainer.schedules
-    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(s.learning_rate(1))
-    assert trainer.optimizer.param_groups[0]["weight_decay"] == pytest.approx(s.weight_decay_at(1))
-    grads = [p.grad for p in trainer.network.parameters() if p.grad is not None]
+    s = trainer.msn_step.schedules
+    assert trainer.msn_step.optimizer.param_groups[0]["lr"] == pytest.approx(s.learning_rate(1))
+    assert trainer.msn_step.optimizer.param_groups[0]["weight_decay"] == pytest.approx(s.weight_decay_at(1))
+    grads = [p.grad for p in trainer.msn_step.network.parameters() if p.grad is not None]
     assert torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])) <= 1e-3 * (1 + 1e-4)
-    assert trainer.prototypes.weight.grad.norm() > 1e-3  # prototypes are not clipped
+    assert trainer.msn_step.prototypes.weight.grad.norm() > 1e-3  # prototypes are not clipped
     m = s.momentum(0)
-    for t0, o1, t1 in zip(target_before, trainer.network.parameters(), trainer.target.parameters()):
+    for t0, o1, t1 in zip(target_before, trainer.msn_step.network.parameters(), trainer.msn_step.target.parameters()):
         torch.testing.assert_close(t1, m * t0 + (1 - m) * o1.detach())
-    assert not torch.equal(trainer.prototypes.weight, prototypes_before)  # the prototypes took an update
-    assert trainer.step == 1
+    assert not torch.equal(trainer.msn_step.prototypes.weight, prototypes_before)  # the prototypes took an update
+    assert trainer.global_step == 1
 
 
 def test_shared_mask_is_one_subset_per_batch(tiny_config, monkeypatch):
@@ -82,8 +82,8 @@ def test_bf16_forwards_feed_an_fp32_loss(tiny_config, monkeypatch):
     monkeypatch.setattr(step_module, "msn_loss", spy)
     trainer.train_step(first_batch(trainer))
     assert seen == {"anchor": torch.bfloat16, "target": torch.bfloat16, "loss": torch.float32, "ce": torch.float32}
-    assert Trainer(tiny_config(precision="fp32")).autocast_dtype is None
-    assert Trainer(tiny_config()).autocast_dtype is None  # auto on a CPU: fp32
+    assert Trainer(tiny_config(precision="fp32")).msn_step.autocast_dtype is None
+    assert Trainer(tiny_config()).msn_step.autocast_dtype is None  # auto on a CPU: fp32
 
 
 
@@ -91,15 +91,15 @@ def test_drop_path_acts_on_the_online_encoder_only(tiny_config):
     from timm.layers import DropPath
 
     trainer = Trainer(tiny_config(model={"drop_path_rate": 0.4}))
-    online = [m.drop_prob for m in trainer.network.modules() if isinstance(m, DropPath)]
-    target = [m.drop_prob for m in trainer.target.modules() if isinstance(m, DropPath)]
+    online = [m.drop_prob for m in trainer.msn_step.network.modules() if isinstance(m, DropPath)]
+    target = [m.drop_prob for m in trainer.msn_step.target.modules() if isinstance(m, DropPath)]
     assert online and max(online) == pytest.approx(0.4) and set(target) == {0.0}
     x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    trainer.target.train()
+    trainer.msn_step.target.train()
     with torch.no_grad():
-        assert torch.equal(trainer.target.backbone(x), trainer.target.backbone(x))  # no block dropped
+        assert torch.equal(trainer.msn_step.target.backbone(x), trainer.msn_step.target.backbone(x))  # no block dropped
     trainer.train_step(first_batch(trainer))
-    assert trainer.step == 1
+    assert trainer.global_step == 1
 
 
 def test_compiled_step_is_static_and_never_recompiles_after_warm_up(tiny_config):

@@ -60,7 +60,7 @@ def global_rng_consumer(monkeypatch):
     def step_that_draws(self, batch):
         stats = original(self, batch)
         with torch.no_grad():
-            self.prototypes.weight.add_(1e-3 * torch.randn(self.prototypes.weight.shape))
+            self.msn_step.prototypes.weight.add_(1e-3 * torch.randn(self.msn_step.prototypes.weight.shape))
         return stats
 
     monkeypatch.setattr(Trainer, "train_step", step_that_draws)
@@ -85,12 +85,12 @@ def test_resumed_checkpoint_equals_uninterrupted_in_every_tensor_and_rng(tiny_co
 
 
 def poison_loss_from(trainer: Trainer, step: int, monkeypatch) -> None:
-    """Make the loss NaN for every update from ``trainer.step == step`` on."""
+    """Make the loss NaN for every update from ``trainer.global_step == step`` on."""
     real_loss = step_module.msn_loss
 
     def poisoned(*args, **kwargs):
         out = real_loss(*args, **kwargs)
-        if trainer.step >= step:
+        if trainer.global_step >= step:
             out.loss = out.loss * float("nan")
         return out
 

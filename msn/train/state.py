@@ -20,7 +20,7 @@ import torch
 
 from msn import checkpoint, distributed, files
 from msn.config import ConfigError, MSNConfig, to_dict
-from msn.logging import METRICS_FILE
+from msn.metrics_log import METRICS_FILE
 from msn.safe_load import UnsafePickleError
 from msn.train import sharding
 

@@ -27,7 +27,7 @@ from omegaconf import OmegaConf
 from msn import checkpoint, distributed, files
 from msn.config import ConfigError, MSNConfig, to_dict
 from msn.data import build_dataset, build_multiview_data, build_sampler, build_train_loader, start_epoch, training_subset
-from msn.logging import METRICS_FILE, MetricsLogger, progress_bar
+from msn.metrics_log import METRICS_FILE, MetricsLogger, progress_bar
 from msn.runtime import loader_workers, resolve_device
 from msn.train import state as train_state
 from msn.train.monitor import LiveMonitor, ProbeFactory
@@ -76,7 +76,7 @@ class Trainer:
 
         train_state.seed_everything(cfg.seed)  # the same initial weights on every rank
         #: the train step and everything it updates (networks, prototypes, optimiser, schedules)
-        self.update = MSNStep.from_config(cfg, self.device, self.steps_per_epoch, init_state)
+        self.msn_step = MSNStep.from_config(cfg, self.device, self.steps_per_epoch, init_state)
 
         train_data, collate = build_multiview_data(self.dataset, cfg.data, cfg.seed)
         self.sampler = build_sampler(self.dataset, cfg.data, global_batch, cfg.seed, self.rank, self.world_size)
@@ -89,7 +89,7 @@ class Trainer:
         )
         if workers > 0:  # Slurm signals every process: workers leave it to the main one
             self.loader.worker_init_fn = IgnoreSignals(cfg.dist.preempt_signals)
-        self.step = 0
+        self.global_step = 0
         #: the step of ``latest.pt`` (written or resumed in this process), and whether a finite
         #: step after it has shown it good (until then ``previous.pt`` is kept)
         self.latest_step: int | None = None
@@ -100,29 +100,15 @@ class Trainer:
         if self.rank:
             train_state.seed_everything(train_state.rank_seed(cfg.seed, self.rank))  # per-rank global streams
 
-    # The step's components, by their usual names.
-    network = property(lambda self: self.update.network)
-    target = property(lambda self: self.update.target)
-    prototypes = property(lambda self: self.update.prototypes)
-    optimizer = property(lambda self: self.update.optimizer)
-    schedules = property(lambda self: self.update.schedules)
-    param_dtype = property(lambda self: self.update.param_dtype)
-    autocast_dtype = property(lambda self: self.update.autocast_dtype)
-    num_patches = property(lambda self: self.update.masks.num_patches)
-
-    def autocast(self):
-        """The autocast context of the encoder forwards (``precision``)."""
-        return self.update.autocast()
-
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
         """The full training state (collective: every rank calls it)."""
         extra = {"skipped_images": self.skipped_images, "train_seconds": self.train_seconds,
                  "world_size": self.world_size, "wandb_run_id": self.wandb_run_id}
-        return train_state.gather_state(self.cfg, self.update, self.step, self.steps_per_epoch, extra)
+        return train_state.gather_state(self.cfg, self.msn_step, self.global_step, self.steps_per_epoch, extra)
 
     def load_state_dict(self, state: dict[str, Any], path: str | Path = "the checkpoint") -> None:
-        self.step = train_state.restore_state(state, self.update, self.cfg.seed, self.rank, path)
+        self.global_step = train_state.restore_state(state, self.msn_step, self.cfg.seed, self.rank, path)
         extra = state.get("extra", {})
         self.skipped_images = int(extra.get("skipped_images", 0))
         self.train_seconds = float(extra.get("train_seconds", 0.0))
@@ -158,9 +144,9 @@ class Trainer:
                         "unchanged, each process now takes %d images per step", saved_world, self.world_size,
                         self.cfg.optim.batch_size, self.cfg.optim.batch_size // self.world_size)
         if self.is_main:
-            train_state.truncate_metrics(self.output_dir / METRICS_FILE, self.step)
-        self.latest_step, self.latest_shown_good = self.step, False
-        log.info("resumed from %s at step %d", path, self.step)
+            train_state.truncate_metrics(self.output_dir / METRICS_FILE, self.global_step)
+        self.latest_step, self.latest_shown_good = self.global_step, False
+        log.info("resumed from %s at step %d", path, self.global_step)
         return path
 
     def save(self, epoch_copy: int | None = None) -> None:
@@ -170,20 +156,20 @@ class Trainer:
             TrainingDivergedError: a weight is NaN or infinite; no checkpoint is written, so
                 the last one on disk is the last finite state.
         """
-        if not self.update.weights_finite():
-            raise TrainingDivergedError(f"non-finite weights after step {self.step}; stopping without writing "
+        if not self.msn_step.weights_finite():
+            raise TrainingDivergedError(f"non-finite weights after step {self.global_step}; stopping without writing "
                                         f"a checkpoint. {self._latest_note()}")
         state = self.state_dict()
         if self.is_main:
             checkpoint.save_training_checkpoint(state, self.output_dir, epoch_copy, keep_previous=True)
-        self.latest_step, self.latest_shown_good = self.step, False
+        self.latest_step, self.latest_shown_good = self.global_step, False
 
     # ------------------------------------------------------------------ loop
     def train_step(self, batch) -> torch.Tensor:
         """One optimiser update on a :class:`msn.data.MultiViewBatch`; returns stacked stats
         (:data:`msn.train.step.STAT_NAMES`) without synchronising with the device."""
-        stats = self.update(batch, self.step)
-        self.step += 1
+        stats = self.msn_step(batch, self.global_step)
+        self.global_step += 1
         self.skipped_images += batch.skipped
         return stats
 
@@ -217,8 +203,8 @@ class Trainer:
                                enabled=self.is_main, run_id=self.wandb_run_id, entity=lg.entity, tags=lg.tags,
                                group=lg.group)
         self.wandb_run_id = logger.run_id  # kept in the checkpoint: a resumed run continues this wandb run
-        self.update.train()
-        bar = progress_bar(self.max_steps, self.step, enabled=cfg.train.progress and self.is_main)
+        self.msn_step.train()
+        bar = progress_bar(self.max_steps, self.global_step, enabled=cfg.train.progress and self.is_main)
         try:
             record = self._loop(preemption, logger, bar)
             if finish is not None and self.is_main:
@@ -247,23 +233,23 @@ class Trainer:
         cfg = self.cfg
         window = StatsWindow(self.device)
         record: dict[str, Any] = {}
-        last_good_step = self.step
-        while self.step < self.max_steps:
-            for batch in start_epoch(self.loader, *divmod(self.step, self.steps_per_epoch)):
+        last_good_step = self.global_step
+        while self.global_step < self.max_steps:
+            for batch in start_epoch(self.loader, *divmod(self.global_step, self.steps_per_epoch)):
                 if preemption.agreed():  # before the step: a signal during start-up counts too
                     self._stop(preemption.signal_name)
                 window.add(self.train_step(batch))
                 bar.update(1)
-                epoch_done = self.step % self.steps_per_epoch == 0
-                finished = self.step >= self.max_steps
-                monitor_due = self.monitor is not None and self.monitor.due(self.step, finished)
-                if self.step % cfg.train.log_every == 0 or finished or epoch_done or monitor_due:
+                epoch_done = self.global_step % self.steps_per_epoch == 0
+                finished = self.global_step >= self.max_steps
+                monitor_due = self.monitor is not None and self.monitor.due(self.global_step, finished)
+                if self.global_step % cfg.train.log_every == 0 or finished or epoch_done or monitor_due:
                     record = self._make_record(*window.close(self.world_size))
                     if not math.isfinite(record["loss"]):
                         raise TrainingDivergedError(f"non-finite loss between steps {last_good_step + 1} and "
-                                                    f"{self.step}; stopping. {self._latest_note()}")
-                    last_good_step = self.step
-                    if self.latest_step is not None and self.step > self.latest_step and not self.latest_shown_good:
+                                                    f"{self.global_step}; stopping. {self._latest_note()}")
+                    last_good_step = self.global_step
+                    if self.latest_step is not None and self.global_step > self.latest_step and not self.latest_shown_good:
                         self.latest_shown_good = True  # a finite step after latest.pt: the one before it can go
                         if self.is_main:
                             checkpoint.drop_previous(self.output_dir)
@@ -273,7 +259,7 @@ class Trainer:
                     logger.log(record)
                     bar.set_postfix(self._postfix(record))
                 if epoch_done or finished:
-                    epoch, every = self.step // self.steps_per_epoch, cfg.train.checkpoint_every_epochs
+                    epoch, every = self.global_step // self.steps_per_epoch, cfg.train.checkpoint_every_epochs
                     self.save(epoch if epoch_done and every and epoch % every == 0 else None)
                 if finished:
                     break
@@ -282,7 +268,7 @@ class Trainer:
 
     def _evaluate_monitor(self) -> dict[str, Any]:
         """The live monitor's values (:mod:`msn.train.monitor`); its seconds count in ``time_s``."""
-        values = self.monitor(self.target, self.device, self.param_dtype, self.autocast)
+        values = self.monitor(self.msn_step.target, self.device, self.msn_step.param_dtype, self.msn_step.autocast)
         self.train_seconds += values["monitor/seconds"]
         return {**values, "time_s": round(self.train_seconds, 3)}
 
@@ -298,19 +284,19 @@ class Trainer:
         self.save()
         distributed.barrier()  # latest.pt is on disk before any rank exits
         if self.is_main:
-            log.warning("%s at step %d: wrote %s", signal_name, self.step,
+            log.warning("%s at step %d: wrote %s", signal_name, self.global_step,
                         checkpoint.checkpoint_dir(self.output_dir) / checkpoint.LATEST)
-        raise Preempted(self.step, signal_name)
+        raise Preempted(self.global_step, signal_name)
 
     def _make_record(self, means: list[float], minimum: float, steps: int, elapsed: float) -> dict[str, Any]:
         self.train_seconds += elapsed
         values = dict(zip(STAT_NAMES, means))
         values["min_max_t"] = minimum
         return {
-            "step": self.step,
-            "epoch": (self.step - 1) // self.steps_per_epoch,
+            "step": self.global_step,
+            "epoch": (self.global_step - 1) // self.steps_per_epoch,
             **values,
-            **self.schedules.at_update(self.step - 1),
+            **self.msn_step.schedules.at_update(self.global_step - 1),
             "img_per_s": steps * self.cfg.optim.batch_size / max(elapsed, 1e-9),
             "window_steps": steps,  # steps this record averages (fewer after a resume mid-window)
             "skipped_images": self.skipped_images,
@@ -323,7 +309,7 @@ class Trainer:
         latest, previous = checkpoint.find_latest(self.output_dir), checkpoint.find_previous(self.output_dir)
         if latest is None:
             return "No checkpoint was written."
-        if self.latest_step is not None and not self.latest_shown_good and self.step > self.latest_step:
+        if self.latest_step is not None and not self.latest_shown_good and self.global_step > self.latest_step:
             if previous is None:
                 return (f"{latest} (step {self.latest_step}) was followed by a non-finite step, and no earlier "
                         f"checkpoint is kept: start again with other settings.")
