@@ -46,7 +46,7 @@ sys.path.insert(0, str(ROOT))
 
 import msn.export  # noqa: E402,F401 - registers timm's "vit_msn" (shapes timm has no name for)
 from msn import files  # noqa: E402
-from msn.export.common import check_architecture  # noqa: E402
+from msn.export.backbone_architecture import check_architecture  # noqa: E402
 from msn.data.datasets import FashionMNISTDataset  # noqa: E402
 from msn.eval.classifier import accuracy, fit_logistic_regression, normalize_rows, select_lambda  # noqa: E402
 from msn.eval.config import EvalConfig  # noqa: E402

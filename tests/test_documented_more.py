@@ -21,10 +21,10 @@ import torch
 
 import msn
 import msn.eval.classifier as classifier
-import msn.export.common
-import msn.export.formats
-import msn.export.native
+import msn.export.export_record
 import msn.export.onnx_format
+import msn.export.path_probe
+import msn.export.weight_files
 from msn.export import FORMATS, export, load_backbone
 from msn.train import Trainer
 from weights_helpers import small_config, write_run
@@ -75,11 +75,11 @@ def reads(monkeypatch):
             return function(*args, **kwargs)
         return spy
 
-    torch_spy = counting(msn.export.common.load_torch_file)
-    monkeypatch.setattr(msn.export.common, "load_torch_file", torch_spy)
+    torch_spy = counting(msn.export.weight_files.load_torch_file)
+    monkeypatch.setattr(msn.export.weight_files, "load_torch_file", torch_spy)
     monkeypatch.setattr(safetensors.torch, "load_file", counting(safetensors.torch.load_file))
-    json_spy = counting(msn.export.common.read_json)
-    for module in (msn.export.common, msn.export.formats, msn.export.native, msn.export.onnx_format):
+    json_spy = counting(msn.export.weight_files.read_json)
+    for module in (msn.export.weight_files, msn.export.path_probe, msn.export.export_record, msn.export.onnx_format):
         monkeypatch.setattr(module, "read_json", json_spy)
     return counts
 

@@ -1,4 +1,4 @@
-"""Weight import/export: our checkpoints <-> timm <-> transformers ViTMSN <-> reference files.
+"""Weight import/export: our checkpoints <-> timm <-> transformers ViTMSN <-> the authors' files.
 
 * :data:`FORMATS`: the one table of formats (docs/formats.md Sec. 7); importing this
   package also registers timm's ``vit_msn`` (:mod:`msn.export.timm_format`).
@@ -9,9 +9,9 @@
 
 from msn.architectures import HEADS_BY_WIDTH
 from msn.export.cli import export
-from msn.export.common import InitWeights, LoadedBackbone, WeightsMismatchError
-from msn.export.formats import FORMATS, Format
+from msn.export.formats import FORMATS
 from msn.export.loading import apply_init, load_backbone, load_init_weights
+from msn.export.weight_types import Format, InitWeights, LoadedBackbone, WeightsMismatchError
 
 __all__ = [
     "FORMATS",

@@ -1,7 +1,7 @@
 """transformers ViTMSN (``hf``), both directions (docs/formats.md Sec. 3).
 
 Written without importing transformers (plain JSON + safetensors), with the on-disk names
-that transformers 4.x and 5.x both read (``names.HF_VIT_MSN``):
+that transformers 4.x and 5.x both read (``key_maps.HF_VIT_MSN``):
 
 * ``config.json``: ``model_type: vit_msn`` and the architecture fields;
 * ``model.safetensors`` (metadata ``{"format": "pt"}``);
@@ -24,19 +24,17 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 import torch
 
-from msn.export import names
-from msn.export.common import (EXPORT_INFO, IMAGENET_MEAN, IMAGENET_STD, EncoderWeights, LoadedBackbone,
-                               WeightsSource, describe_backbone, parse_wrapped, read_model_weights,
-                               save_safetensors, square_side, write_json)
+from msn.export import key_maps
+from msn.export.backbone_architecture import describe_backbone, square_side
+from msn.export.export_record import EXPORT_INFO, apply_export_info, export_info, installed_version, preprocessing
 from msn.export.model_card import write_model_card
-from msn.export.native import apply_export_info, export_info, preprocessing
-
-if TYPE_CHECKING:  # the table module imports this one
-    from msn.export.formats import Probe
+from msn.export.state_dicts import parse_wrapped, split_by_prefix
+from msn.export.weight_files import read_model_weights, save_safetensors, write_json
+from msn.export.weight_types import IMAGENET_MEAN, IMAGENET_STD, EncoderWeights, LoadedBackbone, Probe, WeightsSource
 
 #: Format name (a key of :data:`msn.export.formats.FORMATS`).
 HF = "hf"
@@ -45,7 +43,7 @@ WEIGHTS = "model.safetensors"
 PREPROCESSOR = "preprocessor_config.json"
 MODEL_TYPES = ("vit_msn", "vit")
 #: Keys that mark a bare state dict in transformers names.
-STATE_MARKERS = ("embeddings.cls_token", names.HF_BASE_PREFIX + "embeddings.cls_token")
+STATE_MARKERS = ("embeddings.cls_token", key_maps.HF_BASE_PREFIX + "embeddings.cls_token")
 
 
 # --- reading --------------------------------------------------------------------------------------
@@ -59,19 +57,19 @@ def parse_state(state: dict[str, torch.Tensor]) -> EncoderWeights:
     """transformers names (classic or 5.x in-memory, optionally under ``vit.``) -> ours."""
     prefixed = STATE_MARKERS[1] in state
     state = dict(state)
-    classifier = {k: state.pop(k) for k in names.HF_CLASSIFIER if k in state} or None
-    hf_state, rest = names.split_by_prefix(state, names.HF_BASE_PREFIX) if prefixed else (state, {})
-    backbone, origin, leftover = names.HF_VIT_MSN.import_(hf_state)
+    classifier = {key: state.pop(key) for key in key_maps.HF_CLASSIFIER if key in state} or None
+    hf_state, rest = split_by_prefix(state, key_maps.HF_BASE_PREFIX) if prefixed else (state, {})
+    backbone, origin, leftover = key_maps.HF_VIT_MSN.import_(hf_state)
     variant = ""
     if leftover:
-        more, more_origin, leftover = names.HF_VIT_MSN_V5_MEMORY.import_(leftover)
+        more, more_origin, leftover = key_maps.HF_VIT_MSN_V5_MEMORY.import_(leftover)
         if more:
             classic = any(name.startswith("encoder.layer.") for name in origin.values())
             variant = "mixed names" if classic else "5.x in-memory names"
         backbone.update(more)
         origin.update(more_origin)
-    pre = names.HF_BASE_PREFIX if prefixed else ""
-    origin = {k: " + ".join(pre + part for part in v.split(" + ")) for k, v in origin.items()}
+    pre = key_maps.HF_BASE_PREFIX if prefixed else ""
+    origin = {ours: " + ".join(pre + part for part in theirs.split(" + ")) for ours, theirs in origin.items()}
     for key, tensor in {**leftover, **rest}.items():  # reported by the strict load
         backbone[key] = tensor
         origin[key] = (pre + key) if key in leftover else key
@@ -131,23 +129,13 @@ def hf_config(loaded: LoadedBackbone, labels: Sequence[str] | None = None) -> di
         "qkv_bias": True,
         "torch_dtype": "float32",
     }
-    version = _transformers_version()
+    version = installed_version("transformers")  # written like its own save_pretrained does
     if version is not None:
         config["transformers_version"] = version
     if labels:
         config["id2label"] = {str(index): label for index, label in enumerate(labels)}
         config["label2id"] = {label: index for index, label in enumerate(labels)}
     return config
-
-
-def _transformers_version() -> str | None:
-    """The installed transformers release (written like its own ``save_pretrained`` does), if any."""
-    try:
-        from importlib.metadata import version
-
-        return version("transformers")
-    except Exception:  # noqa: BLE001 - not installed: nothing to record
-        return None
 
 
 def preprocessor_config(loaded: LoadedBackbone) -> dict[str, Any]:
@@ -174,10 +162,10 @@ def hf_state(loaded: LoadedBackbone, num_labels: int = 0, seed: int = 0) -> dict
 
     The classifier is new: weights normal(0, 0.02) from a fixed seed, zero bias.
     """
-    state = names.HF_VIT_MSN.export(loaded.backbone.vit.state_dict())
+    state = key_maps.HF_VIT_MSN.export(loaded.backbone.vit.state_dict())
     if num_labels <= 0:
         return state
-    state = {names.HF_BASE_PREFIX + key: value for key, value in state.items()}
+    state = {key_maps.HF_BASE_PREFIX + key: value for key, value in state.items()}
     generator = torch.Generator().manual_seed(seed)
     width = loaded.backbone.embed_dim
     state["classifier.weight"] = torch.randn(num_labels, width, generator=generator) * 0.02

@@ -5,7 +5,8 @@ structured files by their sniffers, bare state dicts by their key names) and rea
 names; :func:`load_backbone` builds the model from that, :func:`load_init_weights` and
 :func:`apply_init` start a fresh run from it. Every tensor is loaded strictly: a missing,
 unexpected or mis-shaped tensor raises :class:`WeightsMismatchError`, one line naming the
-first offending key (as the file names it) and both shapes. docs/formats.md lists the formats.
+first offending key (as the file names it) and both shapes. docs/formats.md lists the formats,
+docs/export.md shows the use.
 """
 
 from __future__ import annotations
@@ -15,12 +16,14 @@ import os
 import torch
 from torch import nn
 
-from msn.export.common import (IMAGENET_MEAN, IMAGENET_STD, EncoderWeights, InitWeights, LoadedBackbone,
-                               WeightsMismatchError, WeightsSource, build_backbone, describe_backbone, first_keys,
-                               check_architecture, configured_architecture, head_dims, infer_architecture,
-                               load_strict)
-from msn.export.formats import FORMATS, Probe
-from msn.export.native import CHECKPOINT
+from msn.export.backbone_architecture import (build_backbone, check_architecture, configured_architecture,
+                                              describe_backbone, head_dims, infer_architecture)
+from msn.export.formats import FORMATS
+from msn.export.msn_format import CHECKPOINT
+from msn.export.path_probe import PathProbe
+from msn.export.state_dicts import first_keys, load_strict, split_by_prefix
+from msn.export.weight_types import (IMAGENET_MEAN, IMAGENET_STD, EncoderWeights, InitWeights, LoadedBackbone,
+                                     WeightsMismatchError, WeightsSource)
 from msn.models import MSNNetwork, ProjectionHead, build_network
 
 Tensor = torch.Tensor
@@ -34,7 +37,7 @@ def read_source(path: str | os.PathLike, trust_pickle: bool = False) -> WeightsS
         FileNotFoundError: no such path.
         ValueError: a path of no known format; the message lists what each format looks for.
     """
-    probe = Probe(path, trust_pickle)
+    probe = PathProbe(path, trust_pickle)
     if not probe.is_folder and not probe.location.is_file():
         raise FileNotFoundError(f"{probe.path}: no such file or folder")
     for fmt in FORMATS.values():
@@ -118,7 +121,7 @@ def load_backbone(path: str | os.PathLike, which: str = "target", *, num_heads: 
     described = describe_backbone(backbone)
     info = {"path": source.path, "format": source.format, "which": role if role != "single" else which,
             "step": source.info.get("step"), "architecture": described}
-    info.update({k: v for k, v in source.info.items() if k not in info and v is not None})
+    info.update({key: value for key, value in source.info.items() if key not in info and value is not None})
     if encoder.classifier:
         info["ignored"] = sorted(encoder.classifier)
     return LoadedBackbone(backbone=backbone, image_size=described["image_size"], mean=tuple(source.mean or IMAGENET_MEAN),
@@ -142,8 +145,8 @@ def load_init_weights(path: str | os.PathLike, trust_pickle: bool = False) -> In
     target_state = None
     if "online" in encoders and "target" in encoders:
         target = encoders["target"]
-        target_state = {"backbone.vit." + k: v for k, v in target.backbone.items()}
-        target_state.update({"head." + k: v for k, v in (target.head or {}).items()})
+        target_state = {"backbone.vit." + key: value for key, value in target.backbone.items()}
+        target_state.update({"head." + key: value for key, value in (target.head or {}).items()})
     return InitWeights(
         backbone_state=dict(online.backbone),
         head_state=None if online.head is None else dict(online.head),
@@ -215,7 +218,7 @@ def apply_init(
             load_strict(target_network, init.target_state, what=f"{where} (target encoder)")
             done.append("target: loaded from the source's target encoder")
         elif init.target_state is not None:
-            backbone_state = {k[len("backbone.vit."):]: v for k, v in init.target_state.items() if k.startswith("backbone.vit.")}
+            backbone_state = split_by_prefix(init.target_state, "backbone.vit.")[0]
             load_strict(target_network.backbone.vit, backbone_state, what=f"{where} (target encoder)")
             target_network.head.load_state_dict(network.head.state_dict())
             done.append("target: backbone from the source's target encoder, head copied from the online network")

@@ -14,7 +14,8 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
-from msn.export.common import LoadedBackbone, describe_backbone
+from msn.export.backbone_architecture import describe_backbone
+from msn.export.weight_types import LoadedBackbone
 from msn.files import write_text
 
 CARD = "README.md"
@@ -101,7 +102,7 @@ def _lowshot_section(results: Sequence[dict[str, Any]]) -> list[str]:
                   f"{feature.get('kind')} ({document.get('created', '')[:10]}):", "",
                   "| labelled images / class | splits | logistic regression | k-NN |", "|---|---|---|---|"]
         entries = list(document.get("shots", {}).items())
-        entries += [(f"{k}%", e) for k, e in document.get("percent", {}).items()]
+        entries += [(f"{percent}%", entry) for percent, entry in document.get("percent", {}).items()]
         for key, entry in entries:
             lines.append(f"| {key} | {len(entry['accuracy'])} | {entry['mean']:.1f} +- {entry['std']:.1f} "
                          f"| {entry['knn_mean']:.1f} +- {entry['knn_std']:.1f} |")

@@ -12,18 +12,14 @@ from __future__ import annotations
 import importlib.util
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
-
 import torch
 from torch import nn
 
+from msn.export.export_record import EXPORT_INFO, export_info
+from msn.export.weight_files import read_json, write_json
+from msn.export.weight_types import LoadedBackbone, Probe, WeightsSource
 from msn.files import write_with
-from msn.export.common import EXPORT_INFO, LoadedBackbone, WeightsSource, read_json, write_json
-from msn.export.native import export_info
 from msn.models import MSNViT
-
-if TYPE_CHECKING:
-    from msn.export.formats import Probe
 
 ONNX = "onnx"
 GRAPH = "model.onnx"

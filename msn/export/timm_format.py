@@ -19,21 +19,19 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import timm
 from timm.models import build_model_with_cfg, register_model
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
 from msn.architectures import timm_candidates
-from msn.export import names
-from msn.export.common import (EXPORT_INFO, IMAGENET_MEAN, IMAGENET_STD, EncoderWeights, LoadedBackbone,
-                               WeightsSource, describe_backbone, parse_wrapped, read_model_weights, save_safetensors,
-                               split_head, square_side, write_json)
-from msn.export.native import apply_export_info, export_info, preprocessing
-
-if TYPE_CHECKING:  # the table module imports this one
-    from msn.export.formats import Probe
+from msn.export import key_maps
+from msn.export.backbone_architecture import describe_backbone, square_side
+from msn.export.export_record import EXPORT_INFO, apply_export_info, export_info, preprocessing
+from msn.export.state_dicts import parse_wrapped, split_head
+from msn.export.weight_files import read_model_weights, save_safetensors, write_json
+from msn.export.weight_types import IMAGENET_MEAN, IMAGENET_STD, EncoderWeights, LoadedBackbone, Probe, WeightsSource
 
 #: Public names; ``vit_msn`` among them, or timm's ``register_model`` would append it.
 __all__ = ["STATE_MARKERS", "TIMM", "VIT_MSN", "export_timm", "parse_state", "read", "read_state", "register_vit_msn",
@@ -85,8 +83,8 @@ def parse_state(state: dict[str, Any]) -> EncoderWeights:
     head, rest, head_prefix = split_head(state, ("fc.", "head."))
     classifier = None
     if head is None and "head.weight" in rest:  # a timm classifier (num_classes > 0)
-        classifier = {k: rest.pop(k) for k in ("head.weight", "head.bias") if k in rest}
-    origin = {k: k for k in rest} | {k: head_prefix + k for k in head or {}}
+        classifier = {key: rest.pop(key) for key in ("head.weight", "head.bias") if key in rest}
+    origin = {key: key for key in rest} | {key: head_prefix + key for key in head or {}}
     return EncoderWeights(rest, head, classifier, origin)
 
 
@@ -100,7 +98,7 @@ def read(probe: Probe) -> WeightsSource:
     config = probe.json(CONFIG)
     model_args = dict(config.get("model_args") or {})
     pretrained_cfg = config.get("pretrained_cfg") or {}
-    arch = {k: model_args[k] for k in ("embed_dim", "depth", "num_heads", "mlp_ratio", "patch_size") if k in model_args}
+    arch = {key: model_args[key] for key in ("embed_dim", "depth", "num_heads", "mlp_ratio", "patch_size") if key in model_args}
     if "patch_size" in arch:
         arch["patch_size"] = square_side(arch["patch_size"])
     image_size = square_side(model_args["img_size"]) if "img_size" in model_args else None
@@ -177,7 +175,7 @@ def export_timm(loaded: LoadedBackbone, output: str | os.PathLike) -> list[Path]
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     files = [
-        save_safetensors(names.TIMM.export(loaded.backbone.vit.state_dict()), output / WEIGHTS),
+        save_safetensors(key_maps.TIMM.export(loaded.backbone.vit.state_dict()), output / WEIGHTS),
         write_json(timm_config(loaded), output / CONFIG),
     ]
     registered_by = timm_architecture(describe_backbone(loaded.backbone))[1]

@@ -1,4 +1,5 @@
-"""Weight-name tables: timm <-> transformers ViTMSN <-> reference/our prefixed layouts.
+"""Key maps between our tensor names and each foreign layout: transformers ViTMSN, timm, the
+authors' files, our own prefixed files (docs/formats.md Secs. 3 and 6).
 
 Every layout is described by ONE table of rules, and the same table converts in both
 directions (:meth:`NameTable.export` and :meth:`NameTable.import_`), so round-trips cannot
@@ -8,7 +9,7 @@ drift. "Ours" is always timm's ``VisionTransformer`` naming for the backbone (wh
 A rule maps one of our names to one foreign name, or to three (a fused timm ``qkv``
 tensor split by rows ``[0:D]`` query, ``[D:2D]`` key, ``[2D:3D]`` value). Templates use
 ``{i}`` for a block index and ``{p}`` for a parameter name (``weight`` / ``bias``).
-docs/formats.md Sec. 6 lists the layouts.
+Imports no other module of :mod:`msn.export`.
 """
 
 from __future__ import annotations
@@ -71,12 +72,12 @@ class NameTable:
                 match = pattern.match(key)
                 if match is None:
                     continue
-                fields = {k: v for k, v in match.groupdict().items() if v is not None}
-                names = [_fill(template, fields) for template in rule.theirs]
-                if len(names) == 1:
-                    out[names[0]] = tensor
+                fields = {field: value for field, value in match.groupdict().items() if value is not None}
+                theirs = [_fill(template, fields) for template in rule.theirs]
+                if len(theirs) == 1:
+                    out[theirs[0]] = tensor
                 else:
-                    for name, chunk in zip(names, split_rows(tensor, len(names))):
+                    for name, chunk in zip(theirs, split_rows(tensor, len(theirs))):
                         out[name] = chunk
                 break
             else:
@@ -101,7 +102,7 @@ class NameTable:
                 match = pattern.match(key)
                 if match is None:
                     continue
-                fields = {k: v for k, v in match.groupdict().items() if v is not None}
+                fields = {field: value for field, value in match.groupdict().items() if value is not None}
                 ours = _fill(rule.ours, fields)
                 if len(rule.theirs) == 1:
                     out[ours] = tensor
@@ -117,13 +118,13 @@ class NameTable:
                 present = sorted(name for name, _ in pieces.values())
                 raise KeyError(f"{present[0]}: only {len(pieces)} of the {arity[ours]} tensors that form {ours} are present")
             ordered = [pieces[index] for index in range(arity[ours])]
-            shapes = {tuple(t.shape) for _, t in ordered}
+            shapes = {tuple(tensor.shape) for _, tensor in ordered}
             if len(shapes) != 1:
                 raise ValueError(
                     f"{ordered[1][0]}: shape {tuple(ordered[1][1].shape)} differs from {ordered[0][0]} "
                     f"shape {tuple(ordered[0][1].shape)}; cannot form {ours}"
                 )
-            out[ours] = torch.cat([t for _, t in ordered], dim=0)
+            out[ours] = torch.cat([tensor for _, tensor in ordered], dim=0)
             origin[ours] = " + ".join(name for name, _ in ordered)
         return out, origin, leftover
 
@@ -195,8 +196,8 @@ HF_CLASSIFIER = ("classifier.weight", "classifier.bias")
 #: timm names ARE our backbone names: the identity table.
 TIMM = prefix_table("timm", "")
 
-# --- the MSN reference (facebookresearch/msn) ------------------------------------------------------
-#: Reference encoder state dicts (DDP): ``module.`` + timm names ...
+# --- the authors' files (facebookresearch/msn) -----------------------------------------------------
+#: The authors' encoder state dicts (DDP): ``module.`` + timm names ...
 REFERENCE_BACKBONE = prefix_table("reference encoder", "module.")
 #: ... and the projection head under ``module.fc.`` (fc1, bn1, fc2, bn2, fc3; BN running stats).
 REFERENCE_HEAD = prefix_table("reference head", "module.fc.")
@@ -206,20 +207,7 @@ REFERENCE_HEAD = prefix_table("reference head", "module.fc.")
 NETWORK_BACKBONE = prefix_table("MSNNetwork backbone", "backbone.vit.")
 NETWORK_HEAD = prefix_table("MSNNetwork head", "head.")
 #: ``--format msn`` export file (``weights.safetensors``).
-NATIVE_BACKBONE = prefix_table("msn export backbone", "backbone.")
-NATIVE_HEAD = prefix_table("msn export head", "head.")
-NATIVE_PROTOTYPES = "prototypes"
+MSN_EXPORT_BACKBONE = prefix_table("msn export backbone", "backbone.")
+MSN_EXPORT_HEAD = prefix_table("msn export head", "head.")
+MSN_EXPORT_PROTOTYPES = "prototypes"
 
-
-def split_by_prefix(state: dict[str, Tensor], prefix: str) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    """(keys under ``prefix`` with it removed, the other keys unchanged)."""
-    inside = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-    outside = {k: v for k, v in state.items() if not k.startswith(prefix)}
-    return inside, outside
-
-
-def strip_common_prefix(state: dict[str, Tensor], prefix: str = "module.") -> dict[str, Tensor]:
-    """Remove ``prefix`` when EVERY key has it (DDP/``torch.compile`` wrappers); else unchanged."""
-    if state and all(key.startswith(prefix) for key in state):
-        return {key[len(prefix):]: value for key, value in state.items()}
-    return state

@@ -12,16 +12,14 @@ removed. Nothing here writes these files: our ``msn`` export carries the same te
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from msn import checkpoint
-from msn.export.common import WeightsSource, as_tensor, parse_wrapped
+from msn.export.state_dicts import as_tensor, parse_wrapped
 from msn.export.timm_format import parse_state as parse_timm_state
-
-if TYPE_CHECKING:  # the table module imports this one
-    from msn.export.formats import Probe
+from msn.export.weight_types import Probe, WeightsSource
 
 #: Format names (keys of :data:`msn.export.formats.FORMATS`).
 RELEASE = "msn-reference-release"
@@ -30,7 +28,7 @@ CHECKPOINT = "msn-reference-checkpoint"
 SCALARS = ("epoch", "loss", "batch_size", "world_size", "lr")
 
 
-def _reference_dict(probe: Probe) -> dict[str, Any] | None:
+def _authors_dict(probe: Probe) -> dict[str, Any] | None:
     """The file's dict when it has the reference's top-level keys (and is not one of our checkpoints)."""
     if probe.is_folder:
         return None
@@ -42,13 +40,13 @@ def _reference_dict(probe: Probe) -> dict[str, Any] | None:
 
 def sniff_checkpoint(probe: Probe) -> bool:
     """A reference dict holding an online ``encoder``."""
-    contents = _reference_dict(probe)
+    contents = _authors_dict(probe)
     return contents is not None and isinstance(contents.get("encoder"), dict)
 
 
 def sniff_release(probe: Probe) -> bool:
     """A reference dict without an online encoder (``target_encoder`` only)."""
-    return _reference_dict(probe) is not None and not sniff_checkpoint(probe)
+    return _authors_dict(probe) is not None and not sniff_checkpoint(probe)
 
 
 def read(probe: Probe) -> WeightsSource:
@@ -57,6 +55,6 @@ def read(probe: Probe) -> WeightsSource:
     encoders = {role: parse_wrapped(contents[key], parse_timm_state)
                 for role, key in (("online", "encoder"), ("target", "target_encoder")) if isinstance(contents.get(key), dict)}
     prototypes = contents.get("prototypes")
-    info = {k: contents[k] for k in SCALARS if k in contents and not isinstance(contents[k], torch.Tensor)}
+    info = {key: contents[key] for key in SCALARS if key in contents and not isinstance(contents[key], torch.Tensor)}
     return WeightsSource(probe.path, CHECKPOINT if "online" in encoders else RELEASE, encoders,
                          prototypes=None if prototypes is None else as_tensor(prototypes), info=info)
