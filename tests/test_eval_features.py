@@ -56,14 +56,17 @@ def make_encoder(model, kind="cls_pre_ln"):
 
 
 def counting(monkeypatch, model):
+    """Images through the encoder: ``cls_pre_ln`` and ``cls_post_ln`` go through
+    ``forward_cls``, the other kinds through ``forward_blocks``."""
     calls = []
-    original = model.forward_blocks
+    for name in ("forward_cls", "forward_blocks"):
+        original = getattr(model, name)
 
-    def wrapped(images, *args, **kwargs):
-        calls.append(images.shape[0])
-        return original(images, *args, **kwargs)
+        def wrapped(images, *args, _original=original, **kwargs):
+            calls.append(images.shape[0])
+            return _original(images, *args, **kwargs)
 
-    monkeypatch.setattr(model, "forward_blocks", wrapped)
+        monkeypatch.setattr(model, name, wrapped)
     return calls
 
 
@@ -125,3 +128,75 @@ def test_random_baseline_keeps_architecture_and_is_seeded(model):
     assert not torch.allclose(a.vit.patch_embed.proj.weight, trained_patch)
     assert not torch.allclose(a.vit.norm.bias, model.vit.norm.bias)
     assert not torch.equal(a.vit.blocks[0].attn.qkv.weight, c.vit.blocks[0].attn.qkv.weight)
+
+
+#: float32 and float64 unit roundoffs.
+FP32_U, FP64_U = 2.0**-24, 2.0**-53
+
+
+def _transformers_and_ours(seed: int = 0):
+    """A small transformers ViTMSNModel with peaked attention (every weight drawn at the scale
+    of a trained ViT, not the init's std 0.02, under which attention is nearly uniform and a
+    wrong query would barely change the output), and ours with its weights through the import
+    that benchmarks/bench_features.py uses."""
+    transformers = pytest.importorskip("transformers")
+    import bench_features
+
+    config = transformers.ViTMSNConfig(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=256,
+                                       image_size=32, patch_size=8, layer_norm_eps=1e-6, hidden_act="gelu", qkv_bias=True)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    hf = transformers.ViTMSNModel(config).eval()
+    with torch.no_grad():
+        for name, tensor in hf.named_parameters():
+            if "layernorm" in name and name.endswith("weight"):
+                tensor.uniform_(0.5, 1.5)
+            elif tensor.ndim >= 2 and "embeddings" not in name:
+                tensor.normal_(0, tensor[0].numel() ** -0.5)  # std 1/sqrt(fan_in)
+            else:
+                tensor.normal_(0, 0.3)
+    return hf, bench_features.ours_from_hf(hf)
+
+
+def test_cls_features_equal_transformers_vitmsn_within_rounding():
+    """``cls_pre_ln`` and ``cls_post_ln``, computed with the last block for the CLS token alone,
+    against transformers' ViTMSNModel (every token through every block): the last block's CLS
+    output (``hidden_states[-1]``) and the final LayerNorm's (``last_hidden_state``).
+
+    Bounds. The two are equal in exact arithmetic, so they differ by rounding alone. In
+    float64 each value passes 4 blocks of dot products of at most K = 256 terms (error
+    <= K u relative to the sum of |terms|, u = 2^-53), through LayerNorms and softmaxes whose
+    conditioning at these weights stays under 10^3: at most 4 * 256 * 10^3 u max|feature|
+    ~ 1e-10 max|feature|. In float32 the bound comes from transformers' own rounding: our
+    error against the float64 values must stay within 4x theirs (each path rounds as much as
+    the other; 4x leaves room for the different summation orders). A wrong CLS-only path (a
+    wrong query row, slice of the qkv weights, scale or residual) changes the features by
+    O(1), 10^9 times the float64 bound; a hook checks that the last block's MLP saw the CLS
+    token alone, so that path is the one being compared."""
+    hf, ours = _transformers_and_ours()
+    images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    seen = []
+    ours.vit.blocks[-1].mlp.fc1.register_forward_hook(lambda module, args, out: seen.append(tuple(args[0].shape)))
+
+    def features(dtype):
+        x = images.to(dtype)
+        with torch.inference_mode():
+            out = hf.to(dtype)(pixel_values=x, output_hidden_states=True)
+            theirs = {"cls_pre_ln": out.hidden_states[-1][:, 0], "cls_post_ln": out.last_hidden_state[:, 0]}
+            mine = {kind: backbone_features(ours.to(dtype), x, kind) for kind in theirs}
+        return theirs, mine
+
+    theirs64, mine64 = features(torch.float64)
+    assert seen == [(4, 1, 64), (4, 1, 64)]  # the CLS-only last block, for both kinds
+    scale = max(t.abs().max().item() for t in theirs64.values())
+    bound64 = 4 * 256 * 1e3 * FP64_U * scale
+    for kind in theirs64:
+        assert (mine64[kind] - theirs64[kind]).abs().max().item() <= bound64, kind
+    assert (theirs64["cls_pre_ln"] - theirs64["cls_post_ln"]).abs().max() > 1e6 * bound64  # the kinds differ
+
+    theirs32, mine32 = features(torch.float32)
+    for kind in theirs32:
+        their_error = (theirs32[kind].double() - theirs64[kind]).abs().max().item()
+        my_error = (mine32[kind].double() - theirs64[kind]).abs().max().item()
+        assert 0 < their_error < 1e3 * FP32_U * scale, kind  # float32 rounding, nothing else
+        assert my_error <= 4 * their_error, (kind, my_error, their_error)

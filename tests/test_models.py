@@ -221,6 +221,20 @@ def test_cls_only_last_block_saves_its_share_of_flops():
     assert (full - fast) / (blocks * (linear + attention)) > 0.07
 
 
+def test_forward_cls_before_and_after_the_final_norm(vit):
+    """``forward_cls`` (the training forward's CLS-only last block) gives the last block's CLS
+    row before the final LayerNorm (``final_norm=False``, the low-shot feature) and after it
+    (``forward``), with and without dropped tokens, in float64."""
+    x = randn(3, 3, 32, 32)
+    keep = sample_keep_indices(3, 16, 0.5, generator=torch.Generator().manual_seed(3))
+    for indices in (None, keep):
+        tokens, collected = vit.forward_blocks(x, indices, collect_last=1)
+        torch.testing.assert_close(vit.forward_cls(x, indices, final_norm=False), collected[-1][:, 0], **EXACT)
+        torch.testing.assert_close(vit.forward_cls(x, indices), tokens[:, 0], **EXACT)
+        torch.testing.assert_close(vit(x, indices), tokens[:, 0], **EXACT)
+    assert not torch.allclose(vit.forward_cls(x, final_norm=False), vit(x), atol=1e-3)
+
+
 def test_sincos_pos_embed_values_by_hand():
     """Width 8 (2 frequencies: 1 and 1/100), grid 2: the patch at row 1, column 0 is
     [sin 1, sin 0.01, cos 1, cos 0.01, sin 0, sin 0, cos 0, cos 0]; CLS is zero."""

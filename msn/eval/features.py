@@ -55,12 +55,8 @@ def backbone_features(backbone: MSNViT, images: torch.Tensor, kind: str = "cls_p
             or ``patch_mean`` (mean of the post-LayerNorm patch tokens).
         blocks: number of blocks for ``cls_concat``.
     """
-    if kind == "cls_pre_ln":
-        _, collected = backbone.forward_blocks(images, collect_last=1)
-        return collected[-1][:, 0]
-    if kind == "cls_post_ln":
-        tokens, _ = backbone.forward_blocks(images)
-        return tokens[:, 0]
+    if kind in ("cls_pre_ln", "cls_post_ln"):  # the last block for the CLS token alone
+        return backbone.forward_cls(images, final_norm=kind == "cls_post_ln")
     if kind == "patch_mean":
         tokens, _ = backbone.forward_blocks(images)
         return tokens[:, 1:].mean(dim=1)

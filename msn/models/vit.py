@@ -159,12 +159,16 @@ class MSNViT(nn.Module):
             tokens = self.vit.blocks(tokens)
         return self.vit.norm(tokens), collected
 
-    def forward(self, images: torch.Tensor, keep_indices: torch.Tensor | None = None) -> torch.Tensor:
-        """CLS token after the final LayerNorm, [B, D] (the representation fed to the head).
+    def forward_cls(
+        self, images: torch.Tensor, keep_indices: torch.Tensor | None = None, final_norm: bool = True
+    ) -> torch.Tensor:
+        """The CLS token of the last block, [B, D]: after the final LayerNorm, or before it with
+        ``final_norm=False`` (the low-shot feature ``cls_pre_ln``, docs/eval.md).
 
         Only the CLS token leaves the last block, so that block runs in
         :meth:`ClassTokenBlock.forward`'s ``cls_only`` mode: the same value as the full block's
-        CLS row, for about 1/12 fewer FLOPs of the whole encoder, forward and backward.
+        CLS row in exact arithmetic, for about 1/12 fewer FLOPs of the whole encoder, forward
+        and backward.
         """
         tokens = self.embed(images)
         if keep_indices is not None:
@@ -176,7 +180,13 @@ class MSNViT(nn.Module):
         else:
             for block in blocks:
                 tokens = block(tokens)
-        return self.vit.norm(last(tokens, cls_only=True))[:, 0]
+        cls = last(tokens, cls_only=True)
+        return (self.vit.norm(cls) if final_norm else cls)[:, 0]
+
+    def forward(self, images: torch.Tensor, keep_indices: torch.Tensor | None = None) -> torch.Tensor:
+        """CLS token after the final LayerNorm, [B, D] (the representation fed to the head):
+        :meth:`forward_cls`."""
+        return self.forward_cls(images, keep_indices)
 
 
 def sincos_pos_embed(grid: int, dim: int, temperature: float = 10000.0) -> torch.Tensor:
