@@ -47,7 +47,7 @@ def images(batch: int = 3, seed: int = 0) -> torch.Tensor:
 
 
 def classic_names(depth: int, prefix: str = "") -> set[str]:
-    """The on-disk names transformers 4.x reads, spelled out from docs/formats.md Sec. 3 (not from names.py)."""
+    """The on-disk names transformers 4.x reads, spelled out from docs/formats.md Sec. 3 (not from msn/export/key_maps.py)."""
     keys = {"embeddings.cls_token", "embeddings.position_embeddings", "embeddings.patch_embeddings.projection.weight",
             "embeddings.patch_embeddings.projection.bias", "layernorm.weight", "layernorm.bias"}
     for i in range(depth):

@@ -192,7 +192,7 @@ def test_our_checkpoint_and_run_folder(our_run):
 
 
 def test_native_export_continues_pretraining(our_run, tmp_path):
-    out = tmp_path / "native"
+    out = tmp_path / "msn_export"
     export(our_run["path"], out, "msn", which="online")
     state = load_file(out / "weights.safetensors")
     assert "backbone.cls_token" in state and "head.bn1.running_var" in state and torch.equal(state["prototypes"], our_run["prototypes"])
