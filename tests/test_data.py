@@ -141,7 +141,7 @@ def test_trainer_pipeline_is_independent_of_workers(tiny_config):
 
 
 def _decoded(tmp_path, image, name, **save):
-    from msn.data.datasets import decode_rgb
+    from msn.data.decode import decode_rgb
 
     path = tmp_path / name
     image.save(path, **save)
@@ -189,7 +189,7 @@ def test_decoding_composites_transparency_applies_exif_and_converts_cmyk(tmp_pat
 
 
 def test_min_decode_pixels_by_hand():
-    from msn.data.transforms import min_decode_pixels
+    from msn.data.view_params import min_decode_pixels
 
     # focal views bind: 96^2 / (0.05 * 3/4) = 245760 (the 224 px pair needs 224^2 / 0.225 = 223004.4)
     assert min_decode_pixels(ViewsConfig()) == 245760
@@ -201,7 +201,7 @@ def test_reduced_decode_keeps_enough_pixels_and_leaves_small_images_alone(tmp_pa
     an eighth (200x150) would not; a 300x200 JPEG and a PNG are decoded in full, bit for bit."""
     from PIL import Image
 
-    from msn.data.datasets import decode_rgb
+    from msn.data.decode import decode_rgb
 
     g = torch.Generator().manual_seed(0)
 
@@ -225,7 +225,7 @@ def test_pre_training_folders_decode_reduced_evaluation_folders_in_full(tmp_path
     from PIL import Image
 
     from msn.data import build_dataset
-    from msn.data.transforms import min_decode_pixels
+    from msn.data.view_params import min_decode_pixels
 
     (tmp_path / "images" / "a").mkdir(parents=True)
     Image.new("RGB", (40, 40)).save(tmp_path / "images" / "a" / "x.jpg")

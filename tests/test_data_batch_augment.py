@@ -93,7 +93,7 @@ def test_parameters_follow_the_configured_distribution():
 def test_keyed_uniforms_depend_on_the_image_key_alone():
     """:func:`view_uniforms`: torch.rand's uniforms, one block per image, keyed by
     ``(seed, epoch, index)``: the same block in any batch, at any place."""
-    from msn.data.batch_augment import VIEW_DRAWS, view_uniforms
+    from msn.data.view_params import VIEW_DRAWS, view_uniforms
 
     keys = [(0, 5), (1, 5), (0, 6), (3, 1_281_166)]
     u = view_uniforms(keys, 7, 4)
@@ -120,7 +120,8 @@ def test_keyed_plans_follow_the_configured_distribution():
     of ``RandomResizedCrop`` (mean and spread within 0.01 of 4000 torchvision draws)."""
     from torchvision.transforms.v2 import RandomResizedCrop
 
-    from msn.data.batch_augment import BatchMultiView, DeferredPhotometric, view_uniforms
+    from msn.data.batch_augment import BatchMultiView, DeferredPhotometric
+    from msn.data.view_params import view_uniforms
 
     cfg = ViewsConfig()
     views = BatchMultiView(cfg)
@@ -166,7 +167,7 @@ def test_apply_follows_parameters_and_normalises():
 def test_crop_boxes_follow_random_resized_crop():
     from torchvision.transforms.v2 import RandomResizedCrop
 
-    from msn.data.batch_augment import sample_crop_boxes
+    from msn.data.view_params import sample_crop_boxes
 
     boxes = sample_crop_boxes(20000, 28, 28, (0.3, 1.0), torch.Generator().manual_seed(0))
     w, h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]

@@ -1,4 +1,5 @@
-"""msn.data.shards: tar shards of an ImageFolder (data=shards), the writer command, the
+"""msn.data.shard_writer, shard_reader, shards_cli and samplers: tar shards of an ImageFolder
+(data=shards), the writer command, the
 global and the shard-local orders, bitwise resume, bad samples."""
 
 from __future__ import annotations
@@ -27,9 +28,10 @@ from msn.data import (
     build_sampler,
     build_train_loader,
 )
-from msn.data import shards as shards_module
-from msn.data.datasets import BadImageError
-from msn.data.loader import ResumableSampler, start_epoch
+from msn.data import shard_writer, shards_cli
+from msn.data.decode import BadImageError
+from msn.data.loader import start_epoch
+from msn.data.samplers import ResumableSampler
 from msn.train import Trainer
 
 CLASSES = ("ant", "bee", "cat")
@@ -73,7 +75,7 @@ def written(tmp_path_factory):
     """``(folder, shards)``: the generated ImageFolder and its shards of 5 samples."""
     base = tmp_path_factory.mktemp("shards")
     src = make_folder(base / "images")
-    assert shards_module.main(["write", str(src), str(base / "shards"), "--samples-per-shard", "5", "--no-progress"]) == 0
+    assert shards_cli.main(["write", str(src), str(base / "shards"), "--samples-per-shard", "5", "--no-progress"]) == 0
     return src, base / "shards"
 
 
@@ -222,13 +224,13 @@ def test_resumed_shard_run_equals_uninterrupted(written, tiny_config, tmp_path, 
 def test_writer_refuses_a_non_empty_destination_and_overwrites_on_request(written, tmp_path, capsys):
     src, dst = written
     out = tmp_path / "out"
-    assert shards_module.main(["write", str(src), str(out), "--samples-per-shard", "7", "--no-progress"]) == 0
+    assert shards_cli.main(["write", str(src), str(out), "--samples-per-shard", "7", "--no-progress"]) == 0
     first = (out / "index.json").read_bytes()
-    assert shards_module.main(["write", str(src), str(out), "--no-progress"]) == 2
+    assert shards_cli.main(["write", str(src), str(out), "--no-progress"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == f"msn-shards: error: {out}: folder is not empty (pass --overwrite to replace its shards)"
     (out / "notes.txt").write_text("kept")
-    assert shards_module.main(["write", str(src), str(out), "--samples-per-shard", "20", "--overwrite",
+    assert shards_cli.main(["write", str(src), str(out), "--samples-per-shard", "20", "--overwrite",
                                "--no-progress"]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["index.json", "notes.txt", "shard-000000.tar", "shard-000001.tar"]
     assert (out / "index.json").read_bytes() != first
@@ -242,7 +244,7 @@ def test_writer_names_the_path_at_fault(tmp_path, capsys, case):
         src.mkdir()
     elif case == "file":
         src.write_text("x")
-    assert shards_module.main(["write", str(src), str(tmp_path / "dst"), "--no-progress"]) == 2
+    assert shards_cli.main(["write", str(src), str(tmp_path / "dst"), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(f"msn-shards: error: {src}: ")
     assert not (tmp_path / "dst").exists()
@@ -251,7 +253,7 @@ def test_writer_names_the_path_at_fault(tmp_path, capsys, case):
 def test_interrupted_write_leaves_no_temporary_file_and_no_index(written, tmp_path, monkeypatch):
     src, _ = written
     calls = []
-    original = shards_module._add_member
+    original = shard_writer._add_member
 
     def interrupted(*args):
         calls.append(1)
@@ -259,11 +261,11 @@ def test_interrupted_write_leaves_no_temporary_file_and_no_index(written, tmp_pa
             raise KeyboardInterrupt
         return original(*args)
 
-    monkeypatch.setattr(shards_module, "_add_member", interrupted)
+    monkeypatch.setattr(shard_writer, "_add_member", interrupted)
     for workers in (1, 3):  # the shards written beside the failing one complete or vanish
         calls.clear()
         with pytest.raises(KeyboardInterrupt):
-            shards_module.write_shards(src, tmp_path / "out", samples_per_shard=5, progress=False, overwrite=True,
+            shard_writer.write_shards(src, tmp_path / "out", samples_per_shard=5, progress=False, overwrite=True,
                                        workers=workers)
         left = sorted(p.name for p in (tmp_path / "out").iterdir())
         assert "index.json" not in left and not [name for name in left if name.endswith(".tmp")] and len(left) < 7
@@ -281,8 +283,8 @@ def test_module_command_and_script_entry(written, tmp_path):
 
     src, _ = written
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
-    assert scripts["msn-shards"] == "msn.data.shards:main"
-    run = subprocess.run([sys.executable, "-W", "error::RuntimeWarning", "-m", "msn.data.shards", "write", str(src),
+    assert scripts["msn-shards"] == "msn.data.shards_cli:main"
+    run = subprocess.run([sys.executable, "-W", "error::RuntimeWarning", "-m", "msn.data.shards_cli", "write", str(src),
                           str(tmp_path / "out"), "--samples-per-shard", "16"], capture_output=True, text=True,
                          cwd=ROOT, timeout=120, check=False)
     assert run.returncode == 0, run.stderr
@@ -294,7 +296,7 @@ def test_module_command_and_script_entry(written, tmp_path):
 def test_corrupt_and_unreadable_samples_behave_like_the_folders_bad_images(tmp_path, caplog):
     src = make_folder(tmp_path / "images", per_class=(3, 3, 2))
     (src / "bee" / "bee_broken.jpg").write_bytes(b"not a jpeg at all")
-    shards_module.write_shards(src, tmp_path / "shards", samples_per_shard=4, progress=False)
+    shard_writer.write_shards(src, tmp_path / "shards", samples_per_shard=4, progress=False)
     folder, shards = ImageFolderDataset(str(src)), ShardedImages(tmp_path / "shards")
     broken = next(i for i, (p, _) in enumerate(folder.samples) if p.endswith("bee_broken.jpg"))
     assert folder[broken][0] is None and shards[broken] == (None, folder.targets[broken])  # kept in place

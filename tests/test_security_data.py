@@ -33,11 +33,10 @@ from msn.data import (
     eval_transform,
     prepare_fashion_mnist,
 )
-from msn.data import datasets
-from msn.data import shards as shards_module
-from msn.data.datasets import BadImageError, decode_rgb
+from msn.data import datasets, decode, fashion_mnist, shard_writer, shards_cli
+from msn.data.decode import BadImageError, decode_rgb
 from msn.data.loader import Unreadable
-from msn.data.shards import ShardError
+from msn.data.shard_index import ShardError
 from msn.files import TMP_MARK, is_own_temporary
 
 VIEWS = ViewsConfig(rand_size=32, focal_size=16, num_focal=2)
@@ -69,8 +68,8 @@ def no_decoding(monkeypatch):
     decode (``reduce_on_decode``); the test asserts the list stays empty."""
     calls = []
     for name in ("to_rgb8", "reduce_on_decode"):
-        original = getattr(datasets, name)
-        monkeypatch.setattr(datasets, name, lambda image, *a, _f=original, _n=name: calls.append(_n) or _f(image, *a))
+        original = getattr(decode, name)
+        monkeypatch.setattr(decode, name, lambda image, *a, _f=original, _n=name: calls.append(_n) or _f(image, *a))
     return calls
 
 
@@ -89,7 +88,7 @@ def test_a_10_million_by_1_png_is_refused_from_its_header(tmp_path, no_decoding)
 def test_more_pixels_than_the_bound_are_refused_from_the_header(tmp_path, no_decoding, depth):
     """8193 x 8192 is just over MAX_IMAGE_PIXELS (64 Mi) and under PIL's own warning (89.5 M):
     without the bound the 16-bit file (130 KB) decoded through float64 (about 1.5 GB)."""
-    assert datasets.MAX_IMAGE_PIXELS == 8192 * 8192
+    assert decode.MAX_IMAGE_PIXELS == 8192 * 8192
     path = grey_png(tmp_path / "wide.png", 8193, 8192, depth)
     with Image.open(path) as image:
         assert image.size == (8193, 8192) and image.mode == ("1" if depth == 1 else "I;16")
@@ -100,7 +99,7 @@ def test_more_pixels_than_the_bound_are_refused_from_the_header(tmp_path, no_dec
 
 
 def test_the_bounds_are_inclusive_and_module_level(tmp_path, monkeypatch):
-    monkeypatch.setattr(datasets, "MAX_IMAGE_PIXELS", 100 * 100)
+    monkeypatch.setattr(decode, "MAX_IMAGE_PIXELS", 100 * 100)
     assert decode_rgb(str(grey_png(tmp_path / "square.png", 100, 100))).shape == (3, 100, 100)
     with pytest.raises(BadImageError, match="101x100 is 10100 pixels, more than MAX_IMAGE_PIXELS=10000"):
         decode_rgb(str(grey_png(tmp_path / "big.png", 101, 100)))
@@ -111,7 +110,7 @@ def test_the_bounds_are_inclusive_and_module_level(tmp_path, monkeypatch):
 
 
 def test_the_bound_comes_before_a_reduced_jpeg_decode(tmp_path, monkeypatch, no_decoding):
-    monkeypatch.setattr(datasets, "MAX_IMAGE_PIXELS", 1000)
+    monkeypatch.setattr(decode, "MAX_IMAGE_PIXELS", 1000)
     Image.new("RGB", (200, 200), (9, 9, 9)).save(tmp_path / "photo.jpg")
     with pytest.raises(BadImageError, match="200x200 is 40000 pixels"):
         decode_rgb(str(tmp_path / "photo.jpg"), min_pixels=100)
@@ -120,7 +119,7 @@ def test_the_bound_comes_before_a_reduced_jpeg_decode(tmp_path, monkeypatch, no_
 
 def test_an_empty_image_is_refused(tmp_path):
     with pytest.raises(BadImageError, match=r"^zero.png: refused: the image is empty \(0x5 pixels\)$"):
-        datasets.check_image_size(Image.new("L", (0, 5)), "zero.png")
+        decode.check_image_size(Image.new("L", (0, 5)), "zero.png")
     with pytest.raises(BadImageError, match="empty.png"):  # PIL itself refuses a 0-wide PNG header
         decode_rgb(str(grey_png(tmp_path / "empty.png", 0, 5)))
 
@@ -128,7 +127,7 @@ def test_an_empty_image_is_refused(tmp_path):
 def test_16_bit_greys_scaled_a_few_rows_at_a_time_are_unchanged(tmp_path, monkeypatch):
     ramp = (np.arange(37 * 23, dtype=np.uint32) * 71 % 65536).astype(np.uint16).reshape(23, 37)
     Image.fromarray(ramp).save(tmp_path / "deep.png")
-    monkeypatch.setattr(datasets, "_FLOAT_CHUNK", 50)  # a row and a bit per step, the last step short
+    monkeypatch.setattr(decode, "_FLOAT_CHUNK", 50)  # a row and a bit per step, the last step short
     out = decode_rgb(str(tmp_path / "deep.png"))
     expected = torch.from_numpy(np.rint(ramp.astype(np.float64) * 255 / 65535).astype(np.uint8))
     assert torch.equal(out[0], expected) and torch.equal(out[2], expected)
@@ -175,7 +174,7 @@ def test_evaluation_never_resizes_an_image_decoding_refuses(tmp_path):
 
     image, label, readable = _EvalImages(dataset, [0], transform, 224)[0]
     assert calls == [] and not readable and label == 0 and torch.equal(image, torch.zeros(3, 224, 224))
-    shards_module.write_shards(tmp_path / "val", tmp_path / "shards", progress=False)  # an image: copied
+    shard_writer.write_shards(tmp_path / "val", tmp_path / "shards", progress=False)  # an image: copied
     assert ShardedImages(tmp_path / "shards")[0] == (None, 0)  # and refused when read
 
 
@@ -205,7 +204,7 @@ def test_writer_copies_no_link_out_of_the_source_and_no_non_image(tmp_path, capl
     src = _source_with_traps(tmp_path)
     dst = tmp_path / "dst"
     with caplog.at_level("WARNING"):
-        assert shards_module.main(["write", str(src), str(dst), "--no-progress"]) == 0
+        assert shards_cli.main(["write", str(src), str(dst), "--no-progress"]) == 0
     assert "; 4 files not copied (links out of SRC or not images" in capsys.readouterr().out
     shard = (dst / "shard-000000.tar").read_bytes()
     assert b"PRIVATE KEY" not in shard and b"just notes" not in shard
@@ -233,10 +232,10 @@ def test_writer_skips_special_and_oversized_files(tmp_path, monkeypatch):
     src = tmp_path / "src"
     src.mkdir()
     os.mkfifo(src / "pipe.png")  # reading it would block the writer for ever
-    assert shards_module._source_bytes(str(src / "pipe.png"), str(src)) == (b"", "not a regular file")
+    assert shard_writer._source_bytes(str(src / "pipe.png"), str(src)) == (b"", "not a regular file")
     Image.new("RGB", (30, 30), (1, 2, 3)).save(src / "photo.png")
-    monkeypatch.setattr(shards_module, "MAX_SAMPLE_BYTES", 50)
-    data, why = shards_module._source_bytes(str(src / "photo.png"), str(src))
+    monkeypatch.setattr(shard_writer, "MAX_SAMPLE_BYTES", 50)
+    data, why = shard_writer._source_bytes(str(src / "photo.png"), str(src))
     assert data == b"" and why.endswith("more than MAX_SAMPLE_BYTES=50")
 
 
@@ -250,7 +249,7 @@ def shard_folder(tmp_path):
         for i in range(3):
             Image.new("RGB", (12 + i, 10), (c * 100, i * 50, 9)).save(src / name / f"{name}{i}.png")
     dst = tmp_path / "shards"
-    index = shards_module.write_shards(src, dst, samples_per_shard=4, progress=False)
+    index = shard_writer.write_shards(src, dst, samples_per_shard=4, progress=False)
     (tmp_path / "secret.tar").write_bytes(b"x" * 100_000)
     return dst, index
 
@@ -342,7 +341,7 @@ def test_overwrite_deletes_only_the_indexed_shards_and_own_temporaries(shard_fol
     victim.write_bytes(b"outside, not ours")
     (dst / "shard-000001.tar").unlink()
     (dst / "shard-000001.tar").symlink_to(victim)  # a link where an indexed shard was
-    assert shards_module.main(["write", str(src), str(dst), "--samples-per-shard", "6", "--overwrite",
+    assert shards_cli.main(["write", str(src), str(dst), "--samples-per-shard", "6", "--overwrite",
                                "--no-progress"]) == 0
     for name, data in kept.items():
         assert (dst / name).read_bytes() == data, name
@@ -363,7 +362,7 @@ def test_overwrite_deletes_nothing_when_the_index_is_not_ours(tmp_path, capsys, 
     (dst / "index.json").write_text(index_text)
     (dst / "shard-000000.tar").write_bytes(b"someone's tar")
     (tmp_path / "victim.tar").write_bytes(b"victim")
-    assert shards_module.main(["write", str(src), str(dst), "--overwrite", "--no-progress"]) == 2
+    assert shards_cli.main(["write", str(src), str(dst), "--overwrite", "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(f"msn-shards: error: {dst / 'index.json'}: ")
     assert "nothing deleted" in err
@@ -375,14 +374,14 @@ def test_overwrite_deletes_nothing_when_the_index_is_not_ours(tmp_path, capsys, 
 def test_shard_temporaries_carry_the_msn_files_mark(shard_folder, tmp_path, monkeypatch):
     dst, _ = shard_folder
     seen = []
-    original = shards_module._add_member
+    original = shard_writer._add_member
 
     def spying(tar, raw, name, data):
         seen.extend(p for p in (tmp_path / "out").iterdir() if p.name.startswith("."))
         return original(tar, raw, name, data)
 
-    monkeypatch.setattr(shards_module, "_add_member", spying)
-    shards_module.write_shards(tmp_path / "src", tmp_path / "out", samples_per_shard=4, progress=False, workers=1)
+    monkeypatch.setattr(shard_writer, "_add_member", spying)
+    shard_writer.write_shards(tmp_path / "src", tmp_path / "out", samples_per_shard=4, progress=False, workers=1)
     assert seen and all(TMP_MARK in p.name for p in seen)
     assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]
 
@@ -534,7 +533,7 @@ def mirror(fashion_source, tmp_path, monkeypatch):
     monkeypatch.setattr(FashionMNIST, "mirrors", [f"http://127.0.0.1:{server.server_address[1]}/"])
     monkeypatch.setattr(FashionMNIST, "resources", [
         (f"{name}.gz", hashlib.md5((source / f"{name}.gz").read_bytes()).hexdigest()) for name in plain])
-    monkeypatch.setattr(datasets, "FASHION_MNIST_ROOT", str(tmp_path / "no-debian-package"))
+    monkeypatch.setattr(fashion_mnist, "FASHION_MNIST_ROOT", str(tmp_path / "no-debian-package"))
     monkeypatch.setenv("MSN_CACHE_DIR", str(tmp_path / "cache"))
     try:
         yield served, plain
@@ -551,7 +550,7 @@ def test_missing_fashion_mnist_is_downloaded_checked_and_cached(mirror, tmp_path
     assert folder == raw.parent.parent and {p.name: p.read_bytes() for p in raw.iterdir()} == plain
     assert len(served) == 4 and any("downloading it into" in r.getMessage() for r in caplog.records)
     assert prepare_fashion_mnist(None) == folder and len(served) == 4  # the second time from the cache
-    assert len(datasets.FashionMNISTDataset(None, train=False)) == 10000
+    assert len(fashion_mnist.FashionMNISTDataset(None, train=False)) == 10000
 
 
 def test_a_download_that_does_not_match_its_md5_is_refused_in_one_line(mirror, tmp_path, monkeypatch):
@@ -570,7 +569,7 @@ def test_without_package_or_network_one_line_says_both_ways(tmp_path, monkeypatc
     from torchvision.datasets import FashionMNIST
 
     monkeypatch.setattr(FashionMNIST, "mirrors", ["http://127.0.0.1:9/"])  # the discard port: nothing listens
-    monkeypatch.setattr(datasets, "FASHION_MNIST_ROOT", str(tmp_path / "no-debian-package"))
+    monkeypatch.setattr(fashion_mnist, "FASHION_MNIST_ROOT", str(tmp_path / "no-debian-package"))
     monkeypatch.setenv("MSN_CACHE_DIR", str(tmp_path / "cache"))
     with pytest.raises(FileNotFoundError, match="download failed .*install the Debian package dataset-fashion-mnist, "
                                                 "or run once with network access, or set data.root"):
@@ -620,7 +619,7 @@ def test_overwrite_deletes_no_file_a_hostile_index_names(shard_folder, tmp_path)
     for name in ("NOTES.md", "shard-000009.tar"):
         index["shards"][0]["file"] = name
         (dst / "index.json").write_text(json.dumps(index))
-        assert shards_module.main(["write", str(src), str(dst), "--overwrite", "--no-progress"]) == 2
+        assert shards_cli.main(["write", str(src), str(dst), "--overwrite", "--no-progress"]) == 2
     assert (dst / "NOTES.md").read_text() == "mine" and (dst / "shard-000009.tar").read_text() == "not a tar"
 
 
@@ -633,5 +632,5 @@ def test_torchvisions_processed_files_are_never_read(fashion_source, tmp_path, m
     for split in ("training", "test"):
         torch.save((torch.zeros(5, 28, 28, dtype=torch.uint8), torch.tensor([999, -7, 3, 3, 3])),
                    folder / "FashionMNIST" / "processed" / f"{split}.pt")
-    data = datasets.FashionMNISTDataset(str(source), train=False)
+    data = fashion_mnist.FashionMNISTDataset(str(source), train=False)
     assert len(data) == 10000 and set(data.targets) <= set(range(10))

@@ -1,63 +1,62 @@
-"""Data sets, multi-view augmentation and the resumable pre-training loader."""
+"""Data sets, multi-view augmentation and the resumable pre-training loader (docs/method.md Sec. 1,
+docs/formats.md).
 
-from msn.data.datasets import (
-    FashionMNISTDataset,
-    ImageFolderDataset,
-    SyntheticImages,
-    build_dataset,
-    fixed_image_size,
-    prepare_fashion_mnist,
-    training_subset,
-)
+The modules, lowest first (none imports one above it): :mod:`~msn.data.seeds`,
+:mod:`~msn.data.view_params` (every random draw of the views), :mod:`~msn.data.decode`;
+:mod:`~msn.data.datasets`, :mod:`~msn.data.fashion_mnist`, :mod:`~msn.data.shard_index`;
+:mod:`~msn.data.shard_reader`, :mod:`~msn.data.shard_writer`, :mod:`~msn.data.samplers`,
+:mod:`~msn.data.batch_augment`, :mod:`~msn.data.transforms`; :mod:`~msn.data.loader`;
+:mod:`~msn.data.build` (what the config asks for) and :mod:`~msn.data.shards_cli` (the
+``msn-shards`` command, not imported here).
+"""
+
 from msn.data.batch_augment import BatchMultiView, BatchPhotometric
+from msn.data.build import build_dataset, build_multiview_data, build_sampler
+from msn.data.datasets import ImageFolderDataset, SyntheticImages, fixed_image_size, training_subset
+from msn.data.decode import BadImageError, decode_rgb
+from msn.data.fashion_mnist import FashionMNISTDataset, prepare_fashion_mnist
 from msn.data.loader import (
     MultiViewBatch,
     MultiViewCollate,
     MultiViewDataset,
-    ResumableSampler,
-    build_multiview_data,
     build_train_loader,
     collate_views,
     start_epoch,
 )
+from msn.data.samplers import ResumableSampler, ShardLocalSampler
+from msn.data.shard_index import ShardError, read_index
+from msn.data.shard_reader import ShardedImages
+from msn.data.shard_writer import write_shards
 from msn.data.transforms import MultiViewTransform, eval_transform, geometric_transform, view_transform
 
 __all__ = [
+    "BadImageError",
     "BatchMultiView",
     "BatchPhotometric",
-    "MultiViewCollate",
     "FashionMNISTDataset",
     "ImageFolderDataset",
     "MultiViewBatch",
+    "MultiViewCollate",
     "MultiViewDataset",
     "MultiViewTransform",
     "ResumableSampler",
+    "ShardError",
+    "ShardLocalSampler",
+    "ShardedImages",
     "SyntheticImages",
     "build_dataset",
     "build_multiview_data",
+    "build_sampler",
     "build_train_loader",
     "collate_views",
+    "decode_rgb",
     "eval_transform",
     "fixed_image_size",
-    "prepare_fashion_mnist",
     "geometric_transform",
+    "prepare_fashion_mnist",
+    "read_index",
     "start_epoch",
     "training_subset",
     "view_transform",
-    "ShardLocalSampler",
-    "ShardedImages",
-    "build_sampler",
     "write_shards",
 ]
-
-_SHARD_NAMES = ("ShardLocalSampler", "ShardedImages", "build_sampler", "write_shards")
-
-
-def __getattr__(name: str):
-    """``msn.data.shards`` loads on first use, so that ``python -m msn.data.shards`` runs it
-    once, as ``__main__``."""
-    if name in _SHARD_NAMES:
-        import importlib
-
-        return getattr(importlib.import_module("msn.data.shards"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

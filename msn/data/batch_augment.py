@@ -1,31 +1,36 @@
-"""Photometric augmentation of a whole batch with per-sample random parameters.
+"""Photometric augmentation and crops of a whole batch with per-view parameters (docs/method.md Sec. 1).
 
 The reference applies colour jitter, grayscale and blur image by image with PIL, which costs
 more than the model step on small images. Here each operation runs once over the batch
-(on uint8->float tensors, on the CPU in the loader or on the GPU), with every image drawing
+(on uint8->float tensors, on the CPU in the loader or on the GPU), with every view taking
 its own parameters, including the random order of the four colour-jitter operations, so the
 distribution is the one of torchvision's ``ColorJitter``/``RandomGrayscale``/``GaussianBlur``
-applied per image (docs/method.md Sec. 1). Each operation matches the torchvision functional
-of the same name on float images (tests/test_data_batch_augment.py).
+applied per image. Each operation matches the torchvision functional of the same name on
+float images (tests/test_data_batch_augment.py).
 
-Every random number of a view comes from :func:`view_uniforms`, the one source of the
-``batched`` and ``device`` paths: a block of uniforms per image, drawn from a generator
-seeded by the image's ``(seed, epoch, index)`` alone. The parameters are functions of those
-uniforms (:func:`crop_boxes`, :meth:`BatchPhotometric.params`, :meth:`BatchMultiView.sample`),
-so an image's views do not depend on the batch it is in: not on the number of ranks the global
-batch is split over, nor on the unreadable images dropped beside it.
+Every parameter comes from :mod:`msn.data.view_params` (the uniforms of
+:func:`~msn.data.view_params.view_uniforms`, keyed by each image's ``(seed, epoch, index)``),
+the one source of the ``per_sample``, ``batched`` and ``device`` paths.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
-from msn.data.transforms import CROP_RATIO, blur_kernel_size, sample_seed
+from msn.data.view_params import (
+    PHOTOMETRIC_COLUMNS,
+    PHOTOMETRIC_DRAWS,
+    VIEW_DRAWS,
+    PhotometricParams,
+    blur_kernel_size,
+    group_params,
+    photometric_params,
+    view_major,
+)
+
 
 LUMA = (0.2989, 0.587, 0.114)
 
@@ -100,80 +105,32 @@ def gaussian_kernels(sigma: torch.Tensor, kernel_size: int) -> torch.Tensor:
 
 def gaussian_blur(images: torch.Tensor, sigma: torch.Tensor, kernel_size: int) -> torch.Tensor:
     """Separable Gaussian blur with a per-image sigma and reflect padding."""
-    n, c, h, w = images.shape
-    kernels = gaussian_kernels(sigma.to(images.dtype), kernel_size).repeat_interleave(c, dim=0)
+    count, channels, height, width = images.shape
+    planes = count * channels
+    kernels = gaussian_kernels(sigma.to(images.dtype), kernel_size).repeat_interleave(channels, dim=0)
     pad = kernel_size // 2
-    x = images.reshape(1, n * c, h, w)
-    x = F.pad(x, (pad, pad, pad, pad), mode="reflect")
-    x = F.conv2d(x, kernels.view(n * c, 1, 1, kernel_size), groups=n * c)
-    x = F.conv2d(x, kernels.view(n * c, 1, kernel_size, 1), groups=n * c)
-    return x.view(n, c, h, w)
+    blurred = F.pad(images.reshape(1, planes, height, width), (pad, pad, pad, pad), mode="reflect")
+    blurred = F.conv2d(blurred, kernels.view(planes, 1, 1, kernel_size), groups=planes)
+    blurred = F.conv2d(blurred, kernels.view(planes, 1, kernel_size, 1), groups=planes)
+    return blurred.view(count, channels, height, width)
 
 
-def _update_rows(x: torch.Tensor, chosen: torch.Tensor, op, by_mask: bool) -> torch.Tensor:
-    """``x`` with the rows where ``chosen`` holds replaced by ``op(rows)``.
+def _update_rows(images: torch.Tensor, chosen: torch.Tensor, op, by_mask: bool) -> torch.Tensor:
+    """``images`` with the rows where ``chosen`` holds replaced by ``op(rows)``.
 
     ``by_mask`` runs ``op`` on every row (``rows`` is a slice) and selects with
     ``torch.where``; otherwise only the chosen rows are gathered, transformed and written back.
     """
     if by_mask:
-        return torch.where(chosen.view(-1, 1, 1, 1), op(slice(None)), x)
+        return torch.where(chosen.view(-1, 1, 1, 1), op(slice(None)), images)
     rows = chosen.nonzero().flatten()
     if rows.numel():
-        x[rows] = op(rows)
-    return x
+        images[rows] = op(rows)
+    return images
 
 
 JITTER_OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
 
-# ---------------------------------------------------------------------------- random numbers
-#: RandomResizedCrop's tries of an area and an aspect ratio before its central fallback
-CROP_ATTEMPTS = 10
-#: Uniforms of one crop: the area fraction of each attempt, the log aspect ratio of each
-#: attempt, then the top and the left offset (:func:`crop_boxes`).
-CROP_DRAWS = 2 * CROP_ATTEMPTS + 2
-#: Uniforms of one view's photometric parameters: 4 jitter factors, whether to jitter, 4 sort
-#: keys of the jitter order, grayscale, blur, blur sigma (:meth:`BatchPhotometric.params`).
-PHOTOMETRIC_DRAWS = 12
-#: Uniforms of one view, in this order: its crop, its flip, its photometric parameters.
-VIEW_DRAWS = CROP_DRAWS + 1 + PHOTOMETRIC_DRAWS
-_FLIP = CROP_DRAWS
-_PHOTOMETRIC = slice(CROP_DRAWS + 1, VIEW_DRAWS)
-
-
-def view_uniforms(keys: Sequence[tuple[int, int]], seed: int, num_views: int) -> torch.Tensor:
-    """Every random number of the views of a batch: float32 [B, num_views, VIEW_DRAWS] uniforms
-    in [0, 1) (``torch.rand``'s), view ``v`` of image ``b`` in ``[b, v]`` (0 the target, 1 the
-    anchor, then the focal views; columns as :data:`VIEW_DRAWS` says).
-
-    Row ``b`` is drawn from torch's CPU generator seeded by ``sample_seed(seed, *keys[b])``
-    (its 63 bits folded into the 32 that the generator keeps) and from nothing else, so it is
-    the same whatever batch, rank or worker the image ``keys[b] = (epoch, index)`` lands in.
-    """
-    draws = torch.empty(len(keys), num_views * VIEW_DRAWS)
-    generator = torch.Generator()
-    for row, (epoch, index) in zip(draws, keys):
-        key = sample_seed(seed, epoch, index)
-        generator.manual_seed(key ^ (key >> 32))
-        torch.rand(row.shape, generator=generator, out=row)
-    return draws.view(len(keys), num_views, VIEW_DRAWS)
-
-
-def view_major(per_image: torch.Tensor) -> torch.Tensor:
-    """[B, V, ...] -> [V * B, ...]: view 0 of every image, then view 1... (the loader's order)."""
-    return per_image.transpose(0, 1).flatten(0, 1)
-
-
-@dataclass
-class PhotometricParams:
-    """Per-image parameters of one batch (see :meth:`BatchPhotometric.sample`)."""
-
-    jitter: torch.Tensor     # [N] bool, colour jitter applied
-    factors: torch.Tensor    # [N, 4] brightness, contrast, saturation factors and hue shift
-    order: torch.Tensor      # [N, 4] permutation of the four jitter operations
-    gray: torch.Tensor       # [N] bool
-    blur: torch.Tensor       # [N] bool
-    sigma: torch.Tensor      # [N]
 
 
 class BatchPhotometric:
@@ -186,38 +143,18 @@ class BatchPhotometric:
     """
 
     def __init__(self, views_cfg, size: int):
-        s = views_cfg.color_jitter
-        self.strength = (0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)
-        self.jitter_p = views_cfg.color_jitter_prob
-        self.gray_p = views_cfg.grayscale_prob
-        self.blur_p = views_cfg.blur_prob
-        self.sigma_range = tuple(views_cfg.blur_sigma)
-        self.kernel_size = blur_kernel_size(self.sigma_range[1], size)
+        self.views_cfg = views_cfg
+        self.kernel_size = blur_kernel_size(views_cfg.blur_sigma[1], size)
         self.mean = torch.tensor(views_cfg.mean).view(1, 3, 1, 1)
         self.std = torch.tensor(views_cfg.std).view(1, 3, 1, 1)
 
     def params(self, uniforms: torch.Tensor) -> PhotometricParams:
-        """The parameters of ``N`` images from their uniforms [N, PHOTOMETRIC_DRAWS] (on the
-        CPU, so identical on every device): ``ColorJitter``'s factors uniform in
-        ``[max(0, 1 - s), 1 + s]`` (hue ``[-s, s]``) and a uniformly random order of its four
-        operations (the argsort of four uniforms), each operation applied with its
-        probability, blur sigma uniform in its range."""
-        b, c, s, h = self.strength
-        low = torch.tensor([max(0.0, 1 - b), max(0.0, 1 - c), max(0.0, 1 - s), -h])
-        high = torch.tensor([1 + b, 1 + c, 1 + s, h])
-        lo, hi = self.sigma_range
-        return PhotometricParams(
-            jitter=uniforms[:, 4] < self.jitter_p,
-            factors=low + (high - low) * uniforms[:, 0:4],
-            order=uniforms[:, 5:9].argsort(dim=1, stable=True),
-            gray=uniforms[:, 9] < self.gray_p,
-            blur=uniforms[:, 10] < self.blur_p,
-            sigma=lo + (hi - lo) * uniforms[:, 11],
-        )
+        """:func:`~msn.data.view_params.photometric_params` of ``N`` views' uniforms."""
+        return photometric_params(uniforms, self.views_cfg)
 
     def sample(self, n: int, generator: torch.Generator) -> PhotometricParams:
         """The parameters of ``n`` images from one ``generator`` (tests, benchmarks; the loader
-        draws per image, :func:`view_uniforms`)."""
+        draws per image, :func:`~msn.data.view_params.view_uniforms`)."""
         return self.params(torch.rand(n, PHOTOMETRIC_DRAWS, generator=generator))
 
     def apply(self, images: torch.Tensor, params: PhotometricParams, select: str = "auto") -> torch.Tensor:
@@ -231,73 +168,20 @@ class BatchPhotometric:
                 Both give the same values up to float rounding (tested).
         """
         device = images.device
-        x = images.float().div_(255.0) if images.dtype == torch.uint8 else images.float().clone()
+        pixels = images.float().div_(255.0) if images.dtype == torch.uint8 else images.float().clone()
         jitter, factors, order = params.jitter.to(device), params.factors.to(device), params.order.to(device)
         gray, blur, sigma = params.gray.to(device), params.blur.to(device), params.sigma.to(device)
         by_mask = select == "mask" or (select == "auto" and device.type != "cpu")
         for position in range(4):
             for op_index, op in enumerate(JITTER_OPS):
                 chosen = jitter & (order[:, position] == op_index)
-                x = _update_rows(x, chosen, lambda rows: op(x[rows], factors[rows, op_index]), by_mask)
-        x = _update_rows(x, gray, lambda rows: grayscale(x[rows]).expand(-1, 3, -1, -1), by_mask)
-        x = _update_rows(x, blur, lambda rows: gaussian_blur(x[rows], sigma[rows], self.kernel_size), by_mask)
-        return (x - self.mean.to(device)) / self.std.to(device)
+                pixels = _update_rows(pixels, chosen, lambda rows: op(pixels[rows], factors[rows, op_index]), by_mask)
+        pixels = _update_rows(pixels, gray, lambda rows: grayscale(pixels[rows]).expand(-1, 3, -1, -1), by_mask)
+        pixels = _update_rows(pixels, blur, lambda rows: gaussian_blur(pixels[rows], sigma[rows], self.kernel_size), by_mask)
+        return (pixels - self.mean.to(device)) / self.std.to(device)
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         return self.apply(images, self.sample(images.shape[0], generator))
-
-
-def crop_boxes(uniforms: torch.Tensor, height: int, width: int, scale: tuple[float, float],
-               ratio: tuple[float, float] = CROP_RATIO) -> torch.Tensor:
-    """RandomResizedCrop boxes of an ``height x width`` image from uniforms, vectorised.
-
-    Same algorithm as torchvision's ``RandomResizedCrop``: up to ``attempts`` draws of an area
-    fraction in ``scale`` and a log-uniform aspect ratio, the first that fits wins, else a
-    central crop. ``uniforms`` [count, 2 * attempts + 2]: the area draws, the aspect draws,
-    the top and the left offset (:data:`CROP_DRAWS` columns at the default 10 attempts).
-    Returns float [count, 4] boxes ``(x0, y0, x1, y1)`` in pixels.
-    """
-    count, attempts = uniforms.shape[0], (uniforms.shape[1] - 2) // 2
-    # contiguous copies: the kernels below see the layouts of separate draws, so that
-    # sample_crop_boxes gives the boxes it gave before these were one tensor (bit for bit)
-    u_area, u_aspect = uniforms[:, :attempts].contiguous(), uniforms[:, attempts:2 * attempts].contiguous()
-    u_top, u_left = uniforms[:, 2 * attempts].contiguous(), uniforms[:, 2 * attempts + 1].contiguous()
-    area = height * width
-    target = area * (scale[0] + (scale[1] - scale[0]) * u_area)
-    low, high = math.log(ratio[0]), math.log(ratio[1])
-    aspect = torch.exp(low + (high - low) * u_aspect)
-    w = torch.round(torch.sqrt(target * aspect))
-    h = torch.round(torch.sqrt(target / aspect))
-    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
-    first = torch.where(fits.any(dim=1), fits.float().argmax(dim=1), torch.full((count,), -1))
-    rows = torch.arange(count)
-    w, h = w[rows, first.clamp_min(0)], h[rows, first.clamp_min(0)]
-    top = torch.floor(u_top * (height - h + 1))
-    left = torch.floor(u_left * (width - w + 1))
-    fallback = first < 0
-    if fallback.any():
-        in_ratio = width / height
-        if in_ratio < ratio[0]:
-            fw, fh = width, round(width / ratio[0])
-        elif in_ratio > ratio[1]:
-            fw, fh = round(height * ratio[1]), height
-        else:
-            fw, fh = width, height
-        w[fallback], h[fallback] = float(fw), float(fh)
-        top[fallback], left[fallback] = float((height - fh) // 2), float((width - fw) // 2)
-    return torch.stack([left, top, left + w, top + h], dim=1)
-
-
-def sample_crop_boxes(count: int, height: int, width: int, scale: tuple[float, float],
-                      generator: torch.Generator, ratio: tuple[float, float] = CROP_RATIO,
-                      attempts: int = CROP_ATTEMPTS) -> torch.Tensor:
-    """:func:`crop_boxes` of ``count`` crops drawn from one ``generator`` (the area draws
-    [count, attempts], the aspect draws, the tops [count], the lefts, in that order)."""
-    uniforms = torch.cat([torch.rand(count, attempts, generator=generator),
-                          torch.rand(count, attempts, generator=generator),
-                          torch.rand(count, 1, generator=generator),
-                          torch.rand(count, 1, generator=generator)], dim=1)
-    return crop_boxes(uniforms, height, width, scale, ratio)
 
 
 def resized_crops(images: torch.Tensor, boxes: torch.Tensor, image_index: torch.Tensor, size: int,
@@ -337,8 +221,8 @@ class BatchMultiView:
     Used by ``data.augment=batched`` (and ``device``) when the data set has a fixed image size
     (Fashion-MNIST, synthetic): every crop box, flip and photometric parameter is drawn per
     view and image, as torchvision would image by image, but each operation runs once over the
-    batch. :meth:`sample` turns each image's uniforms (:func:`view_uniforms`) into the batch's
-    plan (host), :meth:`render` applies it on whatever device holds the images.
+    batch. :meth:`sample` turns each image's uniforms
+    (:func:`~msn.data.view_params.view_uniforms`) into the batch's plan (host), :meth:`render` applies it on whatever device holds the images.
 
     Args:
         views_cfg: a :class:`msn.config.ViewsConfig`.
@@ -356,31 +240,27 @@ class BatchMultiView:
 
     def sample(self, uniforms: torch.Tensor, height: int, width: int) -> ViewPlan:
         """The plan of a batch of images of ``height x width`` from their uniforms
-        [B, num_views, VIEW_DRAWS] (:func:`view_uniforms`)."""
+        [B, num_views, VIEW_DRAWS] (:func:`~msn.data.view_params.view_uniforms`)."""
         cfg = self.cfg
-
-        def group(views: torch.Tensor, scale, photometric: BatchPhotometric):
-            draws = view_major(views)
-            boxes = crop_boxes(draws[:, :CROP_DRAWS], height, width, tuple(scale))
-            return boxes, draws[:, _FLIP] < cfg.hflip, photometric.params(draws[:, _PHOTOMETRIC])
-
-        rand = group(uniforms[:, :2], cfg.rand_scale, self.rand)
-        focal = group(uniforms[:, 2:], cfg.focal_scale, self.focal) if cfg.num_focal else (None, None, None)
+        rand = group_params(view_major(uniforms[:, :2]), height, width, cfg.rand_scale, cfg)
+        focal = (group_params(view_major(uniforms[:, 2:]), height, width, cfg.focal_scale, cfg) if cfg.num_focal
+                 else (None, None, None))
         return ViewPlan(*rand, *focal)
 
     def render(self, images: torch.Tensor, plan: ViewPlan) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """uint8 [B, 3, H, W] -> (target [B], anchor [B], focal [V*B] view-major), normalised."""
-        cfg, b = self.cfg, images.shape[0]
-        x = images.float().div_(255.0)
-        index = torch.arange(b)  # view-major: view 0 of every image, then view 1...
-        pair = resized_crops(x, plan.rand_boxes, index.repeat(2), cfg.rand_size, plan.rand_flip)
+        cfg, batch_size = self.cfg, images.shape[0]
+        pixels = images.float().div_(255.0)
+        index = torch.arange(batch_size)  # view-major: view 0 of every image, then view 1...
+        pair = resized_crops(pixels, plan.rand_boxes, index.repeat(2), cfg.rand_size, plan.rand_flip)
         pair = self.rand.apply(pair, plan.rand_params)
         if plan.focal_boxes is None:
-            focal = x.new_zeros(0, 3, cfg.focal_size, cfg.focal_size)
+            focal = pixels.new_zeros(0, 3, cfg.focal_size, cfg.focal_size)
         else:
-            focal = resized_crops(x, plan.focal_boxes, index.repeat(cfg.num_focal), cfg.focal_size, plan.focal_flip)
+            focal = resized_crops(pixels, plan.focal_boxes, index.repeat(cfg.num_focal), cfg.focal_size,
+                                  plan.focal_flip)
             focal = self.focal.apply(focal, plan.focal_params)
-        return pair[:b], pair[b:], focal
+        return pair[:batch_size], pair[batch_size:], focal
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Sample (from one ``generator``) and render at once (tests, benchmarks)."""
@@ -390,7 +270,7 @@ class BatchMultiView:
 
 # ---------------------------------------------------------------------------- device augmentation
 # ``data.augment=device``: the loader draws every parameter and ships uint8 pixels with one of
-# these; ``MultiViewBatch.to(device)`` runs it there (docs/method.md Sec. 1).
+# these; :func:`msn.data.loader.augment_on_device` runs it there (docs/method.md Sec. 1).
 
 @dataclass
 class DeferredPhotometric:
@@ -404,8 +284,9 @@ class DeferredPhotometric:
     @classmethod
     def sample(cls, rand: BatchPhotometric, focal: BatchPhotometric, uniforms: torch.Tensor) -> "DeferredPhotometric":
         """The photometric parameters of every view from the images' uniforms
-        [B, views, VIEW_DRAWS] (:func:`view_uniforms`; views 0 and 1 the target and anchor)."""
-        draws = uniforms[..., _PHOTOMETRIC]
+        [B, views, VIEW_DRAWS] (:func:`~msn.data.view_params.view_uniforms`; views 0 and 1 the target
+        and anchor)."""
+        draws = uniforms[..., PHOTOMETRIC_COLUMNS]
         focal_params = focal.params(view_major(draws[:, 2:])) if draws.shape[1] > 2 else None
         return cls(rand, focal, rand.params(view_major(draws[:, :2])), focal_params)
 

@@ -13,13 +13,17 @@ continues the uninterrupted run's.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 
-from msn.data.datasets import BadImageError
-from msn.data.transforms import MultiViewTransform, sample_seed
+from msn.data.batch_augment import DeferredPhotometric, DeferredViews
+from msn.data.decode import BadImageError
+from msn.data.samplers import EpochSampler
+from msn.data.seeds import sample_seed
+from msn.data.transforms import MultiViewTransform
+from msn.data.view_params import view_uniforms
 
 
 class MultiViewDataset(Dataset):
@@ -130,7 +134,7 @@ def collate_views(samples: list, photometric=None, seed: int = 0, batch_views=No
     could be read either) and counting them with the replaced ones.
 
     Every random parameter of an image's views is drawn from uniforms keyed by its
-    ``(seed + 1, epoch, index)`` (:func:`msn.data.batch_augment.view_uniforms`), never by the
+    ``(seed + 1, epoch, index)`` (:func:`msn.data.view_params.view_uniforms`), never by the
     batch: a global batch split over any number of ranks, with or without unreadable images
     beside it, gives each image the same views.
 
@@ -145,8 +149,6 @@ def collate_views(samples: list, photometric=None, seed: int = 0, batch_views=No
             training device (``data.augment=device``): the batch carries uint8 pixels and a
             ``pending`` augmentation, and equals the ``batched`` one once moved.
     """
-    from msn.data.batch_augment import DeferredPhotometric, DeferredViews, view_uniforms
-
     good = [s for s in samples if not isinstance(s, Unreadable)]
     if not good:
         raise BadImageError(f"every image of a batch of {len(samples)} was unreadable, {samples[0].source} first; "
@@ -189,39 +191,7 @@ class MultiViewCollate:
         return collate_views(samples, self.photometric, self.seed, self.batch_views, self.defer)
 
 
-class ResumableSampler(Sampler):
-    """Yields ``(epoch, index)`` keys of this rank's share of each global batch.
-
-    Every epoch is a permutation seeded by ``(seed, epoch)``, cut into ``len // global_batch``
-    full global batches (the remainder is dropped); rank ``r`` takes the ``r``-th contiguous
-    slice of each. ``set_position(epoch, batch)`` restarts mid-epoch.
-    """
-
-    def __init__(self, size: int, global_batch: int, seed: int, rank: int = 0, world_size: int = 1):
-        if size < global_batch:
-            raise ValueError(f"data set of {size} images is smaller than one global batch ({global_batch})")
-        self.size, self.global_batch, self.seed = size, global_batch, seed
-        self.rank, self.world_size = rank, world_size
-        self.local_batch = global_batch // world_size
-        self.batches_per_epoch = size // global_batch
-        self.epoch, self.start_batch = 0, 0
-
-    def set_position(self, epoch: int, batch: int = 0) -> None:
-        self.epoch, self.start_batch = epoch, batch
-
-    def __len__(self) -> int:
-        return (self.batches_per_epoch - self.start_batch) * self.local_batch
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        order = torch.randperm(self.size, generator=generator).tolist()
-        for batch in range(self.start_batch, self.batches_per_epoch):
-            first = batch * self.global_batch + self.rank * self.local_batch
-            for index in order[first:first + self.local_batch]:
-                yield self.epoch, index
-
-
-def build_train_loader(dataset: MultiViewDataset, sampler: ResumableSampler, num_workers: int,
+def build_train_loader(dataset: MultiViewDataset, sampler: EpochSampler, num_workers: int,
                        pin_memory: bool = False, persistent_workers: bool = False,
                        collate: MultiViewCollate | None = None) -> DataLoader:
     """A DataLoader over ``sampler`` yielding :class:`MultiViewBatch` of ``sampler.local_batch``."""
@@ -240,47 +210,9 @@ def build_train_loader(dataset: MultiViewDataset, sampler: ResumableSampler, num
 
 
 def start_epoch(loader: DataLoader, epoch: int, batch: int = 0) -> DataLoader:
-    """Position ``loader`` (over a :class:`ResumableSampler`) at ``batch`` of ``epoch`` and
-    seed its own generator by ``(seed, epoch, rank)``; returns the loader, to iterate."""
-    sampler: ResumableSampler = loader.sampler
+    """Position ``loader`` (over a :class:`~msn.data.samplers.EpochSampler`) at ``batch`` of
+    ``epoch`` and seed its own generator by ``(seed, epoch, rank)``; returns the loader, to iterate."""
+    sampler: EpochSampler = loader.sampler
     sampler.set_position(epoch, batch)
     loader.generator.manual_seed(sample_seed(sampler.seed + 2, epoch, sampler.rank))
     return loader
-
-
-__all__ = [
-    "MultiViewBatch",
-    "MultiViewCollate",
-    "MultiViewDataset",
-    "ResumableSampler",
-    "build_multiview_data",
-    "build_train_loader",
-    "collate_views",
-    "sample_seed",
-    "start_epoch",
-]
-
-
-def build_multiview_data(dataset: Dataset, data_cfg, seed: int) -> tuple[MultiViewDataset, MultiViewCollate]:
-    """The pre-training data set wrapper and collate function for ``data_cfg.augment``.
-
-    * ``per_sample``: the whole torchvision v2 pipeline image by image.
-    * ``batched`` on a data set of fixed image size: every view of the batch made at once
-      (:class:`~msn.data.batch_augment.BatchMultiView`).
-    * ``batched`` otherwise: uint8 crops image by image, photometric ops per batch.
-    * ``device``: as ``batched``, the same parameters drawn in the loader, but the batched
-      work (photometric ops; for fixed-size data the crops too) runs on the training device
-      (:meth:`MultiViewBatch.to`).
-    """
-    from msn.data.batch_augment import BatchMultiView, BatchPhotometric
-    from msn.data.datasets import fixed_image_size
-
-    views, defer = data_cfg.views, data_cfg.augment == "device"
-    if data_cfg.augment == "per_sample":
-        transform, collate = MultiViewTransform(views, photometric=True), MultiViewCollate(seed=seed)
-    elif fixed_image_size(dataset) is not None:
-        transform, collate = None, MultiViewCollate(seed=seed, batch_views=BatchMultiView(views), defer=defer)
-    else:
-        photometric = (BatchPhotometric(views, views.rand_size), BatchPhotometric(views, views.focal_size))
-        transform, collate = MultiViewTransform(views, photometric=False), MultiViewCollate(photometric, seed, defer=defer)
-    return MultiViewDataset(dataset, transform, seed), collate

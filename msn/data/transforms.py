@@ -7,40 +7,10 @@ horizontal flip, colour jitter, grayscale and Gaussian blur, then normalisation.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torchvision.transforms import v2
 
-
-def blur_kernel_size(sigma_max: float, image_size: int) -> int:
-    """Odd kernel covering +-3 sigma, no wider than the image (reflect padding needs that)."""
-    size = 2 * math.ceil(3 * sigma_max) + 1
-    largest_odd = image_size - 1 if image_size % 2 == 0 else image_size
-    return max(3, min(size, largest_odd))
-
-
-#: RandomResizedCrop's aspect-ratio range (torchvision's default, the reference's)
-CROP_RATIO = (3 / 4, 4 / 3)
-
-
-def sample_seed(seed: int, epoch: int, index: int) -> int:
-    """A 63-bit seed unique to ``(seed, epoch, index)``: every augmentation of image ``index``
-    in ``epoch`` is drawn from a generator seeded by it (``seed`` plus a small offset per
-    stream), never by the batch or the rank the image lands in."""
-    return (seed * 0x9E3779B1 + epoch * 0x85EBCA77 + index * 0xC2B2AE3D + 0x27D4EB2F) % (2**63 - 1)
-
-
-def min_decode_pixels(views_cfg) -> int:
-    """The fewest pixels a decoded image may have so that every random-resized crop of every
-    view is still shrunk (or kept) to its output size, never enlarged: a crop of area fraction
-    ``s`` and aspect ``r`` of an ``A``-pixel image has sides ``sqrt(s A r)`` and ``sqrt(s A / r)``,
-    the shorter at least ``sqrt(s_min A 3/4)``, which must reach the view's side ``size``:
-    ``A >= size^2 / (s_min * 3/4)``. Decoding a JPEG down to that size changes no crop's
-    box (the fractions are drawn as before) and enlarges no crop."""
-    shortest = min(CROP_RATIO[0], 1 / CROP_RATIO[1])
-    groups = ((views_cfg.rand_size, views_cfg.rand_scale[0]), (views_cfg.focal_size, views_cfg.focal_scale[0]))
-    return max(math.ceil(size**2 / (scale * shortest)) for size, scale in groups)
+from msn.data.view_params import blur_kernel_size
 
 
 def view_transform(views_cfg, size: int, scale: tuple[float, float]) -> v2.Compose:
