@@ -2,7 +2,7 @@
 
     .venv/bin/python scripts/demo.py [--output-dir outputs/fmnist_demo] [--splits 3] [OVERRIDE ...]
 
-1. Pre-trains ``experiment=fmnist_demo`` (msn/configs/experiment/fmnist_demo.yaml: 375 steps,
+1. Pre-trains ``experiment=fmnist_demo`` (configs/experiment/fmnist_demo.yaml: 375 steps,
    about 3 minutes on 2 CPU cores; a finished run is not trained again, an interrupted one
    resumes). Extra ``key=value`` arguments go to the pre-training.
 2. Evaluates, with the reference low-shot protocol (docs/eval.md) on the 10,000 Fashion-MNIST
@@ -24,11 +24,11 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import msn
+from msn import checkpoint, files
+from msn.tables import markdown_table
 
-import msn  # noqa: E402
-from msn import checkpoint, files  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 #: Labelled images per class of the table.
 SHOTS = (1, 5)
@@ -53,16 +53,15 @@ def table(results: dict[str, dict], minutes: float, step: int) -> tuple[str, dic
     cell = lambda entry: f"{entry['mean']:.1f} ± {entry['std']:.1f}"  # noqa: E731
     splits = len(results["msn"]["shots"][str(SHOTS[0])]["accuracy"])
     tested = results["msn"]["data"]["test_images_used"]
-    lines = [f"Low-shot top-1 % on {tested:,} Fashion-MNIST test images (logistic regression on frozen "
-             f"features, mean ± std over {splits} labelled splits, the same for every row)", "",
-             "| features | " + " | ".join(f"{k} image{'s' if k > 1 else ''}/class" for k in SHOTS) + " |",
-             "|---|" + "---|" * len(SHOTS)]
-    numbers = {}
+    numbers, rows = {}, []
     for label, name, _ in ROWS:
         entries = results[name]["shots"]
         label = f"{label}: {minutes:.1f} min, {step} steps" if name == "msn" else label
-        lines.append(f"| {label} | " + " | ".join(cell(entries[str(k)]) for k in SHOTS) + " |")
+        rows.append([label, *(cell(entries[str(k)]) for k in SHOTS)])
         numbers[name] = {str(k): {"mean": entries[str(k)]["mean"], "std": entries[str(k)]["std"]} for k in SHOTS}
+    lines = [f"Low-shot top-1 % on {tested:,} Fashion-MNIST test images (logistic regression on frozen "
+             f"features, mean ± std over {splits} labelled splits, the same for every row)", "",
+             markdown_table(["features", *(f"{k} image{'s' if k > 1 else ''}/class" for k in SHOTS)], rows)]
     five = str(SHOTS[-1])
     over_random = numbers["msn"][five]["mean"] - numbers["random"][five]["mean"]
     over_pixels = numbers["msn"][five]["mean"] - numbers["pixels"][five]["mean"]

@@ -6,6 +6,7 @@ figures and the report, on 256 Fashion-MNIST images and 500 test images, so the 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -14,8 +15,17 @@ import sys
 import pytest
 from conftest import ROOT
 
-sys.path.insert(0, str(ROOT / "scripts"))
-import fashion_mnist_results  # noqa: E402
+
+def _script_module():
+    """scripts/fashion_mnist_results.py loaded from its file (scripts/ is not a package)."""
+    spec = importlib.util.spec_from_file_location("fashion_mnist_results", ROOT / "scripts" / "fashion_mnist_results.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+fashion_mnist_results = _script_module()
 
 
 def run(out, report):
@@ -83,3 +93,17 @@ def test_a_kept_evaluation_with_another_lambda_is_refused(tmp_path):
         pipe.evaluate("eval_x", None, tmp_path / "eval", [], "ablation x: evaluate", lambd=0.01)
     assert pipe.evaluate("eval_y", None, tmp_path / "eval", [], "evaluate y") == {"classifier": {"lambda_fixed": None},
                                                                                  "shots": {}}
+
+
+def test_an_accuracy_table_of_the_report():
+    """One section of the page (the epoch checkpoints' table), against the lines written by hand."""
+    entry = lambda mean, std: {"mean": mean, "std": std}  # noqa: E731
+    points = [(1, 4.04, {"shots": {"1": entry(50.04, 1.26), "5": entry(61.0, 0.5)}}),
+              (2, 8.1, {"shots": {"1": entry(55.55, 0.0), "5": entry(70.25, 2.0)}})]
+    assert fashion_mnist_results.accuracy_section("Accuracy vs time", "Intro.", "epoch", points, "![f](f.png)") == [
+        "### Accuracy vs time", "", "Intro.", "",
+        "| epoch | minutes | 1 / class | 5 / class |\n"
+        "|---|---|---|---|\n"
+        "| 1 | 4.0 | 50.0 ± 1.3 | 61.0 ± 0.5 |\n"
+        "| 2 | 8.1 | 55.5 ± 0.0 | 70.2 ± 2.0 |",
+        "", "![f](f.png)", ""]

@@ -25,6 +25,7 @@ from msn.eval.baseline_names import PIXELS, RANDOM, SUPERVISED
 from msn.eval.config import EvalConfig, eval_config_to_dict
 from msn.eval.subsets import format_percent, percent_key
 from msn.export.model_card import LOWSHOT_SCHEMA
+from msn.tables import markdown_table
 
 log = logging.getLogger(__name__)
 
@@ -201,7 +202,7 @@ def _lambda_cell(entry: dict[str, Any]) -> str:
 
 
 def format_table(results: dict[str, Any]) -> str:
-    """Plain-text table: one row per subset size (k-shot rows, then percent rows)."""
+    """Title lines and a padded markdown table: one row per subset size (k-shot rows, then percent rows)."""
     knn_k = results["knn"]["k"]
     header = ["labelled/class", "splits", "logreg top-1", f"k-NN top-1 (k={knn_k})", "lambda"]
     rows = []
@@ -212,16 +213,13 @@ def format_table(results: dict[str, Any]) -> str:
         rows.append([f"{key}% ({entry['images_per_class']:.1f})", str(len(entry["accuracy"])),
                      _fmt(entry["mean"], entry["std"]), _fmt(entry["knn_mean"], entry["knn_std"]),
                      _lambda_cell(entry)])
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
-    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
-    rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
     title = (
         f"Low-shot top-1 accuracy (%) on {results['data']['name']} "
         f"({results['data']['test_images_used']} test images, mean +- std over splits)\n"
         f"encoder: {describe_encoder(results)}; feature: {results['feature']['kind']} "
         f"(dim {results['feature']['dim']}); wall time {results['wall_time_s']:.1f} s"
     )
-    return "\n".join([title, line(header), rule, *(line(r) for r in rows)])
+    return title + "\n" + markdown_table(header, rows, padded=True)
 
 
 def describe_encoder(results: dict[str, Any]) -> str:
