@@ -1,4 +1,4 @@
-"""msn.api: the README's Python example runs as written, and bad input raises one line."""
+"""msn.api: the Python example of docs/getting_started.md runs as written, and bad input raises one line."""
 
 from __future__ import annotations
 
@@ -13,16 +13,16 @@ from msn.config import ConfigError
 from conftest import FASHION_MNIST, ROOT, TINY_OVERRIDES, require_dir
 
 
-def readme_example() -> str:
-    text = (ROOT / "README.md").read_text()
-    section = text[text.index("## Python API"):]
+def getting_started_example() -> str:
+    text = (ROOT / "docs" / "getting_started.md").read_text()
+    section = text[text.index("## From Python"):]
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
-def test_the_readme_example_runs(tmp_path, monkeypatch, capsys):
+def test_the_getting_started_example_runs(tmp_path, monkeypatch, capsys):
     require_dir(FASHION_MNIST, "Fashion-MNIST (Debian package dataset-fashion-mnist)")
     monkeypatch.chdir(tmp_path)  # the example writes outputs/ below the working directory
-    exec(compile(readme_example(), "README.md (Python API)", "exec"), {})
+    exec(compile(getting_started_example(), "docs/getting_started.md (From Python)", "exec"), {})
     printed = capsys.readouterr().out.strip().splitlines()
     assert "torch.Size([4, 128])" in printed
     saved = json.loads((tmp_path / "outputs" / "api_eval" / "results.json").read_text())

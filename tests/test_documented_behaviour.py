@@ -16,7 +16,7 @@ import conftest
 from msn.train import Trainer
 
 
-# ------------------------------------------------------------------ README "Key settings": seed
+# ------------------------------------------------------------- docs/training.md "Key settings": seed
 def network_state(trainer) -> dict[str, torch.Tensor]:
     state = {k: v.clone() for k, v in trainer.msn_step.network.state_dict().items()}
     state["prototypes"] = trainer.msn_step.prototypes.weight.detach().clone()
@@ -28,7 +28,7 @@ def same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool
 
 
 def test_seed_sets_initial_weights_data_order_augmentation_and_masks(tiny_config, tmp_path):
-    """README "Key settings": `seed` (default 0) "seeds model init, data order, augmentation and
+    """docs/training.md "Key settings": `seed` (default 0) "seeds model init, data order, augmentation and
     masks": the same seed gives the same four, another seed changes each of them (the synthetic
     images themselves do not depend on the run's seed, so the views differ by augmentation)."""
     from msn.data import build_dataset
@@ -75,9 +75,9 @@ def test_proto_grad_reduce_sum_and_mean_are_the_same_on_one_process(tiny_config,
     assert runs["sum"]["step"] == 3
 
 
-# ------------------------------------------------ README "What the tests promise": the helpers
+# ------------------------------------------- docs/testing.md "What the tests promise": the helpers
 def test_require_dir_fails_under_ci_and_skips_otherwise(tmp_path, monkeypatch):
-    """README "What the tests promise": "Tests that need the Fashion-MNIST package or the
+    """docs/testing.md "What the tests promise": "Tests that need the Fashion-MNIST package or the
     standard ImageNet split files ... skip on a machine without them, but fail under `CI=true`"
     (both go through `conftest.require_dir`)."""
     missing = tmp_path / "absent"
@@ -100,7 +100,7 @@ def test_require_dir_fails_under_ci_and_skips_otherwise(tmp_path, monkeypatch):
 
 
 def test_msn_test_deterministic_turns_on_deterministic_algorithms(monkeypatch):
-    """README "What the tests promise": "`MSN_TEST_DETERMINISTIC=1 make test` runs the suite
+    """docs/testing.md "What the tests promise": "`MSN_TEST_DETERMINISTIC=1 make test` runs the suite
     under `torch.use_deterministic_algorithms`" (conftest's `pytest_configure` hook; without the
     variable it leaves the setting alone)."""
     before = torch.are_deterministic_algorithms_enabled()
@@ -196,7 +196,7 @@ def test_no_solarisation_in_any_augmentation_mode():
     assert not [a for a in vars(BatchPhotometric(views, views.rand_size)) if "solar" in a.lower()]
 
 
-# --------------------------------------------------------------- docs/scaling.md, README Scaling out
+# ------------------------------------------------------------------------------------ docs/scaling.md
 def test_torchrun_variables_take_precedence_over_slurms(monkeypatch):
     """docs/scaling.md "Slurm": "torchrun's variables take precedence over Slurm's" and
     "`dist.slurm_env=never` ignores the Slurm variables altogether"."""
@@ -221,10 +221,10 @@ def test_torchrun_variables_take_precedence_over_slurms(monkeypatch):
 
 @pytest.mark.parametrize("device,expected", [("cpu", "gloo"), ("cuda", "nccl")])
 def test_auto_backend_is_nccl_on_cuda_and_gloo_on_the_cpu(device, expected, monkeypatch):
-    """README "Scaling out": "`train.py` builds the process group from their environment (NCCL
-    on CUDA, gloo on the CPU)"; docs/scaling.md: `dist.backend` auto. (The process group
-    itself is not created: its creation is replaced by a recorder; for `cuda` the device
-    lookup too, so this runs without a GPU.)"""
+    """docs/scaling.md "Processes and the global batch": "`train.py` builds the process group
+    from their environment (NCCL on CUDA, gloo on the CPU)"; docs/scaling.md: `dist.backend`
+    auto. (The process group itself is not created: its creation is replaced by a recorder;
+    for `cuda` the device lookup too, so this runs without a GPU.)"""
     from msn import distributed
 
     created = {}
@@ -274,9 +274,9 @@ def test_the_monitor_fits_at_lambd_fallback_without_cross_validation(tiny_config
     assert lambdas == [EvalConfig.lambd_fallback] * (2 * 3)  # 2 shot counts x 3 splits
 
 
-# ------------------------------------------------- README "Use your backbone": reference -> hf
+# ------------------------------------------- docs/export.md "msn-export: the commands": reference -> hf
 def test_a_reference_release_file_converts_to_a_transformers_folder(tmp_path):
-    """README "Use your backbone in transformers / timm": "the reference's released weights
+    """docs/export.md "msn-export: the commands": "the reference's released weights
     convert the same way: `msn-export vits16_800ep.pth.tar --format hf --output ...`": a file of
     the released layout (docs/formats.md Sec. 5: `target_encoder` with `module.` and
     `module.fc.` names, `prototypes`) becomes a folder that `ViTMSNModel.from_pretrained` loads

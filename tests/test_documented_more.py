@@ -2,7 +2,7 @@
 
 Every test names the page and section whose sentence it keeps true: the export loader's
 single reads and format table (docs/architecture.md, docs/formats.md), the choice of lambda,
-the solver's threads and the results' statistics (docs/eval.md), ``img_per_s`` (README.md)
+the solver's threads and the results' statistics (docs/eval.md), ``img_per_s`` (docs/training.md)
 and the target head's batch norms (docs/method.md).
 """
 
@@ -338,7 +338,7 @@ def test_lowshot_std_is_the_sample_std_and_only_labelled_and_test_images_are_ext
 
 # ------------------------------------------------------------------ 6. img_per_s without the monitor
 def test_img_per_s_leaves_out_the_monitor_seconds(tiny_config):
-    """README.md "Outputs" (metrics.jsonl ``img_per_s``) and docs/eval.md "Live monitor":
+    """docs/training.md "Outputs" (metrics.jsonl ``img_per_s``) and docs/eval.md "Live monitor":
     ``monitor/seconds`` is kept out of ``img_per_s`` and added to ``time_s``. The probe here
     sleeps; no record's images per second may count that sleep, neither the monitored step's
     record nor the next one."""

@@ -15,7 +15,7 @@ from msn.config import MSNConfig, load_config
 from msn.configs import CONFIG_DIR
 
 EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
-#: README "Presets": preset -> (global batch, focal view side, backbone parameters in millions
+#: docs/training.md "Presets": preset -> (global batch, focal view side, backbone parameters in millions
 #: as the model column rounds them)
 IMAGENET_PRESETS = {
     "vits16_in1k": (1024, 96, 21.7),
@@ -32,13 +32,13 @@ def preset(name: str, tmp_path) -> MSNConfig:
 
 
 def test_every_preset_the_readme_lists_exists():
-    """README "Presets (`experiment=`)": the table lists exactly these presets."""
+    """docs/training.md "Presets (`experiment=`)": the table lists exactly these presets."""
     assert set(EXPERIMENTS) == set(IMAGENET_PRESETS) | set(FASHION_MNIST_PRESETS)
 
 
 @pytest.mark.parametrize("name", sorted(IMAGENET_PRESETS))
 def test_imagenet_preset_global_batch_and_focal_size(name, tmp_path):
-    """README "Presets": the "global batch" column (1024; 1152 for `vitb4_in1k`) and, for
+    """docs/training.md "Presets": the "global batch" column (1024; 1152 for `vitb4_in1k`) and, for
     `vitl7_in1k`, "focal views 98 px (14 patches of 7)" (the others 96 px)."""
     cfg = preset(name, tmp_path)
     batch, focal, _ = IMAGENET_PRESETS[name]
@@ -50,7 +50,7 @@ def test_imagenet_preset_global_batch_and_focal_size(name, tmp_path):
 
 @pytest.mark.parametrize("name", sorted(IMAGENET_PRESETS))
 def test_imagenet_preset_parameter_count(name, tmp_path):
-    """README "Presets": the model column's parameter counts, ViT-S/16 (21.7M), ViT-B/16
+    """docs/training.md "Presets": the model column's parameter counts, ViT-S/16 (21.7M), ViT-B/16
     (85.8M), ViT-L/16 (303.3M), ViT-B/4 (87.5M), ViT-L/7 (303.5M): the backbone built from the
     preset at its 224 px views, rounded to 0.1M (built on the meta device: no memory)."""
     from msn.architectures import MODELS
@@ -69,7 +69,7 @@ def test_imagenet_preset_parameter_count(name, tmp_path):
 
 @pytest.mark.parametrize("name", sorted(IMAGENET_PRESETS))
 def test_imagenet_presets_share_the_vits16_recipe(name, tmp_path):
-    """README "Presets": "All ImageNet presets use the reference's ViT-S/16 optimisation recipe
+    """docs/training.md "Presets": "All ImageNet presets use the reference's ViT-S/16 optimisation recipe
     (AdamW, LR warm-up 2e-4 -> 1e-3 over 15 epochs then cosine toward 1e-6, WD cosine 0.04 ->
     0.4, EMA 0.996 -> 1, every schedule stretched over 1.25x the run, gradient clip 3.0), 1
     target + 1 anchor at 224 px and 10 focal views at 96 px, a 2048-2048-256 projection head
@@ -143,7 +143,7 @@ def test_no_dropout_and_no_drop_path_in_the_paper_presets(name, tmp_path):
 
 
 def test_readme_key_settings_defaults(tmp_path):
-    """README "Key settings": the default column of the table, read from the composed default
+    """docs/training.md "Key settings": the default column of the table, read from the composed default
     configuration (`msn/configs/config.yaml` with no preset)."""
     cfg = load_config(compose_config(f"data.root={tmp_path}"))
     assert cfg.name == "msn" and cfg.output_dir == "outputs/msn"  # outputs/${name}
@@ -165,7 +165,7 @@ def test_monitor_defaults():
     """docs/eval.md "Live monitor": `monitor.train_images` "(the pool, default 500)",
     `monitor.test_images` "(500)", "`monitor.knn_k` = 20 neighbours, temperature 0.07",
     `monitor.shots` "(`[1, 5]`)", `monitor.splits` "(3)", "at the fixed lambda `lambd_fallback`";
-    README "Key settings": `monitor.enabled`, `monitor.every` "false, 1000"."""
+    docs/training.md "Key settings": `monitor.enabled`, `monitor.every` "false, 1000"."""
     import inspect
 
     from msn.eval.config import EvalConfig
@@ -309,7 +309,7 @@ def test_supervised_baseline_recipe():
 
 def test_dist_defaults():
     """docs/scaling.md: `dist.preempt_signals` "(default `USR1`, `USR2`, `TERM`)", "`dist.requeue:
-    auto` (default)"; README Scaling out / msn/config.py: backend auto, `timeout_min` 30,
+    auto` (default)"; docs/scaling.md / msn/config.py: backend auto, `timeout_min` 30,
     `slurm_env` auto, strategy ddp."""
     d = MSNConfig().dist
     assert list(d.preempt_signals) == ["USR1", "USR2", "TERM"] and d.requeue == "auto"

@@ -1,4 +1,5 @@
-"""The code in the README's "Use your backbone" section runs as written (on a tiny export and a tiny image folder)."""
+"""The snippets of docs/export.md ("Fine-tune in transformers", "Frozen features") run as written
+(on a tiny export and a tiny image folder)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from msn.export.cli import main
 
 import transformers  # noqa: E402,F401 - a test dependency: missing means a broken set-up, not a skip
 
-DOC = Path(__file__).resolve().parents[1] / "README.md"
+DOC = Path(__file__).resolve().parents[1] / "docs" / "export.md"
 SIZE = 32
 
 

@@ -1,4 +1,4 @@
-"""Fault injection: real processes, real signals, real files (README "What survives what").
+"""Fault injection: real processes, real signals, real files (docs/faults.md).
 
 Each test breaks a run the way a user's machine does (kill -9 mid-run, a corrupt or foreign
 checkpoint, litter of interrupted saves, a diverging update) and checks that nothing is

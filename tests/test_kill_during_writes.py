@@ -1,4 +1,4 @@
-"""kill -9 at the worst moments of a run's file writes (README "What survives what").
+"""kill -9 at the worst moments of a run's file writes (docs/faults.md).
 
 A training process is killed with SIGKILL at an exact moment of a write (a wrapper around
 ``msn.cli.train_main`` kills its own process at the N-th call that touches a given file), then

@@ -214,7 +214,7 @@ def test_anchor_masks_are_a_pure_function_of_seed_and_step(shared):
 
 
 def test_the_kept_count_is_computed_in_floating_point_as_the_authors_do():
-    """README Key settings: ``floor(N (1 - ratio))`` in floating point: 1 - 0.9 is just under
+    """docs/training.md Key settings: ``floor(N (1 - ratio))`` in floating point: 1 - 0.9 is just under
     0.1, so 10 patches at ratio 0.9 keep none, and 20 keep one."""
     from msn.masking import num_kept_patches
 
