@@ -6,7 +6,7 @@ Sub-packages own one concern each: ``msn.models`` (encoder, head, prototypes),
 ``msn.checkpoint`` (atomic save/resume) and ``msn.metrics_log`` (metrics, wandb, progress).
 """
 
-__version__ = "0.1.0"
+from msn.version import __version__  # noqa: F401 (re-exported)
 
 #: The Python API (:mod:`msn.api`), imported on first use so that ``import msn`` stays light.
 _API = ("pretrain", "load_backbone", "lowshot", "Backbone")

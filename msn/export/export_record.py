@@ -61,10 +61,10 @@ def installed_version(package: str) -> str | None:
 
 
 def _versions() -> dict[str, str]:
-    import msn
+    from msn.version import __version__
     import timm
 
-    versions = {"msn": msn.__version__, "torch": torch.__version__, "timm": timm.__version__, "python": platform.python_version()}
+    versions = {"msn": __version__, "torch": torch.__version__, "timm": timm.__version__, "python": platform.python_version()}
     transformers_version = installed_version("transformers")  # recorded only when installed (never needed to export)
     if transformers_version is not None:
         versions["transformers"] = transformers_version
