@@ -3,11 +3,13 @@
 # scripts/gpu_check.sh can install them there without a network:
 #   hydra-core, omegaconf and antlr4-python3-runtime (the version omegaconf pins), at the
 #   versions installed in .venv. PyYAML, packaging and everything else msn needs (torch,
-#   torchvision, timm, safetensors, numpy, pillow, tqdm, matplotlib, pytest) are already in
+#   torchvision, timm, safetensors, numpy, pillow, tqdm, matplotlib, pytest, and transformers
+#   for benchmarks/bench_features.py) are already in
 #   that machine's image (docs: the device tool's KINDS.md); wandb is not needed there (it is
 #   imported only when logging.wandb != disabled). WITH_PYYAML=1 adds a cp312 PyYAML wheel.
 #
-# Usage: bash scripts/gpu_wheels.sh        (make gpu-wheels)
+# Usage: bash scripts/gpu_wheels.sh        (make gpu-wheels); then the device call carries
+# them: run(command="bash scripts/gpu_check.sh", carry=[".whl"]) (scripts/gpu_check.sh).
 # The target machine: Python 3.12, x86-64 Linux. Rerunning keeps wheels already present.
 set -euo pipefail
 cd "$(dirname "$0")/.."
