@@ -200,6 +200,18 @@ class MonitorConfig:
 
 
 @dataclass
+class AlarmConfig:
+    """The collapse alarm: one warning per run (docs/method.md Sec. 5 "The collapse alarm"; msn.train.collapse)."""
+
+    enabled: bool = True  #: warn once (log, progress bar, an `alarm` field in metrics.jsonl) when the run collapses or does not learn
+    max_t: float = 0.9  #: collapse: max_t (mean largest target probability) at least this: targets one-hot
+    prototypes: float = 0.1  #: collapse: np at most this fraction of min(global batch, K) (the floor never below 1)
+    rank: float = 0.05  #: collapse: RankMe of the target embeddings at most this fraction of min(local batch, head.output_dim) (the floor never below 2)
+    uniform: float = 1.5  #: not learning: max_t at most this multiple of 1/K (near-uniform targets), from twice the warm-up on
+    patience: int = 3  #: logged records in a row a condition must hold
+
+
+@dataclass
 class MSNConfig:
     """The whole pre-training configuration (``msn/configs/config.yaml`` composes it)."""
 
@@ -224,6 +236,7 @@ class MSNConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     dist: DistConfig = field(default_factory=DistConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    alarm: AlarmConfig = field(default_factory=AlarmConfig)
 
 
 AUGMENT_MODES = ("batched", "device", "per_sample")
@@ -303,6 +316,12 @@ def validate(cfg: MSNConfig, world_size: int = 1) -> MSNConfig:
            "monitor.shots", f"must be distinct positive counts, got {list(mon.shots)}")
     _check(mon.splits > 0, "monitor.splits", f"must be positive, got {mon.splits}")
     _check(mon.knn_k > 0, "monitor.knn_k", f"must be positive, got {mon.knn_k}")
+    al = cfg.alarm
+    _check(0 < al.max_t <= 1, "alarm.max_t", f"must be in (0, 1], got {al.max_t}")
+    _check(0 <= al.prototypes < 1, "alarm.prototypes", f"must be in [0, 1), got {al.prototypes}")
+    _check(0 <= al.rank < 1, "alarm.rank", f"must be in [0, 1), got {al.rank}")
+    _check(al.uniform >= 1, "alarm.uniform", f"must be >= 1 (a multiple of 1/K), got {al.uniform}")
+    _check(al.patience > 0, "alarm.patience", f"must be positive, got {al.patience}")
     _check(cfg.resume in ("auto", "force", "never") or os.path.isfile(cfg.resume), "resume",
            f"must be auto, force, never or an existing checkpoint file, got {cfg.resume!r}")
     return cfg

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +42,8 @@ class MSNLossOutput:
             reference's statistic).
         min_max_target: smallest per-image largest target probability (``min_max_t``: the
             least confident target of the batch).
+        target_rank: RankMe of the batch's target embeddings (:func:`effective_rank`), set by
+            the train step on the steps it logs; ``None`` otherwise.
     """
 
     loss: torch.Tensor
@@ -52,6 +55,29 @@ class MSNLossOutput:
     max_target: torch.Tensor
     min_target: torch.Tensor
     min_max_target: torch.Tensor
+    target_rank: Optional[torch.Tensor] = None
+
+
+#: RankMe's epsilon (Garrido et al., 2023): added to every normalised singular value.
+RANK_EPS = 1e-7
+
+
+@torch.no_grad()
+def effective_rank(embeddings: torch.Tensor, eps: float = RANK_EPS) -> torch.Tensor:
+    """RankMe (Garrido et al., ICML 2023) of ``embeddings`` [N, D], its rows L2-normalised
+    first (the loss sees only directions): ``exp(-sum_k p_k log p_k)`` with
+    ``p_k = s_k / sum_j s_j + eps`` for the singular values ``s``. Between about 1 (all rows
+    on one line) and ``min(N, D)`` (orthogonal rows of equal norm); docs/method.md Sec. 5.
+
+    One SVD, in at least float32, without gradient; on CUDA it waits for the device.
+    """
+    if embeddings.ndim != 2 or embeddings.shape[0] == 0:
+        raise ValueError(f"effective_rank expects a non-empty 2-D [N, D] matrix, got shape {tuple(embeddings.shape)}")
+    dtype = torch.promote_types(embeddings.dtype, torch.float32)
+    with torch.autocast(embeddings.device.type, enabled=False):
+        singular = torch.linalg.svdvals(F.normalize(embeddings.detach().to(dtype), dim=-1))
+        p = singular / singular.sum().clamp_min(torch.finfo(dtype).tiny) + eps
+        return torch.exp(-torch.sum(p * torch.log(p)))
 
 
 def prototype_logits(z: torch.Tensor, prototypes: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -53,7 +53,8 @@ class MetricsLogger:
         with open_append(self.path) as stream:  # a link planted under the name is refused
             stream.write(json.dumps(clean) + "\n")
         if self._wandb_run is not None:
-            self._wandb_run.log({k: v for k, v in record.items() if k != "step"}, step=record.get("step"))
+            # a value a record lacks this time (``rank`` on a step it was not measured) is left out
+            self._wandb_run.log({k: v for k, v in record.items() if k != "step" and v is not None}, step=record.get("step"))
 
     def log_artifact(self, folder: str | os.PathLike, name: str, kind: str = "model") -> None:
         """Upload (or, offline, stage) a folder as a wandb artifact of this run."""

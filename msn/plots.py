@@ -1,7 +1,8 @@
 """Training curves of a run: ``python -m msn.plots RUN_DIR [RUN_DIR ...]`` (or ``msn-plot``).
 
 Reads each run's ``metrics.jsonl`` and draws loss terms (total, CE, ME-MAX, entropy), the
-collapse monitors (``np``, ``max_t``), the schedules (lr, wd, EMA momentum) and throughput,
+collapse monitors (``np``, ``max_t``, the target embeddings' effective ``rank``; docs/method.md
+Sec. 5), the schedules (lr, wd, EMA momentum) and throughput,
 one panel each, and, when the records hold them, the live low-shot monitor's accuracies
 (``monitor/knn_top1``, ``monitor/<k>shot``; docs/eval.md "Live monitor") against the step,
 into ``<first run>/training_curves.png`` (or ``--output``).
@@ -22,6 +23,7 @@ PANELS = (
     ("entropy", ("entropy",), "mean prediction entropy"),
     ("np", ("np",), "distinct target prototypes per batch (np)"),
     ("max_t", ("max_t", "min_max_t", "min_t"), "target probabilities (mean largest, least confident largest, mean smallest)"),
+    ("rank", ("rank",), "effective rank of the target embeddings (RankMe)"),
     ("lr", ("lr",), "learning rate"),
     ("wd", ("wd",), "weight decay"),
     ("momentum", ("momentum",), "EMA momentum"),

@@ -112,3 +112,27 @@ def test_training_runs_without_wandb_installed(tmp_path):
     assert not ours, f"wandb imported by the repository with logging.wandb=disabled: {ours}"
     assert [json.loads(line)["step"] for line in open(out / "metrics.jsonl")] == [2]
     assert checkpoint.load_checkpoint(out / "checkpoints" / "latest.pt")["step"] == 2
+
+
+def test_a_value_not_measured_is_null_in_metrics_and_left_out_of_wandb(monkeypatch, tmp_path):
+    import wandb
+
+    from msn.metrics_log import MetricsLogger, read_metrics
+
+    logged = []
+
+    class FakeRun:
+        id = "r1"
+
+        def log(self, values, step=None):
+            logged.append((values, step))
+
+        def finish(self):
+            pass
+
+    monkeypatch.setattr(wandb, "init", lambda **kwargs: FakeRun())
+    logger = MetricsLogger(tmp_path, "offline", {})
+    logger.log({"step": 2, "loss": 1.5, "rank": None, "alarm": "collapse: at step 2"})
+    logger.close()
+    assert logged == [({"loss": 1.5, "alarm": "collapse: at step 2"}, 2)]
+    assert read_metrics(tmp_path) == [{"step": 2, "loss": 1.5, "rank": None, "alarm": "collapse: at step 2"}]

@@ -37,3 +37,29 @@ def test_a_run_with_one_point_is_refused_with_one_line(tmp_path, capsys):
     assert capsys.readouterr().err.strip() == (f"error: {run}: 1 logged point(s) in metrics.jsonl; a curve needs two "
                                                "(train longer or lower train.log_every)")
     assert not (run / "training_curves.png").exists()
+
+
+def test_the_rank_is_drawn_as_a_panel_beside_np_and_max_t(tmp_path, monkeypatch):
+    """The ``rank`` of each record (None where a record has none, as in runs logged before it
+    existed) is one panel, next to the other collapse monitors."""
+    import matplotlib.pyplot as plt
+
+    from msn.plots import PANELS
+
+    run = tmp_path / "run"
+    run.mkdir()
+    ranks = [None, 12.5, 9.0, 3.5]
+    with open(run / "metrics.jsonl", "w") as stream:
+        for i, rank in enumerate(ranks):
+            stream.write(json.dumps({"step": 10 * (i + 1), "loss": 5.0, "np": 100, "max_t": 0.2, "rank": rank}) + "\n")
+    drawn = []
+    close = plt.close
+    monkeypatch.setattr(plt, "close", lambda fig=None: drawn.append(fig) or close(fig))
+    plot_runs([run])
+    names = [panel for panel, _, _ in PANELS]
+    assert names.index("rank") == names.index("max_t") + 1
+    (axis,) = [a for a in drawn[0].axes if a.get_title() == "effective rank of the target embeddings (RankMe)"]
+    (line,) = axis.get_lines()
+    assert list(line.get_xdata()) == [10, 20, 30, 40]
+    values = [float(v) for v in line.get_ydata()]
+    assert values[0] != values[0] and values[1:] == [12.5, 9.0, 3.5]  # NaN: a gap, not a point

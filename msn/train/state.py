@@ -30,9 +30,9 @@ log = logging.getLogger(__name__)
 #: processes): anything else makes ``resume=auto`` refuse (``resume=force`` continues anyway).
 RESUMABLE_CHANGES = {"name", "output_dir", "resume", "init_from", "trust_pickle", "data.root", "data.num_workers",
                      "train.max_steps", "train.progress", "train.log_every", "train.checkpoint_every_epochs"}
-#: Sections whose every key may change so (logging, the live monitor, which leaves the run's
-#: tensors unchanged, and the process layout).
-RESUMABLE_SECTIONS = ("logging.", "monitor.", "dist.")
+#: Sections whose every key may change so (logging, the live monitor and the collapse alarm,
+#: which leave the run's tensors unchanged, and the process layout).
+RESUMABLE_SECTIONS = ("logging.", "monitor.", "dist.", "alarm.")
 
 
 def rank_seed(seed: int, rank: int) -> int:
@@ -228,7 +228,7 @@ def changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
         a, b = old.get(key), new.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
             changed.extend(changed_keys(a, b, full + "."))
-        elif a != b and full not in RESUMABLE_CHANGES and not full.startswith(RESUMABLE_SECTIONS):
+        elif a != b and full not in RESUMABLE_CHANGES and not f"{full}.".startswith(RESUMABLE_SECTIONS):
             changed.append(f"{full}: {_shown(a)} -> {_shown(b)}")
     return changed
 

@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 from msn import distributed
 from msn.config import MSNConfig
 from msn.data import MultiViewBatch
-from msn.losses import MSNLossOutput, msn_loss
+from msn.losses import MSNLossOutput, effective_rank, msn_loss
 from msn.masking import AnchorMasks
 from msn.models import MSNNetwork, Prototypes, build_network, disable_drop_path, use_sync_batchnorm
 from msn.runtime import autocast, autocast_dtype
@@ -85,6 +85,8 @@ class MSNStep:
         #: numerical checks (tests compare computations that are equal in exact arithmetic)
         self.param_dtype = torch.float64 if cfg.precision == "fp64" else torch.float32
         self.world_size = distributed.world_size()
+        #: RankMe of the target embeddings of the last step called with ``measure_rank``
+        self.target_rank: torch.Tensor | None = None
 
     @classmethod
     def from_config(cls, cfg: MSNConfig, device: torch.device, steps_per_epoch: int,
@@ -147,21 +149,27 @@ class MSNStep:
         tensors = [p.detach() for p in self.network.parameters()] + [self.prototypes.weight.detach()]
         return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
 
-    def forward_loss(self, batch: MultiViewBatch, step: int) -> MSNLossOutput:
-        """Forward of every view and the MSN loss at ``step`` (``batch`` on the device)."""
+    def forward_loss(self, batch: MultiViewBatch, step: int, measure_rank: bool = False) -> MSNLossOutput:
+        """Forward of every view and the MSN loss at ``step`` (``batch`` on the device); with
+        ``measure_rank``, also ``out.target_rank``, the RankMe of this process's target
+        embeddings (:func:`msn.losses.effective_rank`: one SVD of [local batch, D]; under DDP
+        the local batch's, which the trainer averages over ranks)."""
         keep = self.masks(step, batch.size, self.device, batch.rows)  # each image keeps its own row's mask
         with self.autocast():
             anchor = self.online(batch.anchor, keep, batch.focal)
             with torch.no_grad():
                 target = self.target(batch.target)
         loss = self.loss_cfg
-        return msn_loss(
+        out = msn_loss(
             anchor, target, self.prototypes.weight,
             temperature=loss.temperature, sharpen_temperature=self.schedules.at_update(step)["sharpen_T"],
             use_sinkhorn=loss.use_sinkhorn, sinkhorn_iters=loss.sinkhorn_iters,
             memax_weight=loss.memax_weight, entropy_weight=loss.entropy_weight,
             prior=loss.prior, prior_exponent=loss.prior_exponent,
         )
+        if measure_rank:
+            out.target_rank = effective_rank(target)
+        return out
 
     def update(self, out: MSNLossOutput, step: int) -> None:
         """Backward of ``out.loss`` and the optimiser update of ``step`` (then the EMA)."""
@@ -176,11 +184,14 @@ class MSNStep:
         self.optimizer.step()
         ema_update(self.target, self.network, values["momentum"])
 
-    def __call__(self, batch: MultiViewBatch, step: int) -> torch.Tensor:
+    def __call__(self, batch: MultiViewBatch, step: int, measure_rank: bool = False) -> torch.Tensor:
         """The whole step on a :class:`MultiViewBatch`; returns the stacked statistics
-        (:data:`STAT_NAMES`) without synchronising with the device."""
+        (:data:`STAT_NAMES`) without synchronising with the device. :attr:`target_rank` is
+        then the step's RankMe (a device tensor) with ``measure_rank`` (an SVD, which waits
+        for the device: the trainer asks for it on logged steps only), else ``None``."""
         batch = batch.to(self.device, self.param_dtype)
-        out = self.forward_loss(batch, step)
+        out = self.forward_loss(batch, step, measure_rank)
+        self.target_rank = out.target_rank
         self.update(out, step)
         return self.statistics(out, batch.size)
 

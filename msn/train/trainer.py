@@ -27,9 +27,10 @@ from omegaconf import OmegaConf
 from msn import checkpoint, distributed, files
 from msn.config import ConfigError, MSNConfig, to_dict
 from msn.data import build_dataset, build_multiview_data, build_sampler, build_train_loader, start_epoch, training_subset
-from msn.metrics_log import METRICS_FILE, MetricsLogger, progress_bar
+from msn.metrics_log import METRICS_FILE, MetricsLogger, progress_bar, read_metrics
 from msn.runtime import loader_workers, resolve_device
 from msn.train import state as train_state
+from msn.train.collapse import CollapseAlarm
 from msn.train.monitor import LiveMonitor, ProbeFactory
 from msn.train.preemption import IgnoreSignals, Preempted, PreemptionFlag
 from msn.train.step import STAT_NAMES, InitState, MSNStep
@@ -90,6 +91,9 @@ class Trainer:
         if workers > 0:  # Slurm signals every process: workers leave it to the main one
             self.loader.worker_init_fn = IgnoreSignals(cfg.dist.preempt_signals)
         self.global_step = 0
+        #: the collapse alarm (rank 0 only; rebuilt from metrics.jsonl on resume)
+        self.alarm = (CollapseAlarm.from_config(cfg, self.steps_per_epoch, self.world_size)
+                      if cfg.alarm.enabled and self.is_main else None)
         #: the step of ``latest.pt`` (written or resumed in this process), and whether a finite
         #: step after it has shown it good (until then ``previous.pt`` is kept)
         self.latest_step: int | None = None
@@ -145,6 +149,8 @@ class Trainer:
                         self.cfg.optim.batch_size, self.cfg.optim.batch_size // self.world_size)
         if self.is_main:
             train_state.truncate_metrics(self.output_dir / METRICS_FILE, self.global_step)
+            if self.alarm is not None and (self.output_dir / METRICS_FILE).is_file():
+                self.alarm.replay(read_metrics(self.output_dir))
         self.latest_step, self.latest_shown_good = self.global_step, False
         log.info("resumed from %s at step %d", path, self.global_step)
         return path
@@ -167,8 +173,9 @@ class Trainer:
     # ------------------------------------------------------------------ loop
     def train_step(self, batch) -> torch.Tensor:
         """One optimiser update on a :class:`msn.data.MultiViewBatch`; returns stacked stats
-        (:data:`msn.train.step.STAT_NAMES`) without synchronising with the device."""
-        stats = self.msn_step(batch, self.global_step)
+        (:data:`msn.train.step.STAT_NAMES`) without synchronising with the device. A step whose
+        record is due also measures the target rank (``msn_step.target_rank``)."""
+        stats = self.msn_step(batch, self.global_step, measure_rank=self._log_due(self.global_step + 1))
         self.global_step += 1
         self.skipped_images += batch.skipped
         return stats
@@ -238,12 +245,12 @@ class Trainer:
             for batch in start_epoch(self.loader, *divmod(self.global_step, self.steps_per_epoch)):
                 if preemption.agreed():  # before the step: a signal during start-up counts too
                     self._stop(preemption.signal_name)
-                window.add(self.train_step(batch))
+                window.add(self.train_step(batch), self.msn_step.target_rank)
                 bar.update(1)
                 epoch_done = self.global_step % self.steps_per_epoch == 0
                 finished = self.global_step >= self.max_steps
                 monitor_due = self.monitor is not None and self.monitor.due(self.global_step, finished)
-                if self.global_step % cfg.train.log_every == 0 or finished or epoch_done or monitor_due:
+                if self._log_due(self.global_step):
                     record = self._make_record(*window.close(self.world_size))
                     if not math.isfinite(record["loss"]):
                         raise TrainingDivergedError(f"non-finite loss between steps {last_good_step + 1} and "
@@ -256,6 +263,7 @@ class Trainer:
                     if monitor_due:  # into this step's record, its time outside every window
                         record.update(self._evaluate_monitor())
                         window.restart()
+                    self._check_alarm(record)
                     logger.log(record)
                     bar.set_postfix(self._postfix(record))
                 if epoch_done or finished:
@@ -266,6 +274,21 @@ class Trainer:
         distributed.barrier()
         return record
 
+    def _log_due(self, step: int) -> bool:
+        """Whether the record is written after ``step`` updates: every ``train.log_every``
+        steps, at epoch ends, at the last step and when the monitor evaluates."""
+        finished = step >= self.max_steps
+        return (step % self.cfg.train.log_every == 0 or finished or step % self.steps_per_epoch == 0
+                or (self.monitor is not None and self.monitor.due(step, finished)))
+
+    def _check_alarm(self, record: dict[str, Any]) -> None:
+        """The collapse alarm (:mod:`msn.train.collapse`): once per run, a warning and an
+        ``alarm`` field in this record (rank 0)."""
+        message = self.alarm.observe(record) if self.alarm is not None else None
+        if message:
+            record["alarm"] = message
+            log.warning("%s", message)
+
     def _evaluate_monitor(self) -> dict[str, Any]:
         """The live monitor's values (:mod:`msn.train.monitor`); its seconds count in ``time_s``."""
         values = self.monitor(self.msn_step.target, self.device, self.msn_step.param_dtype, self.msn_step.autocast)
@@ -275,6 +298,10 @@ class Trainer:
     def _postfix(self, record: dict[str, Any]) -> dict[str, str]:
         """The progress bar's numbers: loss, np, images/s and the latest monitored k-NN accuracy."""
         postfix = {"loss": f"{record['loss']:.3f}", "np": str(int(record["np"])), "img_s": f"{record['img_per_s']:.0f}"}
+        if record.get("rank") is not None:
+            postfix["rank"] = f"{record['rank']:.1f}"
+        if self.alarm is not None and self.alarm.fired:  # stays on the bar once raised
+            postfix["alarm"] = self.alarm.fired
         if self.monitor is not None and "monitor/knn_top1" in self.monitor.last:
             postfix["knn"] = f"{self.monitor.last['monitor/knn_top1']:.1f}"
         return postfix
@@ -288,10 +315,12 @@ class Trainer:
                         checkpoint.checkpoint_dir(self.output_dir) / checkpoint.LATEST)
         raise Preempted(self.global_step, signal_name)
 
-    def _make_record(self, means: list[float], minimum: float, steps: int, elapsed: float) -> dict[str, Any]:
+    def _make_record(self, means: list[float], minimum: float, steps: int, elapsed: float,
+                     rank: float | None = None) -> dict[str, Any]:
         self.train_seconds += elapsed
         values = dict(zip(STAT_NAMES, means))
         values["min_max_t"] = minimum
+        values["rank"] = rank  # RankMe of the record's last step, mean over ranks (None: not measured)
         return {
             "step": self.global_step,
             "epoch": (self.global_step - 1) // self.steps_per_epoch,
@@ -320,29 +349,36 @@ class Trainer:
 
 class StatsWindow:
     """Step statistics between two log records, kept on the device (no synchronisation per
-    step): sums of every statistic and the window minimum of the last one."""
+    step): sums of every statistic, the window minimum of the last one, and the latest
+    measured target rank."""
 
     def __init__(self, device: torch.device):
         self.sums = torch.zeros(len(STAT_NAMES), device=device)
         self.minimum = torch.full((), math.inf, device=device)
+        self.rank: torch.Tensor | None = None
         self.steps, self.start = 0, time.perf_counter()
 
-    def add(self, stats: torch.Tensor) -> None:
+    def add(self, stats: torch.Tensor, rank: torch.Tensor | None = None) -> None:
         self.sums += stats
         self.minimum = torch.minimum(self.minimum, stats[-1])
+        if rank is not None:
+            self.rank = rank
         self.steps += 1
 
-    def close(self, world_size: int) -> tuple[list[float], float, int, float]:
-        """Means over steps and ranks, the minimum over ranks, the step count and the seconds;
-        then start a new window."""
+    def close(self, world_size: int) -> tuple[list[float], float, int, float, float | None]:
+        """Means over steps and ranks, the minimum over ranks, the step count, the seconds and
+        the latest rank (mean over ranks; every rank measures on the same steps); then start a
+        new window."""
         elapsed = time.perf_counter() - self.start
         means = (distributed.all_reduce_sum_(self.sums / self.steps) / world_size).tolist()
         minimum = float(distributed.all_reduce_min_(self.minimum))
+        rank = None if self.rank is None else float(distributed.all_reduce_sum_(self.rank.float().clone()) / world_size)
         steps = self.steps
+        self.rank = None
         self.sums.zero_()
         self.minimum.fill_(math.inf)
         self.steps, self.start = 0, time.perf_counter()
-        return means, minimum, steps, elapsed
+        return means, minimum, steps, elapsed, rank
 
     def restart(self) -> None:
         """Start the clock of the open window now (what ran since its start is not training)."""
