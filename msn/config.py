@@ -206,7 +206,7 @@ class AlarmConfig:
     enabled: bool = True  #: warn once (log, progress bar, an `alarm` field in metrics.jsonl) when the run collapses or does not learn
     max_t: float = 0.9  #: collapse: max_t (mean largest target probability) at least this: targets one-hot
     prototypes: float = 0.1  #: collapse: np at most this fraction of min(global batch, K) (the floor never below 1)
-    rank: float = 0.05  #: collapse: RankMe of the target embeddings at most this fraction of min(local batch, head.output_dim) (the floor never below 2)
+    rank: float = 0.02  #: collapse: RankMe of the target embeddings at most this fraction of min(local batch, head.output_dim) (the floor never below 2)
     uniform: float = 1.5  #: not learning: max_t at most this multiple of 1/K (near-uniform targets), from twice the warm-up on
     patience: int = 3  #: logged records in a row a condition must hold
 
