@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from msn.config import ViewsConfig
-from msn.data import ResumableSampler, SyntheticImages, build_multiview_data, build_train_loader
+from msn.data import ResumableSampler, SyntheticImages, augment_on_device, build_multiview_data, build_train_loader
 from msn.data.batch_augment import BatchPhotometric
 
 from conftest import assert_same_state, jpeg_folder
@@ -30,7 +30,7 @@ def test_device_batches_equal_batched_ones_bitwise(kind, tmp_path, tiny_config):
     assert len(batched) == len(deferred) == 3
     for ready, pending in zip(batched, deferred):
         assert pending.pending is not None and pending.target.dtype == torch.uint8  # no float work on the host
-        moved = pending.to(torch.device("cpu"))
+        moved = augment_on_device(pending, torch.device("cpu"))
         assert moved.pending is None and ready.pending is None
         for a, b in ((ready.target, moved.target), (ready.anchor, moved.anchor), (ready.focal, moved.focal)):
             assert a.dtype == b.dtype == torch.float32 and a.shape == b.shape
@@ -72,3 +72,19 @@ def test_mask_selection_equals_index_selection():
     drew = params.jitter | params.gray | params.blur
     moved = (by_mask - normalised).abs().amax(dim=(1, 2, 3)) > 1e-3
     assert torch.equal(moved, drew)
+
+
+def test_to_only_moves_and_the_step_augments(tiny_config, tmp_path):
+    """``MultiViewBatch.to`` moves tensors and nothing else: a ``data.augment=device`` batch
+    stays uint8 with its ``pending`` work (and refuses a float ``dtype``);
+    :func:`msn.data.augment_on_device`, which the train step calls, runs it."""
+    data_cfg = tiny_config(data={"views": VIEWS, "augment": "device"}).data
+    batch = _batches(SyntheticImages(12, 4, 40), data_cfg)[0]
+    moved = batch.to(torch.device("cpu"))
+    assert moved.pending is batch.pending and moved.target.dtype == torch.uint8
+    assert torch.equal(moved.target, batch.target) and moved.anchor.numel() == 0
+    with pytest.raises(ValueError, match="augment_on_device"):
+        batch.to(torch.device("cpu"), torch.float64)
+    ready = augment_on_device(batch, torch.device("cpu"), torch.float64)
+    assert ready.pending is None and ready.target.dtype == ready.focal.dtype == torch.float64
+    assert ready.anchor.shape == (4, 3, 32, 32) and ready.labels.dtype == torch.long

@@ -15,7 +15,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from msn.data import ResumableSampler, SyntheticImages, build_multiview_data, build_train_loader, start_epoch
+from msn.data import (
+    ResumableSampler,
+    SyntheticImages,
+    augment_on_device,
+    build_multiview_data,
+    build_train_loader,
+    start_epoch,
+)
 from msn.masking import AnchorMasks
 
 from conftest import jpeg_folder
@@ -46,7 +53,7 @@ def _rank_batches(dataset, data_cfg, rank: int, world: int, epochs=(0, 1)) -> li
         for batch in start_epoch(loader, epoch):
             if data_cfg.augment == "device":
                 assert batch.pending is not None and batch.target.dtype == torch.uint8
-            batches.append(batch.to(torch.device("cpu")))
+            batches.append(augment_on_device(batch, torch.device("cpu")))
     return batches
 
 

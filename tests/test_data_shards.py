@@ -1,6 +1,6 @@
 """msn.data.shard_writer, shard_reader, shards_cli and samplers: tar shards of an ImageFolder
-(data=shards), the writer command, the
-global and the shard-local orders, bitwise resume, bad samples."""
+(data=shards), the writer command, the global and the shard-local orders, bitwise resume,
+bad samples."""
 
 from __future__ import annotations
 

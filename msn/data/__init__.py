@@ -19,6 +19,7 @@ from msn.data.loader import (
     MultiViewBatch,
     MultiViewCollate,
     MultiViewDataset,
+    augment_on_device,
     build_train_loader,
     collate_views,
     start_epoch,
@@ -27,7 +28,7 @@ from msn.data.samplers import ResumableSampler, ShardLocalSampler
 from msn.data.shard_index import ShardError, read_index
 from msn.data.shard_reader import ShardedImages
 from msn.data.shard_writer import write_shards
-from msn.data.transforms import MultiViewTransform, eval_transform, geometric_transform, view_transform
+from msn.data.transforms import MultiViewTransform, eval_transform
 
 __all__ = [
     "BadImageError",
@@ -44,6 +45,7 @@ __all__ = [
     "ShardLocalSampler",
     "ShardedImages",
     "SyntheticImages",
+    "augment_on_device",
     "build_dataset",
     "build_multiview_data",
     "build_sampler",
@@ -52,11 +54,9 @@ __all__ = [
     "decode_rgb",
     "eval_transform",
     "fixed_image_size",
-    "geometric_transform",
     "prepare_fashion_mnist",
     "read_index",
     "start_epoch",
     "training_subset",
-    "view_transform",
     "write_shards",
 ]

@@ -37,8 +37,8 @@ LUMA = (0.2989, 0.587, 0.114)
 
 def grayscale(images: torch.Tensor) -> torch.Tensor:
     """ITU-R 601 luma of [N, 3, H, W] images, [N, 1, H, W]."""
-    r, g, b = images.unbind(dim=1)
-    return (LUMA[0] * r + LUMA[1] * g + LUMA[2] * b).unsqueeze(1)
+    red, green, blue = images.unbind(dim=1)
+    return (LUMA[0] * red + LUMA[1] * green + LUMA[2] * blue).unsqueeze(1)
 
 
 def _blend(images: torch.Tensor, other: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
@@ -61,17 +61,17 @@ def adjust_saturation(images: torch.Tensor, factor: torch.Tensor) -> torch.Tenso
 
 def rgb_to_hsv(images: torch.Tensor) -> torch.Tensor:
     """[N, 3, H, W] RGB in [0, 1] -> HSV with hue in [0, 1)."""
-    r, g, b = images.unbind(dim=1)
+    red, green, blue = images.unbind(dim=1)
     maxc, _ = images.max(dim=1)
     minc, _ = images.min(dim=1)
     delta = maxc - minc
     flat = delta == 0
     safe_delta = torch.where(flat, torch.ones_like(delta), delta)
     saturation = torch.where(maxc > 0, delta / torch.where(maxc > 0, maxc, torch.ones_like(maxc)), torch.zeros_like(maxc))
-    hue_r = ((g - b) / safe_delta) % 6.0
-    hue_g = (b - r) / safe_delta + 2.0
-    hue_b = (r - g) / safe_delta + 4.0
-    hue = torch.where(maxc == r, hue_r, torch.where(maxc == g, hue_g, hue_b))
+    hue_r = ((green - blue) / safe_delta) % 6.0
+    hue_g = (blue - red) / safe_delta + 2.0
+    hue_b = (red - green) / safe_delta + 4.0
+    hue = torch.where(maxc == red, hue_r, torch.where(maxc == green, hue_g, hue_b))
     hue = torch.where(flat, torch.zeros_like(hue), hue) / 6.0
     return torch.stack([hue % 1.0, saturation, maxc], dim=1)
 
@@ -80,11 +80,11 @@ def hsv_to_rgb(images: torch.Tensor) -> torch.Tensor:
     """Inverse of :func:`rgb_to_hsv`."""
     hue, saturation, value = images.unbind(dim=1)
     sector = hue * 6.0
-    # each channel n in (5, 3, 1) for (r, g, b): v - v*s*max(0, min(k, 4-k, 1)), k = (n + 6h) mod 6
+    # channel offset n = 5, 3, 1 for red, green, blue: v - v*s*max(0, min(k, 4-k, 1)), k = (n + 6h) mod 6
     channels = []
-    for n in (5.0, 3.0, 1.0):
-        k = (n + sector) % 6.0
-        weight = torch.clamp(torch.minimum(k, 4.0 - k), 0.0, 1.0)
+    for offset in (5.0, 3.0, 1.0):
+        position = (offset + sector) % 6.0
+        weight = torch.clamp(torch.minimum(position, 4.0 - position), 0.0, 1.0)
         channels.append(value - value * saturation * weight)
     return torch.stack(channels, dim=1)
 
@@ -152,10 +152,10 @@ class BatchPhotometric:
         """:func:`~msn.data.view_params.photometric_params` of ``N`` views' uniforms."""
         return photometric_params(uniforms, self.views_cfg)
 
-    def sample(self, n: int, generator: torch.Generator) -> PhotometricParams:
-        """The parameters of ``n`` images from one ``generator`` (tests, benchmarks; the loader
+    def sample(self, count: int, generator: torch.Generator) -> PhotometricParams:
+        """The parameters of ``count`` images from one ``generator`` (tests, benchmarks; the loader
         draws per image, :func:`~msn.data.view_params.view_uniforms`)."""
-        return self.params(torch.rand(n, PHOTOMETRIC_DRAWS, generator=generator))
+        return self.params(torch.rand(count, PHOTOMETRIC_DRAWS, generator=generator))
 
     def apply(self, images: torch.Tensor, params: PhotometricParams, select: str = "auto") -> torch.Tensor:
         """uint8 or float [N, 3, H, W] -> normalised float32 views.
@@ -175,9 +175,11 @@ class BatchPhotometric:
         for position in range(4):
             for op_index, op in enumerate(JITTER_OPS):
                 chosen = jitter & (order[:, position] == op_index)
-                pixels = _update_rows(pixels, chosen, lambda rows: op(pixels[rows], factors[rows, op_index]), by_mask)
+                pixels = _update_rows(pixels, chosen, lambda rows: op(pixels[rows], factors[rows, op_index]),
+                                      by_mask)
         pixels = _update_rows(pixels, gray, lambda rows: grayscale(pixels[rows]).expand(-1, 3, -1, -1), by_mask)
-        pixels = _update_rows(pixels, blur, lambda rows: gaussian_blur(pixels[rows], sigma[rows], self.kernel_size), by_mask)
+        pixels = _update_rows(pixels, blur, lambda rows: gaussian_blur(pixels[rows], sigma[rows], self.kernel_size),
+                              by_mask)
         return (pixels - self.mean.to(device)) / self.std.to(device)
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

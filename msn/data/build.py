@@ -101,7 +101,8 @@ def build_multiview_data(dataset: Dataset, data_cfg, seed: int) -> tuple[MultiVi
     """The pre-training data set wrapper and collate function for ``data_cfg.augment``
     (docs/method.md Sec. 1).
 
-    * ``per_sample``: the whole torchvision v2 pipeline image by image.
+    * ``per_sample``: every view image by image with torchvision v2's functionals
+      (:class:`~msn.data.transforms.MultiViewTransform`).
     * ``batched`` on a data set of fixed image size: every view of the batch made at once
       (:class:`~msn.data.batch_augment.BatchMultiView`).
     * ``batched`` otherwise: uint8 crops image by image, photometric ops per batch.

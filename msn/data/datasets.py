@@ -118,7 +118,7 @@ class SyntheticImages(torch.utils.data.Dataset):
 
     def __init__(self, size: int = 256, num_classes: int = 10, image_size: int = 64, seed: int = 0):
         self.size, self.num_classes, self.side, self.seed = size, num_classes, image_size, seed
-        self.targets = [i % num_classes for i in range(size)]
+        self.targets = [index % num_classes for index in range(size)]
         self.image_size = (image_size, image_size)
 
     def __len__(self) -> int:
@@ -150,7 +150,7 @@ def long_tail_indices(labels, ratio: float, seed: int = 0) -> list[int]:
     draw without replacement from a generator seeded with ``seed``: the same subset on every
     run, whatever the training seed.
     """
-    labels = torch.as_tensor([int(t) for t in labels])
+    labels = torch.as_tensor([int(label) for label in labels])
     classes = torch.unique(labels).tolist()
     generator = torch.Generator().manual_seed(seed)
     kept = []
@@ -167,15 +167,15 @@ class LongTailSubset(torch.utils.data.Subset):
     ``targets``, ``classes`` and ``image_names()`` (``data.long_tail_ratio``)."""
 
     def __init__(self, dataset, ratio: float, seed: int = 0):
-        labels = [int(t) for t in dataset.targets]
+        labels = [int(label) for label in dataset.targets]
         super().__init__(dataset, long_tail_indices(labels, ratio, seed))
-        self.targets = [labels[i] for i in self.indices]
+        self.targets = [labels[index] for index in self.indices]
         self.classes = getattr(dataset, "classes", None)
         self.ratio = ratio
 
     def image_names(self) -> list[str]:
         names = self.dataset.image_names()
-        return [names[i] for i in self.indices]
+        return [names[index] for index in self.indices]
 
 
 def training_subset(dataset, count: int | None, seed: int, shard_local: bool = False) -> torch.utils.data.Dataset:

@@ -203,7 +203,7 @@ class FashionMNISTDataset(torch.utils.data.Dataset):
         prefix = "train" if train else "t10k"
         self.images = read_image_file(str(raw / f"{prefix}-images-idx3-ubyte"))  # uint8 [N, 28, 28]
         self.image_size = (self.images.shape[1], self.images.shape[2])
-        self.targets = [int(t) for t in read_label_file(str(raw / f"{prefix}-labels-idx1-ubyte"))]
+        self.targets = [int(label) for label in read_label_file(str(raw / f"{prefix}-labels-idx1-ubyte"))]
         self.train = train
 
     def __len__(self) -> int:

@@ -1,8 +1,9 @@
 """Pre-training data pipeline: seeded, resumable, rank-sharded multi-view batches.
 
 Determinism does not depend on worker count or on where a run was resumed: the epoch's order
-is a permutation seeded by ``(seed, epoch)``, and each sample's augmentation is drawn from a
-generator seeded by ``(seed, epoch, index)``, with every ``data.augment`` (per image, never
+is a permutation seeded by ``(seed, epoch)``, and each sample's augmentation is a function of
+uniforms keyed by ``(seed + 1, epoch, index)`` (:func:`msn.data.view_params.view_uniforms`),
+with every ``data.augment`` (docs/method.md Sec. 1; per image, never
 per batch: nor does it depend on the number of ranks; anchor masks are drawn by the train
 step, :class:`msn.masking.AnchorMasks`). The loader never draws from the
 global torch generator: its own generator (the workers' base seed) is seeded by
@@ -31,8 +32,10 @@ class MultiViewDataset(Dataset):
 
     Args:
         base: data set of ``(uint8 image or None, label)``.
-        transform: a :class:`MultiViewTransform`, or ``None`` to pass the uint8 image on
-            (``views = [image]``) for :class:`msn.data.batch_augment.BatchMultiView`.
+        transform: a :class:`~msn.data.transforms.MultiViewTransform`, given the uniforms of
+            the item's key (:func:`~msn.data.view_params.view_uniforms` of ``seed + 1``), or
+            ``None`` to pass the uint8 image on (``views = [image]``) for
+            :class:`msn.data.batch_augment.BatchMultiView`.
         seed: run seed.
     """
 
@@ -54,10 +57,10 @@ class MultiViewDataset(Dataset):
             image, label = self._replacement(epoch, index)
             if image is None:
                 return Unreadable(_source(self.base, index))
-        with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(sample_seed(self.seed, epoch, index))
-            views = [image] if self.transform is None else self.transform(image)
-        return views, label, key, replaced
+        if self.transform is None:
+            return [image], label, key, replaced
+        uniforms = view_uniforms([key], self.seed + 1, self.transform.num_views)[0]
+        return self.transform(image, uniforms), label, key, replaced
 
     def _replacement(self, epoch: int, index: int):
         """The first readable of :data:`REPLACEMENT_TRIES` images drawn for ``(seed, epoch, index)``."""
@@ -99,7 +102,7 @@ class MultiViewBatch:
     With ``data.augment=device`` the images are still uint8 and ``pending`` holds the
     augmentation left to run (:class:`~msn.data.batch_augment.DeferredPhotometric` or
     :class:`~msn.data.batch_augment.DeferredViews`, every parameter already drawn);
-    :meth:`to` runs it on the training device.
+    :func:`augment_on_device` runs it on the training device.
     """
 
     target: torch.Tensor
@@ -115,18 +118,32 @@ class MultiViewBatch:
                               self.labels.pin_memory(), self.skipped, self.pending, self.rows)
 
     def to(self, device: torch.device, dtype: torch.dtype | None = None) -> "MultiViewBatch":
-        """On ``device``, augmented there if ``pending``; the images (not the labels) also in
-        ``dtype`` if given."""
-        views = [t.to(device, non_blocking=True) for t in (self.target, self.anchor, self.focal)]
-        if self.pending is not None:
-            views = self.pending.apply(*views)
-        target, anchor, focal = (t.to(dtype) if dtype is not None else t for t in views)
+        """The batch on ``device``, tensors moved and nothing else (a ``pending`` augmentation
+        stays pending: :func:`augment_on_device` runs it); the images (not the labels) also in
+        ``dtype`` if given, which a batch of uint8 pixels still to augment refuses."""
+        if dtype is not None and self.pending is not None:
+            raise ValueError("MultiViewBatch.to: the images are uint8 pixels still to augment; "
+                             "call msn.data.augment_on_device(batch, device, dtype)")
+        images = [tensor.to(device, non_blocking=True) for tensor in (self.target, self.anchor, self.focal)]
+        target, anchor, focal = (tensor.to(dtype) if dtype is not None else tensor for tensor in images)
         return MultiViewBatch(target, anchor, focal, self.labels.to(device, non_blocking=True), self.skipped,
-                              rows=self.rows)
+                              self.pending, self.rows)
 
     @property
     def size(self) -> int:
         return self.target.shape[0]
+
+
+def augment_on_device(batch: MultiViewBatch, device: torch.device, dtype: torch.dtype | None = None) -> MultiViewBatch:
+    """``batch`` on ``device``, ready for the model: its ``pending`` augmentation
+    (``data.augment=device``; docs/method.md Sec. 1) run there, the images in ``dtype`` if
+    given. The train step calls it on every batch; a batch without ``pending`` is only moved."""
+    moved = batch.to(device)
+    views = (moved.target, moved.anchor, moved.focal)
+    if moved.pending is not None:
+        views = moved.pending.apply(*views)
+    target, anchor, focal = (view.to(dtype) if dtype is not None else view for view in views)
+    return MultiViewBatch(target, anchor, focal, moved.labels, moved.skipped, rows=moved.rows)
 
 
 def collate_views(samples: list, photometric=None, seed: int = 0, batch_views=None, defer: bool = False) -> MultiViewBatch:
@@ -149,27 +166,29 @@ def collate_views(samples: list, photometric=None, seed: int = 0, batch_views=No
             training device (``data.augment=device``): the batch carries uint8 pixels and a
             ``pending`` augmentation, and equals the ``batched`` one once moved.
     """
-    good = [s for s in samples if not isinstance(s, Unreadable)]
+    good = [sample for sample in samples if not isinstance(sample, Unreadable)]
     if not good:
         raise BadImageError(f"every image of a batch of {len(samples)} was unreadable, {samples[0].source} first; "
                             f"data.on_bad_image=skip needs one readable image per batch")
-    labels = torch.tensor([s[1] for s in good])
-    skipped = len(samples) - len(good) + sum(bool(s[3]) for s in good if len(s) > 3)  # replaced ones count too
+    views = [sample[0] for sample in good]
+    labels = torch.tensor([sample[1] for sample in good])
     dropped = len(samples) - len(good)
-    rows = torch.tensor([i for i, s in enumerate(samples) if not isinstance(s, Unreadable)]) if dropped else None
-    keys = [s[2] for s in good]
+    skipped = dropped + sum(bool(sample[3]) for sample in good if len(sample) > 3)  # replaced ones count too
+    rows = (torch.tensor([row for row, sample in enumerate(samples) if not isinstance(sample, Unreadable)])
+            if dropped else None)
+    keys = [sample[2] for sample in good]
     if batch_views is not None:
-        images = torch.stack([s[0][0] for s in good])
+        images = torch.stack([image_views[0] for image_views in views])
         plan = batch_views.sample(view_uniforms(keys, seed + 1, batch_views.num_views), *images.shape[-2:])
         if defer:
             empty = images.new_zeros(0)
             return MultiViewBatch(images, empty, empty, labels, skipped, DeferredViews(batch_views, plan), rows)
         return MultiViewBatch(*batch_views.render(images, plan), labels, skipped, rows=rows)
-    num_focal = len(good[0][0]) - 2
-    target = torch.stack([s[0][0] for s in good])
-    anchor = torch.stack([s[0][1] for s in good])
+    num_focal = len(views[0]) - 2
+    target = torch.stack([image_views[0] for image_views in views])
+    anchor = torch.stack([image_views[1] for image_views in views])
     if num_focal:
-        focal = torch.stack([s[0][2 + v] for v in range(num_focal) for s in good])
+        focal = torch.stack([image_views[2 + view] for view in range(num_focal) for image_views in views])
     else:
         focal = torch.empty(0, *anchor.shape[1:], dtype=anchor.dtype)
     if photometric is None:

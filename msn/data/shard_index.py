@@ -149,7 +149,7 @@ def read_index(root) -> dict:
         raise FileNotFoundError(f"{path}: shard index not found (write shards with `msn-shards write SRC DST`)")
     index = load_index(path)
     classes, shards, total = index.get("classes"), index.get("shards"), index.get("num_samples")
-    if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
+    if not isinstance(classes, list) or not all(isinstance(name, str) for name in classes):
         raise ShardError(f"{path}: classes is not a list of names")
     if not isinstance(shards, list):
         raise ShardError(f"{path}: shards is not a list")

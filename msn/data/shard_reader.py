@@ -61,7 +61,7 @@ class ShardedImages(Dataset):
         self.root = Path(root)
         index = read_index(self.root)
         self.classes = list(index["classes"])
-        self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
+        self.class_to_idx = {name: number for number, name in enumerate(self.classes)}
         shards = index["shards"]
         self.shard_paths = [str(self.root / entry["file"]) for entry in shards]
         self.shard_sizes = [entry["num_samples"] for entry in shards]

@@ -1,77 +1,83 @@
-"""MSN's multi-view augmentation (paper Sec. 3 / App. C; docs/method.md Sec. 1), torchvision v2.
+"""Per-image transforms (docs/method.md Sec. 1): MSN's views image by image with torchvision
+v2's functionals, and the evaluation transform.
 
-One call turns a uint8 image into 1 target + 1 anchor view at ``rand_size`` (RandomResizedCrop
-scale 0.3-1) and ``num_focal`` focal views at ``focal_size`` (scale 0.05-0.3), each with
-horizontal flip, colour jitter, grayscale and Gaussian blur, then normalisation.
+:class:`MultiViewTransform` turns a uint8 image into 1 target + 1 anchor view at
+``rand_size`` (random-resized crop of scale 0.3-1) and ``num_focal`` focal views at
+``focal_size`` (scale 0.05-0.3), each with horizontal flip, colour jitter, grayscale and
+Gaussian blur, then normalisation: the reference's operations, on tensors. Every random
+choice is taken from the image's uniforms (:mod:`msn.data.view_params`), the very draws the
+batched modes use.
 """
 
 from __future__ import annotations
 
 import torch
 from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
 
-from msn.data.view_params import blur_kernel_size
+from msn.data.view_params import PhotometricParams, blur_kernel_size, group_params
 
-
-def view_transform(views_cfg, size: int, scale: tuple[float, float]) -> v2.Compose:
-    """Augmentation of one view on a uint8 tensor [3, H, W] -> normalised float32 [3, size, size].
-
-    Args:
-        views_cfg: a :class:`msn.config.ViewsConfig`.
-        size: output side in pixels.
-        scale: RandomResizedCrop area range.
-    """
-    s = views_cfg.color_jitter
-    return v2.Compose(
-        [
-            v2.RandomResizedCrop(size, scale=tuple(scale), antialias=True),
-            v2.RandomHorizontalFlip(views_cfg.hflip),
-            v2.RandomApply([v2.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)], p=views_cfg.color_jitter_prob),
-            v2.RandomGrayscale(views_cfg.grayscale_prob),
-            v2.RandomApply(
-                [v2.GaussianBlur(blur_kernel_size(views_cfg.blur_sigma[1], size), sigma=tuple(views_cfg.blur_sigma))],
-                p=views_cfg.blur_prob,
-            ),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(list(views_cfg.mean), list(views_cfg.std)),
-        ]
-    )
-
-
-def geometric_transform(views_cfg, size: int, scale: tuple[float, float]) -> v2.Compose:
-    """RandomResizedCrop + horizontal flip only, uint8 in and out (the per-image part of the
-    ``batched`` augmentation; colour and blur follow in :mod:`msn.data.batch_augment`)."""
-    return v2.Compose(
-        [
-            v2.RandomResizedCrop(size, scale=tuple(scale), antialias=True),
-            v2.RandomHorizontalFlip(views_cfg.hflip),
-        ]
-    )
+#: The functionals of ``ColorJitter``'s four operations, in the order of
+#: :attr:`~msn.data.view_params.PhotometricParams.factors`.
+JITTER_FUNCTIONALS = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
 
 
 class MultiViewTransform:
-    """uint8 image -> ``[target, anchor, focal_1, ..., focal_V]`` views.
+    """uint8 image and its uniforms -> ``[target, anchor, focal_1, ..., focal_V]`` views.
 
     Target and anchor share a distribution but are independent draws; each focal view is an
-    independent small crop of the image (not of the anchor).
+    independent small crop of the image (not of the anchor). Each view is cropped
+    (``TF.resized_crop``, antialiased, the box of
+    :func:`~msn.data.view_params.crop_boxes`) and flipped; with ``photometric`` its colour
+    jitter operations run in their drawn order, then grayscale, blur, and normalisation, as
+    torchvision's ``ColorJitter``/``RandomGrayscale``/``GaussianBlur`` would with the same
+    parameters.
 
     Args:
         views_cfg: a :class:`msn.config.ViewsConfig`.
         photometric: apply colour jitter, grayscale, blur and normalisation here, image by
             image (float32 views); ``False`` returns uint8 crops for batched photometric
-            augmentation (:class:`msn.data.batch_augment.BatchPhotometric`).
+            augmentation (:class:`msn.data.batch_augment.BatchPhotometric`) from the same
+            uniforms.
     """
 
     def __init__(self, views_cfg, photometric: bool = True):
-        self.num_focal = views_cfg.num_focal
-        build = view_transform if photometric else geometric_transform
-        self.rand = build(views_cfg, views_cfg.rand_size, views_cfg.rand_scale)
-        self.focal = build(views_cfg, views_cfg.focal_size, views_cfg.focal_scale)
+        self.views_cfg, self.photometric = views_cfg, photometric
+        self.num_views = 2 + views_cfg.num_focal
+        self.groups = ((slice(0, 2), views_cfg.rand_size, views_cfg.rand_scale),
+                       (slice(2, self.num_views), views_cfg.focal_size, views_cfg.focal_scale))
 
-    def __call__(self, image: torch.Tensor) -> list[torch.Tensor]:
-        views = [self.rand(image), self.rand(image)]
-        views.extend(self.focal(image) for _ in range(self.num_focal))
+    def __call__(self, image: torch.Tensor, uniforms: torch.Tensor) -> list[torch.Tensor]:
+        """The views of ``image`` (uint8 [3, H, W]) from its uniforms [num_views, VIEW_DRAWS]
+        (:func:`~msn.data.view_params.view_uniforms`)."""
+        height, width = image.shape[-2:]
+        views = []
+        for rows, size, scale in self.groups:
+            draws = uniforms[rows]
+            if not len(draws):
+                continue
+            boxes, flips, params = group_params(draws, height, width, scale, self.views_cfg)
+            for view, (left, top, right, bottom) in enumerate(boxes.tolist()):
+                crop = TF.resized_crop(image, int(top), int(left), int(bottom - top), int(right - left), [size, size],
+                                       antialias=True)
+                if flips[view]:
+                    crop = TF.horizontal_flip(crop)
+                views.append(self.colour(crop, params, view, size) if self.photometric else crop)
         return views
+
+    def colour(self, crop: torch.Tensor, params: PhotometricParams, view: int, size: int) -> torch.Tensor:
+        """Colour jitter, grayscale, blur (each where ``params`` drew it for ``view``) and
+        normalisation of one uint8 crop of side ``size``; float32 out."""
+        cfg = self.views_cfg
+        if params.jitter[view] and cfg.color_jitter > 0:
+            for operation in params.order[view].tolist():
+                crop = JITTER_FUNCTIONALS[operation](crop, float(params.factors[view, operation]))
+        if params.gray[view]:
+            crop = TF.rgb_to_grayscale(crop, num_output_channels=3)
+        if params.blur[view]:
+            kernel, sigma = blur_kernel_size(cfg.blur_sigma[1], size), float(params.sigma[view])
+            crop = TF.gaussian_blur(crop, [kernel, kernel], [sigma, sigma])
+        return TF.normalize(TF.to_dtype(crop, torch.float32, scale=True), list(cfg.mean), list(cfg.std))
 
 
 class CenterCrop(torch.nn.Module):
