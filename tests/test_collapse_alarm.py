@@ -210,8 +210,9 @@ def _fit(tmp_path, name, steps, **loss):
 
 
 def test_a_collapsing_tiny_run_raises_one_alarm_and_a_healthy_one_none(tmp_path, caplog, monkeypatch):
-    """Sinkhorn off with a very low target temperature (0.05): one-hot targets from the start;
-    the same tiny model with the paper's loss never alarms. Every record carries the rank,
+    """Sinkhorn off with a very low target temperature (0.05): one-hot targets from the start,
+    one alarm, not raised again when the run is resumed; the same tiny model with the paper's
+    loss never alarms. Every record carries the rank,
     measured on the logged steps only (one SVD per record)."""
     from msn.train import step as step_module
 
@@ -224,9 +225,14 @@ def test_a_collapsing_tiny_run_raises_one_alarm_and_a_healthy_one_none(tmp_path,
     assert len(alarms) == 1 and alarms[0]["step"] == 6 and alarms[0]["alarm"].startswith("collapse: at step 6")
     assert [rec.getMessage() for rec in caplog.records if rec.levelno == logging.WARNING] == [alarms[0]["alarm"]]
     caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="msn.train.trainer"):  # resumed: the alarm is not raised again
+        resumed = _fit(tmp_path, "collapsed", 8, use_sinkhorn=False, sharpen_start=0.05, sharpen_final=0.05)
+    assert [r["step"] for r in resumed] == [2, 4, 6, 8] and [r for r in resumed if "alarm" in r] == alarms
+    assert resumed[-1]["max_t"] >= 0.9 and not caplog.records
+    caplog.clear()
     with caplog.at_level(logging.WARNING, logger="msn.train.trainer"):
         healthy = _fit(tmp_path, "healthy", 8)
     assert not [r for r in healthy if "alarm" in r] and not caplog.records
     for record in collapsed + healthy:
         assert 1.0 <= record["rank"] <= 8.0  # min(local batch 8, width 16)
-    assert measured == [(8, 16)] * (len(collapsed) + len(healthy)) == [(8, 16)] * 7  # records at 2, 4, 6 (, 8)
+    assert measured == [(8, 16)] * (len(collapsed) + 1 + len(healthy)) == [(8, 16)] * 8  # records at 2, 4, 6 (, 8)
