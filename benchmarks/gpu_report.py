@@ -187,7 +187,7 @@ def e2e_on_device(model: str, batch: int, steps: int, workers: int, device: torc
     loader batches (the workers' first burst) before the ``steps`` timed ones; the data set
     has enough images that no epoch ends in between."""
     from msn.data import ResumableSampler, build_multiview_data, build_train_loader, start_epoch
-    from msn.data.datasets import SyntheticImages, build_dataset
+    from msn.data import SyntheticImages, build_dataset
 
     ramp = 2 * max(workers, 1)
     images = (ramp + steps + 1) * batch

@@ -136,7 +136,7 @@ def run_training(raw: DictConfig, preemption=None) -> dict:
             that signals of the start-up count); by default one is installed here.
     """
     from msn import distributed
-    from msn.data.datasets import BadImageError
+    from msn.data.decode import BadImageError
     from msn.eval.monitor import LowShotProbe
     from msn.train import Trainer, TrainingDivergedError
     from msn.train.preemption import EXIT_PREEMPTED, Preempted, PreemptionFlag

@@ -30,7 +30,7 @@ if [ ! -d "$data" ]; then
 fi
 if [ ! -d "$data" ]; then
   echo "[setup] fetching Fashion-MNIST into the cache instead (torchvision's mirror, md5-checked)"
-  .venv/bin/python -c "from msn.data.datasets import prepare_fashion_mnist; print('[setup] Fashion-MNIST in', prepare_fashion_mnist())" \
+  .venv/bin/python -c "from msn.data import prepare_fashion_mnist; print('[setup] Fashion-MNIST in', prepare_fashion_mnist())" \
     || echo "[setup] warning: no Fashion-MNIST: install the Debian package dataset-fashion-mnist, or run make setup with network access"
 fi
 echo "[setup] done: $(.venv/bin/python -c 'import torch, timm, hydra; print(f"torch {torch.__version__}, timm {timm.__version__}, hydra {hydra.__version__}")')"

@@ -378,7 +378,7 @@ def test_short_cuda_run_finishes_with_a_finite_loss_and_a_checkpoint(tmp_path):
 @pytest.mark.parametrize("kind", ["fixed size (crops on the device too)", "varying size (photometric on the device)"])
 def test_device_augmentation_on_the_gpu_equals_the_cpu_path(kind, tmp_path):
     """``data.augment=device``: the loader ships uint8 pixels and every parameter; the views
-    made where ``MultiViewBatch.to`` moves them, on the GPU, equal those made on the CPU from
+    made where ``msn.data.augment_on_device`` takes them, on the GPU, equal those made on the CPU from
     the same batch (which tests/test_data_device_augment.py proves bitwise equal to
     ``data.augment=batched``).
 
@@ -390,7 +390,7 @@ def test_device_augmentation_on_the_gpu_equals_the_cpu_path(kind, tmp_path):
     ~1e-5 at most. We allow 1e-3 everywhere (1/17 of one uint8 level after normalisation) and
     a mean of 1e-5; a parameter applied to the wrong image moves values by tenths.
     """
-    from msn.data import ResumableSampler, SyntheticImages, build_multiview_data, build_train_loader
+    from msn.data import ResumableSampler, SyntheticImages, augment_on_device, build_multiview_data, build_train_loader
 
     views = {"rand_size": 64, "focal_size": 32, "num_focal": 4}
     cfg = load_config(tiny_config_dict(tmp_path, data={"name": "synthetic", "augment": "device", "views": views}))
@@ -399,7 +399,7 @@ def test_device_augmentation_on_the_gpu_equals_the_cpu_path(kind, tmp_path):
     loader = build_train_loader(data, ResumableSampler(len(dataset), 8, seed=5), 0, collate=collate)
     for batch in loader:
         assert batch.pending is not None and batch.target.dtype == torch.uint8
-        on_cpu, on_gpu = batch.to(torch.device("cpu")), batch.to(torch.device(DEVICE))
+        on_cpu, on_gpu = augment_on_device(batch, torch.device("cpu")), augment_on_device(batch, torch.device(DEVICE))
         assert on_gpu.pending is None and on_gpu.target.device.type == torch.device(DEVICE).type
         for name in ("target", "anchor", "focal"):
             a, b = getattr(on_cpu, name), getattr(on_gpu, name).cpu()

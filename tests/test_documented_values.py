@@ -229,8 +229,8 @@ def test_reduced_decode_bound_and_factors():
 
     from PIL import Image
 
-    from msn.data.datasets import reduce_on_decode
-    from msn.data.transforms import min_decode_pixels
+    from msn.data.decode import reduce_on_decode
+    from msn.data.view_params import min_decode_pixels
 
     views = MSNConfig().data.views
     bound = min_decode_pixels(views)
@@ -343,7 +343,7 @@ def test_torch_floor_is_2_6():
 def test_msn_shards_writes_8_shards_at_once_by_default(tmp_path, monkeypatch):
     """docs/formats.md Sec. 9: "`--workers` (default 8) shards are written at once, by
     threads"."""
-    import msn.data.shards as shards
+    import msn.data.shards_cli as shards
 
     seen = {}
 

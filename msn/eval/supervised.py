@@ -21,7 +21,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from msn.data.batch_augment import resized_crops, sample_crop_boxes
+from msn.data.batch_augment import resized_crops
+from msn.data.view_params import sample_crop_boxes
 from msn.eval.config import EvalConfig  # the recipe defaults are the evaluator schema's (one home)
 from msn.eval.features import random_like
 from msn.models import MSNViT

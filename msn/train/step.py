@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from msn import distributed
 from msn.config import MSNConfig
-from msn.data import MultiViewBatch
+from msn.data import MultiViewBatch, augment_on_device
 from msn.losses import MSNLossOutput, effective_rank, msn_loss
 from msn.masking import AnchorMasks
 from msn.models import MSNNetwork, Prototypes, build_network, disable_drop_path, use_sync_batchnorm
@@ -189,7 +189,7 @@ class MSNStep:
         (:data:`STAT_NAMES`) without synchronising with the device. :attr:`target_rank` is
         then the step's RankMe (a device tensor) with ``measure_rank`` (an SVD, which waits
         for the device: the trainer asks for it on logged steps only), else ``None``."""
-        batch = batch.to(self.device, self.param_dtype)
+        batch = augment_on_device(batch, self.device, self.param_dtype)
         out = self.forward_loss(batch, step, measure_rank)
         self.target_rank = out.target_rank
         self.update(out, step)
