@@ -6,7 +6,8 @@ Sections: (1) precision: the bf16 autocast step keeps the MSN loss in float32 an
 fp32 step; (2) attention: SDPA against eager; (3) distributed: one NCCL rank through DDP;
 (4) the trainer: a short CUDA run to a checkpoint; (5) ``data.augment=device`` on the GPU
 against the same batches made on the CPU; (6) ``train.compile`` with inductor: no
-recompilation after warm-up, the eager step's loss. Each tolerance is sized from the
+recompilation after warm-up, the eager step's loss; (7) the low-shot features (CLS-only last
+block) against transformers' ViTMSNModel in fp32 and bf16. Each tolerance is sized from the
 arithmetic, next to its test.
 """
 
@@ -439,3 +440,41 @@ def test_inductor_compiled_step_never_recompiles_and_matches_eager(tmp_path, exa
     assert {name: dict(counters[name]) for name in watched} == warm
     assert math.isfinite(loss_compiled) and abs(loss_compiled - loss_eager) <= 1e-4 * abs(loss_eager), (loss_compiled, loss_eager)
     torch._dynamo.reset()
+
+
+# ---------------------------------------------------------------------------- (7) low-shot features
+def test_cls_only_features_on_the_gpu_match_transformers_in_fp32_and_bf16(exact_fp32):
+    """The evaluator's features on CUDA (``cls_pre_ln`` and ``cls_post_ln`` through the
+    CLS-only last block; bf16 autocast is what the evaluator uses there) against transformers'
+    ViTMSNModel on the same device and precision (the model of
+    tests/test_eval_features.py), both measured from the float64 CPU values.
+
+    Our error must stay within 4x transformers' own in each precision (the same bound as the
+    CPU test: the two paths round the same inputs, in other orders); theirs must look like
+    rounding: below 2^10 u in float32 (TF32 off) and 16 u in bf16 (the inputs' rounding,
+    ~ sqrt(4 blocks x 4 products) u, with room), relative to the largest feature.
+    """
+    from msn.eval.features import backbone_features
+    from test_eval_features import _transformers_and_ours
+
+    hf, ours = _transformers_and_ours()
+    images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    kinds = ("cls_pre_ln", "cls_post_ln")
+
+    def features(model_dtype, device, autocast):
+        x = images.to(device, model_dtype)
+        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            out = hf.to(device, model_dtype)(pixel_values=x, output_hidden_states=True)
+            theirs = dict(zip(kinds, (out.hidden_states[-1][:, 0], out.last_hidden_state[:, 0])))
+            mine = {kind: backbone_features(ours.to(device, model_dtype), x, kind) for kind in kinds}
+        return ({k: v.double().cpu() for k, v in theirs.items()}, {k: v.double().cpu() for k, v in mine.items()})
+
+    reference, _ = features(torch.float64, "cpu", False)
+    scale = max(value.abs().max().item() for value in reference.values())
+    for name, autocast, allowed in (("fp32", False, 2**10 * FP32_U), ("bf16", True, 16 * BF16_U)):
+        theirs, mine = features(torch.float32, DEVICE, autocast)
+        for kind in kinds:
+            their_error = (theirs[kind] - reference[kind]).abs().max().item()
+            my_error = (mine[kind] - reference[kind]).abs().max().item()
+            assert their_error <= allowed * scale, (name, kind, their_error)
+            assert my_error <= 4 * max(their_error, FP32_U * scale), (name, kind, my_error, their_error)
