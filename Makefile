@@ -5,6 +5,8 @@
 #                     (docs/results/fashion_mnist.md; about 4 hours on 2 CPU cores)
 #   make gpu-wheels   download into .whl/ the wheels a bare GPU machine lacks (hydra-core, omegaconf, antlr4)
 #   make gpu-check    the prepared GPU check (CUDA tests + GPU benchmark page); on a CPU it rehearses
+#   make rehearsal    ImageNet-1k's shape on local disk at two scales, the README's commands on it
+#                     (docs/results/imagenet_rehearsal.md; needs the split files in ../shared)
 PYTHON := .venv/bin/python
 
 #: the float-sensitive tests (parity, benchmark equivalence, resume), run again by CI under
@@ -12,7 +14,7 @@ PYTHON := .venv/bin/python
 FLOAT_SENSITIVE := tests/test_losses.py tests/test_models.py tests/test_benchmarks.py tests/test_train_step.py tests/test_trainer.py \
                    tests/test_distributed.py tests/test_export_hf.py tests/test_export_timm.py tests/test_train_schedules.py
 
-.PHONY: setup demo test test-threads results gpu-wheels gpu-check
+.PHONY: setup demo test test-threads results gpu-wheels gpu-check rehearsal
 setup:
 	bash scripts/setup.sh
 
@@ -33,3 +35,6 @@ gpu-wheels:
 
 gpu-check:
 	PYTHON=$(if $(wildcard $(PYTHON)),$(PYTHON),python3) bash scripts/gpu_check.sh
+
+rehearsal:
+	$(PYTHON) scripts/imagenet_rehearsal.py --scale 26000 --scale 104000 --val-per-class 10 --steps 6 --lambd 0.075

@@ -20,7 +20,12 @@ The solver is full-batch L-BFGS with strong-Wolfe line search (``torch.optim.LBF
 analytic gradient, in float64 by default, on the GPU when there is one. It stops when
 ``max_c,d |dJ/dW_cd| <= tol`` (the same criterion as scikit-learn's ``gtol`` on the same
 objective), or after ``max_iter`` iterations. It is deterministic: the start is ``W = 0``
-(or a given warm start) and there is no sampling.
+(or a given warm start) and there is no sampling. L-BFGS works on ``W / s`` with
+``s = ||g0||_1 / ||g0||_2`` (``g0`` the gradient at the start), so that its first step, the
+gradient over its L1 norm, has the length of scipy's (the gradient over its L2 norm) instead
+of one that the line search spends evaluations growing; the iterations after the first do not
+depend on ``s`` and the stopping test is on ``dJ/dW``. An evaluation at the point the search
+already evaluated is reused, not recomputed (docs/eval.md, "Solver at ImageNet's size").
 
 Lambda selection (:func:`select_lambda`): cross-validation on the labelled subset only (the
 test set is never seen). Within every class the labelled images, in subset order, are dealt
@@ -181,51 +186,75 @@ def fit_logistic_regression(
     weight = torch.zeros(num_classes, x.shape[1], dtype=options.dtype, device=device)
     if init is not None:
         weight.copy_(init)
-    weight.requires_grad_(True)
-    state = {}
+    state: dict = {"lambd": float(lambd)}
+
+    def evaluate(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # one pass of exp: probs = softmax(logits) in place, loss from its normaliser
+        logits = torch.mm(x, w.T)
+        logits.sub_(logits.amax(dim=1, keepdim=True))
+        picked = logits[rows, y].sum()
+        logits.exp_()
+        norm = logits.sum(dim=1, keepdim=True)
+        loss = (torch.log(norm).sum() - picked) / n + lambd / (2 * n) * w.pow(2).sum()
+        logits.div_(norm)
+        logits[rows, y] -= 1.0
+        grad = torch.mm(logits.T, x)
+        grad.div_(n).add_(w, alpha=lambd / n)
+        state.update(at=w.clone(), loss_t=loss, grad=grad, grad_max=float(grad.abs().max()), loss=float(loss))
+        return loss, grad
+
+    # L-BFGS runs on V = W / scale: its first step (the gradient over its L1 norm) then has the
+    # length of scipy's first step (the gradient over its L2 norm) instead of a far too short
+    # one that the line search spends evaluations growing; later steps do not depend on the scale
+    with cpu_threads(device, float(n) * x.shape[1] * num_classes):
+        return _lbfgs(evaluate, weight, state, options)
+
+
+def _lbfgs(evaluate, weight: torch.Tensor, state: dict, options: SolverOptions) -> LogRegResult:
+    """L-BFGS of :func:`fit_logistic_regression` on ``evaluate`` (objective and gradient at W)."""
+    lambd = state["lambd"]
+    with torch.no_grad():
+        _, grad0 = evaluate(weight)
+    scale = float(grad0.abs().sum() / grad0.norm()) if float(grad0.norm()) > 0 else 1.0
+    variable = (weight / scale).requires_grad_(True)
+    state["evaluations"] = 1
 
     def closure() -> torch.Tensor:
-        # one pass of exp: probs = softmax(logits) in place, loss from its normaliser
         with torch.no_grad():
-            logits = torch.mm(x, weight.T)
-            logits.sub_(logits.amax(dim=1, keepdim=True))
-            picked = logits[rows, y].sum()
-            logits.exp_()
-            norm = logits.sum(dim=1, keepdim=True)
-            loss = (torch.log(norm).sum() - picked) / n + lambd / (2 * n) * weight.pow(2).sum()
-            logits.div_(norm)
-            logits[rows, y] -= 1.0
-            grad = torch.mm(logits.T, x)
-            grad.div_(n).add_(weight, alpha=lambd / n)
-            weight.grad = grad
-            state["grad_max"] = float(grad.abs().max())
-            state["loss"] = float(loss)
-            state["evaluations"] = state.get("evaluations", 0) + 1
+            w = variable.detach() * scale
+            if torch.equal(w, state["at"]):
+                loss, grad = state["loss_t"], state["grad"]
+            else:
+                loss, grad = evaluate(w)
+                state["evaluations"] += 1
+            variable.grad = grad * scale
         return loss
 
     eps = torch.finfo(options.dtype).eps
     optimizer = torch.optim.LBFGS(
-        [weight],
+        [variable],
         lr=1.0,
         max_iter=options.max_iter,
         max_eval=int(options.max_iter * 1.25) + 25,
-        tolerance_grad=options.tol,
+        tolerance_grad=options.tol * scale,  # max|dJ/dV| = scale * max|dJ/dW|
         tolerance_change=10 * eps,
         history_size=options.history_size,
         line_search_fn="strong_wolfe",
     )
-    with cpu_threads(device, float(n) * x.shape[1] * num_classes):
-        optimizer.step(closure)
-        closure()  # objective and gradient at the returned point
+    optimizer.step(closure)
+    evaluations = state["evaluations"]
+    with torch.no_grad():
+        weight = variable.detach() * scale
+        if not torch.equal(weight, state["at"]):
+            evaluate(weight)  # the line search ended elsewhere: objective and gradient at the returned point
     iterations = int(optimizer.state[optimizer._params[0]].get("n_iter", 0))
-    weight = weight.detach()
     return LogRegResult(
         weight=weight.cpu(),
         lambd=float(lambd),
         objective=state["loss"],
         grad_max=state["grad_max"],
         iterations=iterations,
-        evaluations=state["evaluations"] - 1,
+        evaluations=evaluations,
         converged=state["grad_max"] <= options.tol,
     )
 
