@@ -9,7 +9,7 @@ Example::
     features = backbone.features(images)                   # uint8 [B, 3, H, W] -> [B, D]
     results = msn.lowshot(run["checkpoint"], data="fashion_mnist", shots=[1, 5])
 
-Each function composes the same Hydra configs as the command lines (:mod:`msn.configs`), so
+Each function composes the same Hydra configs as the command lines (:mod:`msn.config_files`), so
 ``overrides`` are exactly what ``train.py`` / ``eval_lowshot.py`` accept, and every bad value
 raises :class:`msn.config.ConfigError` with the one-line message the command line prints.
 """
@@ -25,7 +25,7 @@ import torch
 
 from msn import checkpoint
 from msn.config import literal, load_config
-from msn.configs import CONFIG_DIR
+from msn.config_files import CONFIG_DIR
 
 
 def _compose(config_name: str, overrides: Sequence[str]):
@@ -101,7 +101,7 @@ def lowshot(backbone: str | os.PathLike | None, data: str = "fashion_mnist", sho
 
     Args:
         backbone: weights of any format msn reads (``None`` with ``baseline=...`` overrides).
-        data: a ``msn/configs/data`` entry (``fashion_mnist``, ``imagenet``, ``folder``, ``synthetic``).
+        data: a ``configs/data`` entry (``fashion_mnist``, ``imagenet``, ``folder``, ``synthetic``).
         shots: labelled images per class.
         overrides: any other ``eval_lowshot.py`` key (``splits=2``, ``data.root=...``).
     """

@@ -2,7 +2,7 @@
 
 Everything that names or sizes an encoder derives from :data:`ARCHITECTURES` and
 :data:`MODELS`: the model builder (:func:`msn.models.build_vit`), config validation
-(``model.name``, ``model.arch``), the Hydra model group (``msn/configs/model/NAME.yaml`` holds
+(``model.name``, ``model.arch``), the Hydra model group (``configs/model/NAME.yaml`` holds
 only the name), the benchmark's models, the head-count inference of the weight loaders and
 the timm and transformers names written by the exporters.
 """
@@ -25,7 +25,7 @@ ARCHITECTURES: dict[str, dict[str, int]] = {
 
 @dataclass(frozen=True)
 class ModelPreset:
-    """A named encoder: an architecture at a patch size (``msn/configs/model/NAME.yaml``)."""
+    """A named encoder: an architecture at a patch size (``configs/model/NAME.yaml``)."""
 
     arch: str  #: a key of :data:`ARCHITECTURES`
     patch_size: int  #: patch side in pixels

@@ -35,7 +35,7 @@ _EARLY_SIGNALS: list = []
 
 def train_main(early_signals=None) -> None:
     """``msn-train`` (and ``python train.py``): MSN pre-training from the command line,
-    ``key=value`` overrides of the packaged configs (:mod:`msn.configs`), ``-m`` sweeps.
+    ``key=value`` overrides of the packaged configs (:mod:`msn.config_files`), ``-m`` sweeps.
 
     Args:
         early_signals: a :class:`~msn.train.preemption.PreemptionFlag` already watching
@@ -50,11 +50,11 @@ def train_main(early_signals=None) -> None:
     _EARLY_SIGNALS[:] = [early_signals]
     import hydra
 
-    from msn.configs import CONFIG_PATH
+    from msn.config_files import CONFIG_DIR
 
     if "-m" not in sys.argv and "--multirun" not in sys.argv:
         _quiet_non_main_ranks(sys.argv)
-    hydra.main(config_path=CONFIG_PATH, config_name="config", version_base="1.3")(_train_task)()
+    hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base="1.3")(_train_task)()
 
 
 def _train_task(raw: DictConfig) -> None:
@@ -106,10 +106,10 @@ def eval_lowshot_main() -> None:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import hydra
 
-    from msn.configs import CONFIG_PATH
+    from msn.config_files import CONFIG_DIR
     from msn.eval import config as _eval_schema  # noqa: F401 - registers eval_schema before composition
 
-    hydra.main(config_path=CONFIG_PATH, config_name="eval_lowshot", version_base="1.3")(_eval_task)()
+    hydra.main(config_path=str(CONFIG_DIR), config_name="eval_lowshot", version_base="1.3")(_eval_task)()
 
 
 def _eval_task(raw: DictConfig) -> None:

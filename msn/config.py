@@ -1,4 +1,4 @@
-"""Typed configuration: the schema of ``msn/configs/``, validated once before any work.
+"""Typed configuration: the schema of ``configs/``, validated once before any work.
 
 Entry points hand the composed Hydra/OmegaConf object to :func:`load_config`, which merges
 it into the dataclasses below (unknown keys and wrong types are rejected) and checks the
@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from msn.architectures import ARCHITECTURES, MODELS, POS_EMBEDS
-from msn.configs import FASHION_MNIST_ROOT
+from msn.dataset_roots import FASHION_MNIST_ROOT
 
 
 class ConfigError(ValueError):
@@ -26,7 +26,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    """Encoder architecture (``msn/configs/model``; docs/method.md Sec. 3)."""
+    """Encoder architecture (``configs/model``; docs/method.md Sec. 3)."""
 
     name: str = "vit_small_16"  #: the preset (a key of ``msn.architectures.MODELS``), giving arch and patch_size
     arch: Optional[str] = None  #: architecture override, a key of ``msn.architectures.ARCHITECTURES`` (null: the preset's)
@@ -80,7 +80,7 @@ class ViewsConfig:
 
 @dataclass
 class DataConfig:
-    """Data set and loader (``msn/configs/data``)."""
+    """Data set and loader (``configs/data``)."""
 
     name: str = "imagenet"  #: one of :data:`DATA_SETS`
     root: Optional[str] = None  #: data directory (null: the data set's default)
@@ -213,10 +213,10 @@ class AlarmConfig:
 
 @dataclass
 class MSNConfig:
-    """The whole pre-training configuration (``msn/configs/config.yaml`` composes it)."""
+    """The whole pre-training configuration (``configs/config.yaml`` composes it)."""
 
     name: str = "msn"  #: run name
-    output_dir: str = "outputs/msn"  #: run directory (msn/configs/config.yaml: outputs/${name})
+    output_dir: str = "outputs/msn"  #: run directory (configs/config.yaml: outputs/${name})
     seed: int = 0  #: seed of weights, data order, augmentations and masks
     device: str = "auto"  #: auto | cpu | cuda | cuda:N
     precision: str = "auto"  #: auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16 | fp64 (numerical checks)
@@ -415,7 +415,7 @@ def _typed(merged: DictConfig) -> MSNConfig:
 
 def register_schema() -> None:
     """Register :class:`MSNConfig` as ``msn_schema`` in Hydra's ConfigStore, the base of
-    ``msn/configs/config.yaml``, so every key exists (and is typed) at composition time."""
+    ``configs/config.yaml``, so every key exists (and is typed) at composition time."""
     from hydra.core.config_store import ConfigStore
 
     ConfigStore.instance().store(name="msn_schema", node=MSNConfig)

@@ -10,14 +10,15 @@ from pathlib import Path
 import pytest
 
 from msn.config import load_config
-from msn.configs import CONFIG_DIR
+from msn.config_files import CONFIG_DIR
+from msn.dataset_roots import FASHION_MNIST_ROOT
 
 ROOT = Path(__file__).resolve().parents[1]
 #: The standard ImageNet low-shot split files: ``../shared/data/imagenet_subsets`` beside the
 #: repository root, or ``MSN_IMAGENET_SUBSETS``.
 IMAGENET_SUBSETS = Path(os.environ.get("MSN_IMAGENET_SUBSETS", ROOT.parent / "shared" / "data" / "imagenet_subsets"))
 #: Where the Debian package ``dataset-fashion-mnist`` installs (``make setup`` installs it).
-FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST = Path(FASHION_MNIST_ROOT)
 
 
 def require_dir(path: Path, what: str) -> Path:
@@ -32,7 +33,7 @@ def require_dir(path: Path, what: str) -> Path:
 
 
 def compose_config(*overrides: str, hydra_config: bool = False):
-    """``msn/configs/config.yaml`` composed by Hydra with ``overrides`` (not yet validated)."""
+    """``configs/config.yaml`` composed by Hydra with ``overrides`` (not yet validated)."""
     from hydra import compose, initialize_config_dir
 
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):

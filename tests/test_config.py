@@ -7,7 +7,7 @@ from conftest import compose_config, tiny_config_dict
 
 from msn.architectures import MODELS as ARCH_MODELS
 from msn.config import ConfigError, from_dict, load_config, to_dict, validate
-from msn.configs import CONFIG_DIR
+from msn.config_files import CONFIG_DIR
 
 EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
 MODELS = sorted(p.stem for p in (CONFIG_DIR / "model").glob("*.yaml"))

@@ -12,7 +12,7 @@ import torch
 from conftest import ROOT, compose_config
 
 from msn.config import MSNConfig, load_config
-from msn.configs import CONFIG_DIR
+from msn.config_files import CONFIG_DIR
 
 EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
 #: docs/training.md "Presets": preset -> (global batch, focal view side, backbone parameters in millions
@@ -144,7 +144,7 @@ def test_no_dropout_and_no_drop_path_in_the_paper_presets(name, tmp_path):
 
 def test_readme_key_settings_defaults(tmp_path):
     """docs/training.md "Key settings": the default column of the table, read from the composed default
-    configuration (`msn/configs/config.yaml` with no preset)."""
+    configuration (`configs/config.yaml` with no preset)."""
     cfg = load_config(compose_config(f"data.root={tmp_path}"))
     assert cfg.name == "msn" and cfg.output_dir == "outputs/msn"  # outputs/${name}
     assert cfg.seed == 0 and cfg.device == "auto" and cfg.precision == "auto"
@@ -248,7 +248,7 @@ def test_reduced_decode_bound_and_factors():
 
 
 def test_eval_options_defaults(tmp_path, monkeypatch):
-    """docs/eval.md "Options": the default column, from `msn/configs/eval_lowshot.yaml` as
+    """docs/eval.md "Options": the default column, from `configs/eval_lowshot.yaml` as
     composed (EvalConfig's defaults and the YAML's data choice)."""
     from hydra import compose, initialize_config_dir
 

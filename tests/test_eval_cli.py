@@ -14,14 +14,14 @@ from omegaconf import OmegaConf
 
 import msn.config
 from msn.checkpoint import save_training_checkpoint
-from msn.configs import CONFIG_DIR
+from msn.config_files import CONFIG_DIR
 from msn.eval.config import load_eval_config
 from msn.eval.lowshot import run_lowshot
 from msn.models import build_network
 
 ROOT = Path(__file__).resolve().parents[1]
 def synthetic(**overrides) -> dict:
-    """``msn/configs/data/synthetic.yaml`` (what ``data=synthetic`` selects) with overrides."""
+    """``configs/data/synthetic.yaml`` (what ``data=synthetic`` selects) with overrides."""
     return {**OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "data" / "synthetic.yaml")), **overrides}
 
 

@@ -1,6 +1,7 @@
 """``pip install .`` gives working commands from any directory: a wheel built from the
 repository, installed into a fresh virtual environment, trains, evaluates, exports and
-plots with the Hydra configs it carries (``msn.configs``), run from outside the repository.
+plots with the Hydra configs it carries (every file of ``configs/``, as ``msn/configs/``), run
+from outside the repository.
 
 The fresh environment has no packages of its own: a ``.pth`` file lends it this
 interpreter's dependencies (torch, Hydra, ...; installing torch again would take minutes and
@@ -33,7 +34,8 @@ def installed(tmp_path_factory):
     base = tmp_path_factory.mktemp("packaging")
     source, wheels = base / "source", base / "wheels"
     # a copy of what a wheel is built from, so that setuptools' build/ folder lands there
-    shutil.copytree(ROOT / "msn", source / "msn", ignore=shutil.ignore_patterns("__pycache__"))
+    for folder in ("msn", "configs"):
+        shutil.copytree(ROOT / folder, source / folder, ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, source / name)
     build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
@@ -42,8 +44,8 @@ def installed(tmp_path_factory):
     assert build.returncode == 0, build.stderr[-3000:]
     (wheel,) = wheels.glob("msn-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    assert "msn/configs/config.yaml" in names and "msn/configs/experiment/fmnist_demo.yaml" in names
-    assert "msn/configs/hydra/launcher/slurm.yaml" in names and "msn/configs/eval_lowshot.yaml" in names
+    shipped = {name.removeprefix("msn/") for name in names if name.startswith("msn/configs/")}
+    assert shipped == {str(path.relative_to(ROOT)) for path in (ROOT / "configs").rglob("*.yaml")}
     env_dir = base / "venv"
     venv.EnvBuilder(with_pip=False).create(env_dir)
     python = env_dir / "bin" / "python"
@@ -68,9 +70,21 @@ def _run(installed, *command, timeout=300):
                           text=True, timeout=timeout)
 
 
+def test_pyproject_lists_every_package_and_config_folder():
+    """A mapped folder (``configs/`` -> ``msn.configs``) rules out package discovery: every
+    folder of ``msn/`` holding modules and every folder of ``configs/`` must be listed."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    code = {".".join(path.parent.relative_to(ROOT).parts) for path in (ROOT / "msn").rglob("*.py")}
+    configs = {".".join(("msn", *path.relative_to(ROOT).parts)) for path in [ROOT / "configs", *(ROOT / "configs").rglob("*")]
+               if path.is_dir() and path.name != "__pycache__"}
+    assert listed == code | configs, f"pyproject.toml [tool.setuptools] packages: {sorted(listed ^ (code | configs))}"
+
+
 def test_msn_is_imported_from_the_wheel(installed):
     bin_dir, env, base = installed
-    where = _run(installed, "python", "-c", "import msn, msn.configs; print(msn.__file__); print(msn.configs.CONFIG_DIR)")
+    where = _run(installed, "python", "-c", "import msn, msn.config_files as c; print(msn.__file__); print(c.CONFIG_DIR)")
     assert where.returncode == 0, where.stderr[-2000:]
     module, configs = where.stdout.split()
     assert module.startswith(str(base / "venv")) and configs.startswith(str(base / "venv")), where.stdout

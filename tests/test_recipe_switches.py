@@ -1,6 +1,6 @@
 """The reference switches (docs/reference_switches.md): ``recipe=reference`` for training
-(msn/configs/recipe/) and ``protocol=reference`` for the low-shot evaluator
-(msn/configs/protocol/) set every key whose default departs from the authors' code to the
+(configs/recipe/) and ``protocol=reference`` for the low-shot evaluator
+(configs/protocol/) set every key whose default departs from the authors' code to the
 authors' value, change nothing else, lose to an explicit ``key=value``, win over the presets,
 and do what they say: one training step equals the reconstruction of the authors' update, and
 the evaluator uses one fixed lambda without cross-validation."""
@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 import msn
 from conftest import ROOT, TINY_OVERRIDES, compose_config
 from msn.config import MSNConfig, load_config, to_dict
-from msn.configs import CONFIG_DIR
+from msn.config_files import CONFIG_DIR
 from msn.eval.config import EvalConfig, eval_config_to_dict, load_eval_config
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -61,7 +61,7 @@ def changed(a: dict, b: dict) -> dict:
 
 
 def compose_eval(*overrides: str):
-    """``msn/configs/eval_lowshot.yaml`` composed by Hydra (as :func:`msn.api.lowshot` does)."""
+    """``configs/eval_lowshot.yaml`` composed by Hydra (as :func:`msn.api.lowshot` does)."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
@@ -159,7 +159,7 @@ def test_recipe_composes_with_an_experiment_preset(tmp_path):
 
 @pytest.fixture
 def preset_setting_recipe_keys():
-    """An experiment preset (in Hydra's ConfigStore, beside msn/configs/experiment/) that sets
+    """An experiment preset (in Hydra's ConfigStore, beside configs/experiment/) that sets
     every key of the recipe to a non-reference value, like a future preset might."""
     from hydra.core.config_store import ConfigStore
 

@@ -1,4 +1,4 @@
-"""Typed configuration of the low-shot evaluation (``msn/configs/eval_lowshot.yaml``).
+"""Typed configuration of the low-shot evaluation (``configs/eval_lowshot.yaml``).
 
 The entry point hands the composed Hydra object to :func:`load_eval_config`, which merges it
 into :class:`EvalConfig` (unknown keys and wrong types are rejected) and checks the values;
@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from msn.config import DATA_SETS, ConfigError, DataConfig, plain_dict
-from msn.configs import FASHION_MNIST_ROOT
+from msn.dataset_roots import FASHION_MNIST_ROOT
 from msn.eval.baseline_names import BASELINE_NAMES, PIXELS
 
 #: Feature kinds (docs/method.md Sec. 8; the default is the reference's).
@@ -85,7 +85,7 @@ class EvalConfig:
         output_dir: where ``results.json``, the chart and the subset files go.
         progress: show tqdm progress bars.
         plot: write the PNG chart.
-        data: the data set (``msn/configs/data``); the train split provides the labelled
+        data: the data set (``configs/data``); the train split provides the labelled
             subsets, the validation split is the test set.
     """
 
@@ -130,7 +130,7 @@ class EvalConfig:
 
 def register_schema() -> None:
     """Register :class:`EvalConfig` as ``eval_schema`` in Hydra's ConfigStore, the base of
-    ``msn/configs/eval_lowshot.yaml``, so every key exists (and is typed) at composition time."""
+    ``configs/eval_lowshot.yaml``, so every key exists (and is typed) at composition time."""
     from hydra.core.config_store import ConfigStore
 
     ConfigStore.instance().store(name="eval_schema", node=EvalConfig)
