@@ -13,7 +13,7 @@ ones do (docs/method.md Sec. 5 has the measured values):
   up to 0.82); Sinkhorn off collapsed at 0.953.
 - ``alarm.prototypes`` 0.1 of ``min(B, K)``: healthy runs use 0.77-0.95 of it; Sinkhorn off 0.02.
 - ``alarm.rank`` 0.02 of ``min(local B, D)``: a line or a plane. Healthy runs go low too (the demo's
-  target projections: 61 of 128 at step 5, 16 at step 120, np ~95 throughout), so only this far a fall
+  target projections: 61 of 128 at step 5, 14-16 from step 120 to its end, np 90-102), so only this far a fall
   is a sign of its own; partial collapses show in ``np`` first.
 - ``alarm.uniform`` 1.5 / K from twice the warm-up: the demo's lowest ``max_t`` is 14 / K.
 - ``alarm.patience`` 3 records: one odd window never fires.
