@@ -142,3 +142,17 @@ def test_knn_temperature_weighting():
     query = normalize_rows(torch.tensor([[4.0, 0.5, 0.5, 0.0]]))
     assert knn_predict(train, labels, query, 2, k=3, temperature=0.07).item() == 1
     assert knn_predict(train, labels, query, 2, k=3, temperature=1e3).item() == 0
+
+
+def test_no_point_is_evaluated_twice(monkeypatch):
+    # every objective + gradient evaluation is two matrix products; the solver counts the
+    # evaluations of its line search and reuses the one at a point already evaluated
+    # (docs/eval.md, "Solver at ImageNet's size")
+    x, y = make_problem(400, 16, 5, noise=2.0, seed=7)
+    products = []
+    real_mm = torch.mm
+    monkeypatch.setattr(torch, "mm", lambda a, b: products.append(1) or real_mm(a, b))
+    fit = fit_logistic_regression(x, y, 5, 0.05, SolverOptions(device="cpu"))
+    assert fit.converged
+    assert len(products) // 2 in (fit.evaluations, fit.evaluations + 1)  # + the returned point when the search ended elsewhere
+    assert len(products) % 2 == 0
