@@ -6,12 +6,11 @@ It runs the sections of ``benchmarks/bench_train.py`` (through its ``main``) on 
 * ``step``: ViT-S/16 and ViT-B/16 at 224 px, batch 128 (``--batch``);
 * ``levers``: ViT-S/16, in particular the anchor branch at mask 0 and 0.7;
 * ``e2e``: loader + step of ViT-S/16 with as many loader workers as the host has cores
-  (``--augment device`` when the harness accepts it), through the harness's e2e section
-  when it runs on ``--device`` (older versions ran it on the CPU whatever ``--device``
-  said); and, as a cross-check, the same loop timed here in steady state: a data set large
-  enough that no epoch ends, the workers' first burst left out of the timing.
+  (``--augment device`` on CUDA), through the harness's e2e section; and, as a cross-check,
+  the same loop timed here in steady state: a data set large enough that no epoch ends, the
+  workers' first burst left out of the timing.
 
-and checks the issue's targets: ViT-S/16 step >= 40 % MFU of the measured bf16 matmul
+and checks the performance targets: ViT-S/16 step >= 40 % MFU of the measured bf16 matmul
 peak, ViT-B/16 >= 50 %, end-to-end >= 90 % of the step-only images/s of ViT-S/16, and the
 mask-0.7 anchor branch <= 0.4x the mask-0 one. The peak is measured here on 8192^3 bf16
 products (back to back, ten per timing); the harness's own (2048^3, one product per timing)
@@ -26,14 +25,10 @@ the page and the JSON are written in both cases.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
-import inspect
-import io
 import json
 import os
 import platform
-import re
 import shutil
 import statistics
 import subprocess
@@ -45,13 +40,15 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-for _path in (str(ROOT / "benchmarks"), str(ROOT)):
-    if _path not in sys.path:
-        sys.path.insert(0, _path)
+import bench_train  # first: it sets OMP_WAIT_POLICY before torch starts OpenMP
+import torch
 
-import bench_train  # noqa: E402
-import torch  # noqa: E402
+from msn.tables import records_table
+from train_harness.data import write_jpeg_folder
+from train_harness.runner import StepRunner, bench_config
+from train_harness.timing import sync
+
+ROOT = Path(__file__).resolve().parents[1]
 
 #: Sizes of the real run and of the CPU rehearsal. ``small`` plays ViT-S/16 (step, levers,
 #: e2e), ``base`` ViT-B/16 (step); ``base_batch`` is the batch of ``base`` when it is
@@ -61,7 +58,7 @@ FULL = {"small": "vit_small_16@224", "base": "vit_base_16@224", "batch": 128, "b
 DRY = {"small": "vit_tiny_16@224", "base": "fmnist_demo", "batch": 2, "base_batch": 16,
        "warmup": 1, "repeats": 1, "e2e_repeats": 1, "e2e_steps": 2, "steady_steps": 3, "peak_size": 1024}
 
-#: The issue's targets.
+#: The targets: MFU of the ViT-S/16 and ViT-B/16 steps, end-to-end share of the step alone, anchor ratio.
 MFU_SMALL, MFU_BASE, E2E_SHARE, ANCHOR_RATIO = 0.40, 0.50, 0.90, 0.40
 
 DEFAULT_PAGE = ROOT / "docs" / "results" / "benchmarks_gpu.md"
@@ -72,11 +69,6 @@ def host_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def matmul_peak(device: torch.device, dtype: torch.dtype, size: int, inner: int = 10, repeats: int = 5) -> float:
     """FLOP/s of ``inner`` back-to-back ``size``^3 products (median of ``repeats`` timings)."""
     a = torch.randn(size, size, device=device, dtype=dtype)
@@ -84,13 +76,13 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, size: int, inner: int 
     out = torch.empty(size, size, device=device, dtype=dtype)
     for _ in range(3):
         torch.mm(a, b, out=out)
-    _sync(device)
+    sync(device)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         for _ in range(inner):
             torch.mm(a, b, out=out)
-        _sync(device)
+        sync(device)
         times.append(time.perf_counter() - start)
     return 2 * size**3 * inner / statistics.median(times)
 
@@ -116,28 +108,6 @@ def machine_info(device: torch.device) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------- the harness
-def harness_help() -> str:
-    """``bench_train.py --help``, read at run time (its flags change between versions)."""
-    text = io.StringIO()
-    with contextlib.redirect_stdout(text), contextlib.suppress(SystemExit):
-        bench_train.main(["--help"])
-    return text.getvalue()
-
-
-def harness_accepts(help_text: str, flag: str, value: str | None = None) -> bool:
-    """Whether the harness has ``flag`` (and, when it lists choices, ``value`` among them)."""
-    match = re.search(rf"{re.escape(flag)}(?:\s+\{{([^}}]*)\}}|[\s=,\]])", help_text)
-    if not match:
-        return False
-    choices = match.group(1)
-    return value is None or choices is None or value in choices.split(",")
-
-
-def harness_e2e_on_device() -> bool:
-    """Whether the harness's e2e section runs on ``--device`` (a ``device`` parameter)."""
-    return "device" in inspect.signature(bench_train.bench_e2e).parameters
-
-
 class Sections:
     """Runs each part, keeping its result or its error (one failure does not stop the rest)."""
 
@@ -168,7 +138,7 @@ def jpeg_folder(root: Path, count: int, unique: int = 256) -> Path:
     """An ImageFolder of ``count`` JPEGs: ``unique`` written by the harness, the others hard
     links to them (the same decode work per image; written in a second, not minutes)."""
     unique = min(unique, count)
-    bench_train.write_jpeg_folder(root, unique)
+    write_jpeg_folder(root, unique)
     files = sorted(root.glob("class*/*.jpg"))
     for i in range(unique, count):
         source = files[i % unique]
@@ -191,23 +161,23 @@ def e2e_on_device(model: str, batch: int, steps: int, workers: int, device: torc
 
     ramp = 2 * max(workers, 1)
     images = (ramp + steps + 1) * batch
-    cfg = bench_train.bench_config(model, batch, device=str(device), precision=precision,
-                                   data={"augment": augment, "num_workers": workers})
+    cfg = bench_config(model, batch, device=str(device), precision=precision,
+                       data={"augment": augment, "num_workers": workers})
     if model == "fmnist_demo":
         dataset, data_name = SyntheticImages(images, 10, 28), "28 px images"
     else:
         folder = jpeg_folder(workdir / f"jpegs-{images}", images)
         dataset = build_dataset(replace(cfg.data, name="folder", root=str(folder)))
         data_name = "ImageFolder JPEG 375x500"
-    runner = bench_train.StepRunner(cfg)
+    runner = StepRunner(cfg)
     for _ in range(2):
         runner()
-    _sync(device)
+    sync(device)
     alone = max(2, min(steps, 8))  # the step alone on its random batch: the ceiling, timed just before
     begin = time.perf_counter()
     for _ in range(alone):
         runner()
-    _sync(device)
+    sync(device)
     step_only = alone * batch / (time.perf_counter() - begin)
     data, collate = build_multiview_data(dataset, cfg.data, cfg.seed)
     sampler = ResumableSampler(len(dataset), batch, cfg.seed)
@@ -218,11 +188,11 @@ def e2e_on_device(model: str, batch: int, steps: int, workers: int, device: torc
         runner.step_fn(b, runner.step + done)
         done += 1
         if done == ramp:
-            _sync(device)
+            sync(device)
             start = time.perf_counter()
         if done == ramp + steps:
             break
-    _sync(device)
+    sync(device)
     end = time.perf_counter()
     del loader
     return {"model": model, "data": data_name, "variant": "ours, steady state (gpu_report)", "augment": augment,
@@ -233,10 +203,8 @@ def e2e_on_device(model: str, batch: int, steps: int, workers: int, device: torc
 
 
 def default_augment(device: torch.device) -> str:
-    """``device`` on CUDA where the config knows ``data.augment=device``, else ``batched``."""
-    from msn import config
-
-    return "device" if device.type == "cuda" and "device" in getattr(config, "AUGMENT_MODES", ()) else "batched"
+    """``device`` on CUDA (the host decodes and crops, the GPU augments), else ``batched``."""
+    return "device" if device.type == "cuda" else "batched"
 
 
 def is_ours(row: dict) -> bool:
@@ -254,7 +222,7 @@ def _find(rows: list[dict], **match) -> dict | None:
 
 def evaluate(sizes: dict, steps: list[dict], levers: list[dict], e2e: list[dict], peak: float,
              precision: str) -> list[dict]:
-    """The issue's targets, each ``{target, measured, pass}`` (``pass`` None: not measured)."""
+    """The targets, each ``{target, measured, pass}`` (``pass`` None: not measured)."""
     checks = []
 
     def add(target: str, value: float | None, ok: bool | None, fmt: str) -> None:
@@ -289,8 +257,8 @@ def evaluate(sizes: dict, steps: list[dict], levers: list[dict], e2e: list[dict]
 
 # ---------------------------------------------------------------------------- the page
 def _table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
-    """:func:`bench_train.markdown_table` with ``(key, title)`` columns."""
-    return bench_train.markdown_table(rows, [key for key, _ in columns], [title for _, title in columns])
+    """:func:`msn.tables.records_table` with ``(key, title)`` columns."""
+    return records_table(rows, [key for key, _ in columns], [title for _, title in columns])
 
 
 def write_page(path: Path, report: dict) -> None:
@@ -309,8 +277,6 @@ def write_page(path: Path, report: dict) -> None:
            f"{sizes['peak_size']}^3 products: **{report['peak_gflops'] / 1e3:,.1f} TFLOP/s** "
            f"(the harness's own, 2048^3: {report['harness_peak_gflops'] / 1e3:,.1f} TFLOP/s); "
            f"MFU below is against the larger, {report['mfu_peak_gflops'] / 1e3:,.1f} TFLOP/s",
-           f"* harness: e2e section on the device: {report['harness']['e2e_on_device']}, "
-           f"`--augment device` accepted: {report['harness']['augment_device']}",
            "", "## Targets", "",
            _table(report["checks"], [("target", "target"), ("measured", "measured"), ("result", "result")]), ""]
     steps = report.get("step") or []
@@ -381,10 +347,6 @@ def main(argv: list[str] | None = None) -> int:
     wanted = set(args.sections.split(","))
     e2e_rows: list[dict] = []
 
-    help_text = harness_help()
-    harness = {"e2e_on_device": harness_e2e_on_device(),
-               "augment_device": harness_accepts(help_text, "--augment", "device")}
-    harness["e2e_source"] = "bench_train" if harness["e2e_on_device"] else "gpu_report"
     sections = Sections()
     machine = machine_info(device)
     state = {"peak": 0.0}
@@ -404,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
         report = {
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "complete": complete, "dry_run": dry, "machine": machine, "precision": precision, "sizes": sizes,
-            "workers": workers, "harness": harness, "peak_gflops": state["peak"] / 1e9,
+            "workers": workers, "peak_gflops": state["peak"] / 1e9,
             "harness_peak_gflops": harness_peak / 1e9, "mfu_peak_gflops": mfu_peak / 1e9, "step": step_rows,
             "levers": lever_rows, "e2e": e2e_rows,
             "checks": evaluate(sizes, step_rows, lever_rows, e2e_rows, mfu_peak, precision),
@@ -435,18 +397,14 @@ def main(argv: list[str] | None = None) -> int:
             row = sections.run(f"e2e steady state ({augment})", e2e_on_device, sizes["small"], sizes["batch"],
                                sizes["steady_steps"], workers, device, precision, augment, work)
             if row is not None:
-                print(bench_train.markdown_table([row], list(row)), flush=True)
+                print(records_table([row], list(row)), flush=True)
                 e2e_rows.append(row)
             publish(False)
-            if harness["e2e_on_device"]:
-                extra = ["--augment", augment] if harness_accepts(help_text, "--augment", augment) else []
-                models = (["--e2e-models", sizes["small"]] if harness_accepts(help_text, "--e2e-models")
-                          else ["--models", sizes["small"]])
-                e2e_common = [*common, "--repeats", str(sizes["e2e_repeats"])]  # the later --repeats wins
-                result = sections.run("e2e", run_harness, ["--sections", "e2e", *models, *e2e_common,
-                                                           "--workers", str(workers), "--e2e-steps", str(sizes["e2e_steps"]),
-                                                           *extra, "--output", str(work / "e2e.json")])
-                e2e_rows[:0] = [r for r in (result or {}).get("e2e", []) if r.get("model") == sizes["small"]]
+            e2e_common = [*common, "--repeats", str(sizes["e2e_repeats"])]  # the later --repeats wins
+            result = sections.run("e2e", run_harness, ["--sections", "e2e", "--e2e-models", sizes["small"], *e2e_common,
+                                                       "--workers", str(workers), "--e2e-steps", str(sizes["e2e_steps"]),
+                                                       "--augment", augment, "--output", str(work / "e2e.json")])
+            e2e_rows[:0] = [r for r in (result or {}).get("e2e", []) if r.get("model") == sizes["small"]]
     publish(True)
     print(f"\n{page.read_text()}\nwrote {page} and {page.with_suffix('.json')}", flush=True)
     return 1 if sections.errors else 0

@@ -15,15 +15,10 @@ over tokens once the position embedding is added, and only the CLS token is read
 
 from __future__ import annotations
 
-import sys
-
 import torch
 
-from conftest import ROOT
-
-sys.path.insert(0, str(ROOT / "benchmarks"))
-import bench_train as bench  # noqa: E402
-from reference_recipe import AuthorsStep, FullBlocksForward  # noqa: E402
+from reference_recipe import AuthorsStep, FullBlocksForward  # benchmarks/ is on pytest's path (pyproject.toml)
+from train_harness import runner as bench
 
 #: Tolerance of every float64 comparison. Both steps compute the same real numbers in another
 #: order (eager attention against SDPA, the full last block against the CLS-only one, the EMA as

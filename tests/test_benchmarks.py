@@ -1,20 +1,20 @@
-"""Smoke test of the benchmark harness benchmarks/bench_train.py (correctness of what it runs
-and reports, not timing)."""
+"""Smoke test of the benchmark harness benchmarks/bench_train.py and its sections
+(benchmarks/train_harness/): correctness of what it runs and reports, not timing. pytest puts
+``benchmarks/`` on the path (pyproject.toml), as running a script there does."""
 
 import json
-import sys
 
 import torch
 
-from conftest import ROOT
-
-sys.path.insert(0, str(ROOT / "benchmarks"))
-import bench_train as bench  # noqa: E402
+import bench_train
+from train_harness.data import DATA_PIPELINES
+from train_harness.runner import PerViewForward, StepRunner, anchor_branch, bench_config
+from train_harness.timing import count_flops, speedup
 
 
 def test_harness_runs_every_section_and_reports(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    report = bench.main([
+    report = bench_train.main([
         "--sections", "step,levers,data,e2e,profile", "--models", "fmnist_demo", "--lever-model", "fmnist_demo",
         "--e2e-models", "fmnist_demo", "--small-batch", "8", "--repeats", "1", "--warmup", "0", "--e2e-steps", "1",
         "--data-images", "4", "--workers", "0", "--output", str(out),
@@ -37,7 +37,7 @@ def test_harness_runs_every_section_and_reports(tmp_path, capsys):
     assert ("attention", "eager") in levers and ("tokens", "zeroed (sequence kept)") in levers
     pipelines = {(r["data"].split()[0], r["pipeline"]) for r in report["data"]}
     for data in ("ImageFolder", "28"):
-        assert {(data, name) for name in bench.DATA_PIPELINES.values()} <= pipelines
+        assert {(data, name) for name in DATA_PIPELINES.values()} <= pipelines
     assert any("device share" in pipeline for _, pipeline in pipelines)
     assert ("ImageFolder", "JPEG decode only (PIL), no augmentation: the ceiling") in pipelines
     assert all(r["samples_per_s_per_core"] > 0 for r in report["data"])
@@ -49,8 +49,8 @@ def test_harness_runs_every_section_and_reports(tmp_path, capsys):
 def test_speedup_is_the_median_of_paired_ratios():
     """The median of the paired ratios baseline / ours, not a ratio of medians: for the second
     case the paired ratios 3, 0.5, 2.25 have median 2.25, the medians' ratio would be 3 / 2."""
-    assert bench.speedup({"ours": [1.0, 2.0, 4.0], "authors": [2.0, 2.0, 2.0]}, "ours", "authors") == 1.0
-    assert bench.speedup({"ours": [1.0, 2.0, 4.0], "authors": [3.0, 1.0, 9.0]}, "ours", "authors") == 2.25
+    assert speedup({"ours": [1.0, 2.0, 4.0], "authors": [2.0, 2.0, 2.0]}, "ours", "authors") == 1.0
+    assert speedup({"ours": [1.0, 2.0, 4.0], "authors": [3.0, 1.0, 9.0]}, "ours", "authors") == 2.25
 
 
 def test_authors_baseline_is_the_same_step_in_exact_arithmetic():
@@ -59,8 +59,8 @@ def test_authors_baseline_is_the_same_step_in_exact_arithmetic():
     moves every weight the same way (1e-9: see the next test's bound)."""
     from reference_recipe import AuthorsStep, FullBlocksForward
 
-    cfg = bench.bench_config("fmnist_demo", 4, ratio=0.0, precision="fp64")
-    ours, authors = bench.StepRunner(cfg), bench.StepRunner(cfg, authors=True)
+    cfg = bench_config("fmnist_demo", 4, ratio=0.0, precision="fp64")
+    ours, authors = StepRunner(cfg), StepRunner(cfg, authors=True)
     assert isinstance(authors.step_fn, AuthorsStep) and isinstance(authors.step_fn.online, FullBlocksForward)
     assert not authors.step_fn.network.backbone.vit.blocks[0].attn.fused_attn and authors.step_fn.cfg.mask.shared
     for name in ("network", "target", "prototypes"):
@@ -76,8 +76,8 @@ def test_authors_baseline_is_the_same_step_in_exact_arithmetic():
 
 def test_flops_shrink_with_mask_ratio():
     def flops(ratio):
-        runner = bench.StepRunner(bench.bench_config("fmnist_demo", 4, ratio=ratio))
-        return bench.count_flops(bench.anchor_branch(runner))
+        runner = StepRunner(bench_config("fmnist_demo", 4, ratio=ratio))
+        return count_flops(anchor_branch(runner))
 
     assert flops(0.7) < 0.45 * flops(0.0)
 
@@ -88,9 +88,9 @@ def test_per_view_step_matches_grouped_loss_without_bn():
     feeding a LayerNorm) is amplified by Adam's first step up to +-lr, whatever the tolerance;
     float64 rounding (~1e-16 of magnitudes <= 1) amplified by at most lr / eps = 1e4 stays
     below 1e-11, so 1e-9 bounds it with margin on any CPU and BLAS kernel."""
-    cfg = bench.bench_config("fmnist_demo", 4, ratio=0.0, precision="fp64", head={"use_bn": False})
-    a, b = bench.StepRunner(cfg), bench.StepRunner(cfg, per_view=True)
-    assert isinstance(b.step_fn.online, bench.PerViewForward) and not isinstance(a.step_fn.online, bench.PerViewForward)
+    cfg = bench_config("fmnist_demo", 4, ratio=0.0, precision="fp64", head={"use_bn": False})
+    a, b = StepRunner(cfg), StepRunner(cfg, per_view=True)
+    assert isinstance(b.step_fn.online, PerViewForward) and not isinstance(a.step_fn.online, PerViewForward)
     b.step_fn.network.load_state_dict(a.step_fn.network.state_dict())
     b.step_fn.target.load_state_dict(a.step_fn.target.state_dict())
     b.step_fn.prototypes.load_state_dict(a.step_fn.prototypes.state_dict())
@@ -108,7 +108,7 @@ def test_per_view_step_matches_grouped_loss_without_bn():
 def test_gpu_report_rehearses_on_the_cpu_and_writes_its_page(tmp_path, capsys):
     """benchmarks/gpu_report.py --dry-run (what scripts/gpu_check.sh runs without CUDA): every
     section runs on the CPU with tiny sizes, and the page and its JSON are written, each
-    target of the issue listed (measured or not)."""
+    target listed (measured or not)."""
     import gpu_report
 
     status = gpu_report.main(["--dry-run", "--output-dir", str(tmp_path), "--workers", "1"])

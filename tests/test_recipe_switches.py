@@ -8,7 +8,6 @@ the evaluator uses one fixed lambda without cross-validation."""
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
 import torch
@@ -20,9 +19,8 @@ from msn.config import MSNConfig, load_config, to_dict
 from msn.config_files import CONFIG_DIR
 from msn.eval.config import EvalConfig, eval_config_to_dict, load_eval_config
 
-sys.path.insert(0, str(ROOT / "benchmarks"))
-import bench_train as bench  # noqa: E402
-from reference_recipe import AuthorsStep, FullBlocksForward  # noqa: E402
+from reference_recipe import AuthorsStep, FullBlocksForward  # benchmarks/ is on pytest's path (pyproject.toml)
+from train_harness import runner as bench
 
 #: Every key of recipe=reference: (the authors' value, our default).
 RECIPE = {
