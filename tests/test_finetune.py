@@ -1,8 +1,9 @@
-"""scripts/finetune.py: fine-tuning both exports (transformers, timm) end to end on Fashion-MNIST.
+"""scripts/finetune.py (msn/eval/finetune/): fine-tuning both exports (transformers, timm) end to
+end on Fashion-MNIST.
 
 A tiny backbone is pre-trained with MSN for a few steps on Fashion-MNIST, exported with our
 export API to a transformers folder and a timm folder, and each export is fine-tuned by the
-script's own functions on a labelled subset. ``MSN_TEST_FINETUNE_SEED=N`` runs the same test
+package's functions on a labelled subset. ``MSN_TEST_FINETUNE_SEED=N`` runs the same test
 with another seed (backbone, labelled subset, head, batch order, flips); seeds 0 to 4 were
 checked: probe 50.6-54.8%, fine-tuned 65.1-68.7%, last/first loss window 0.31-0.38.
 """
@@ -11,16 +12,16 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 import pytest
 import torch
 
 import msn
-from conftest import FASHION_MNIST, ROOT, require_dir
-
-sys.path.insert(0, str(ROOT / "scripts"))
-import finetune  # noqa: E402
+from conftest import FASHION_MNIST, require_dir
+from msn.eval.finetune.cli import export_checkpoint, main
+from msn.eval.finetune.data import Options, fashion_mnist
+from msn.eval.finetune.routes import ROUTES, load_hf, load_timm
+from msn.eval.finetune.training import param_groups, run_route
 
 SEED = int(os.environ.get("MSN_TEST_FINETUNE_SEED", "0"))
 #: A 64-wide, 2-block ViT with 7 px patches on 28 px images (16 patch tokens): its MSN steps
@@ -39,7 +40,7 @@ PRETRAIN = ["data=fashion_mnist", "data.subset=512", "data.views.focal_size=14",
 #: 51-55% over seeds 0-4, a margin of 10.5 to 16.5 points, for which MARGIN leaves ample room. A
 #: higher LR than the script's default and no layer-wise decay suit a backbone this far from trained.
 LABELLED, TEST_IMAGES = 500, 1000
-OPTIONS = finetune.Options(steps=300, batch_size=32, lr=1e-3, weight_decay=0.05, layer_decay=1.0, seed=SEED, loss_window=30)
+OPTIONS = Options(steps=300, batch_size=32, lr=1e-3, weight_decay=0.05, layer_decay=1.0, seed=SEED, loss_window=30)
 MARGIN = 4.0  # points of top-1 the fine-tuned model must gain over the probe
 
 
@@ -57,23 +58,23 @@ def exports(tmp_path_factory, one_thread):
     require_dir(FASHION_MNIST, "Fashion-MNIST (Debian package dataset-fashion-mnist)")
     out = tmp_path_factory.mktemp("finetune")
     run = msn.pretrain([*PRETRAIN, f"output_dir={out / 'run'}"])
-    folders = finetune.export_checkpoint(run["checkpoint"], out, finetune.ROUTES)
+    folders = export_checkpoint(run["checkpoint"], out, ROUTES)
     return {"checkpoint": run["checkpoint"], **folders}
 
 
 @pytest.fixture(scope="module")
 def results(exports):
     """Both routes probed, fine-tuned and scored on the same images: {route: (row, Route)}."""
-    train, test = finetune.fashion_mnist(LABELLED, TEST_IMAGES, SEED)
+    train, test = fashion_mnist(LABELLED, TEST_IMAGES, SEED)
     out = {}
-    for name in finetune.ROUTES:
+    for name in ROUTES:
         torch.manual_seed(SEED)
-        route = finetune.load_hf(exports["hf"]) if name == "hf" else finetune.load_timm(exports["timm"])
-        out[name] = (finetune.run_route(route, train, test, OPTIONS), route)
+        route = load_hf(exports["hf"]) if name == "hf" else load_timm(exports["timm"])
+        out[name] = (run_route(route, train, test, OPTIONS), route)
     return out
 
 
-@pytest.mark.parametrize("name", finetune.ROUTES)
+@pytest.mark.parametrize("name", ROUTES)
 def test_the_loss_falls(results, name):
     row, _ = results[name]
     assert len(row["losses"]) == OPTIONS.steps and row["loss_window"] == OPTIONS.loss_window
@@ -82,7 +83,7 @@ def test_the_loss_falls(results, name):
     assert row["loss_last_window"] < 0.6 * row["loss_first_window"], (row["loss_first_window"], row["loss_last_window"])
 
 
-@pytest.mark.parametrize("name", finetune.ROUTES)
+@pytest.mark.parametrize("name", ROUTES)
 def test_finetuning_beats_the_linear_probe_of_the_same_backbone(results, name):
     row, _ = results[name]
     assert row["labelled"] == LABELLED and row["test_images"] == TEST_IMAGES
@@ -117,7 +118,7 @@ def test_transformers_finetuning_trains_the_encoder_too(results, exports):
 
 def test_the_command_line_exports_a_checkpoint_and_writes_the_report(exports, tmp_path, capsys):
     out = tmp_path / "report"
-    assert finetune.main(["--checkpoint", str(exports["checkpoint"]), "--output", str(out), "--steps", "4",
+    assert main(["--checkpoint", str(exports["checkpoint"]), "--output", str(out), "--steps", "4",
                           "--labelled", "20", "--test-limit", "50", "--batch-size", "8", "--seed", "1",
                           "--layer-decay", "0.75"]) == 0
     document = json.loads((out / "finetune.json").read_text())
@@ -139,16 +140,16 @@ def test_a_timm_file_that_does_not_load_is_refused(exports, tmp_path):
     shutil.copytree(exports["timm"], folder)
     shutil.copy(exports["hf"] / "model.safetensors", folder / "model.safetensors")
     with pytest.raises(RuntimeError, match="did not load the backbone completely"):
-        finetune.load_timm(folder)
+        load_timm(folder)
 
 
-@pytest.mark.parametrize("name", finetune.ROUTES)
+@pytest.mark.parametrize("name", ROUTES)
 def test_layer_wise_lr_decay_sees_every_block(results, name):
     """Embeddings are layer 0, block i is layer i + 1, final norm + head the top (transformers 5.x
     names its blocks vit.layers.N, 4.x vit.encoder.layer.N: both are matched)."""
     _, route = results[name]
     layers = {route.layer_of(param) for param, _ in route.model.named_parameters()}
     assert layers == set(range(route.depth + 2))
-    options = finetune.Options(layer_decay=0.5)
-    scales = sorted({group["lr_scale"] for group in finetune.param_groups(route, options)})
+    options = Options(layer_decay=0.5)
+    scales = sorted({group["lr_scale"] for group in param_groups(route, options)})
     assert scales == [0.5 ** k for k in range(route.depth + 1, -1, -1)]
