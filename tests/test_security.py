@@ -416,12 +416,8 @@ def test_a_planted_feature_cache_file_is_never_unpickled(tmp_path, run):
 
 
 def test_finetune_checks_a_timm_folders_architecture_before_timm_builds_it(tmp_path, run, monkeypatch):
-    import sys
+    from msn.eval.finetune.routes import load_timm
 
-    from conftest import ROOT
-
-    sys.path.insert(0, str(ROOT / "scripts"))  # as tests/test_finetune.py imports it
-    import finetune
     folder = tmp_path / "timm"
     export(run["path"], folder, "timm")
     config = json.loads((folder / "config.json").read_text())
@@ -429,7 +425,7 @@ def test_finetune_checks_a_timm_folders_architecture_before_timm_builds_it(tmp_p
     (folder / "config.json").write_text(json.dumps(config))
     monkeypatch.setattr("timm.create_model", lambda *a, **k: pytest.fail("timm built it"))
     with pytest.raises(ValueError, match="architecture out of range: depth=400"):
-        finetune.load_timm(folder)
+        load_timm(folder)
 
 
 def test_subset_files_replace_a_planted_link(tmp_path):
