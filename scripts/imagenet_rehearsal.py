@@ -388,7 +388,8 @@ def stage_rows(scales: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if full_size and largest_n:
             (n0, v0) = points[0]
             if len(points) > 1 and largest_n > n0:  # the line through the smallest and largest scale
-                projected = largest_v + (largest_v - v0) / (largest_n - n0) * (full_size - largest_n)
+                slope = max(0.0, (largest_v - v0) / (largest_n - n0))  # a falling value is noise: held
+                projected = largest_v + slope * (full_size - largest_n)
             else:  # one scale: proportional (an upper bound for a stage with a fixed cost)
                 projected = largest_v * full_size / largest_n
         return {"stage": name, "unit": unit, "values": [v for _, v in points], "sizes": [n for n, _ in points],
@@ -473,9 +474,13 @@ def write_document(scales: list[dict[str, Any]], command: str, work: Path, subse
         growth = "" if r["growth"] is None else f"{r['growth']:.2f}"
         lines.append(f"| {r['stage']} | {r['unit']} | " + " | ".join(f"{v:,.2f}" for v in r["values"])
                      + f" | {growth} | {r['projected_full']:,.1f} |")
-    lines += ["", "Projection: the largest scale's value times (full size / its size) for stages that grow",
-              "with the images, the largest scale's value for those of fixed size (steps, the fits: their",
-              "size is set by the split files, already real at 1,000 classes).", "",
+    lines += ["", "Projection: the line through the smallest and largest scale, extended to the full size",
+              "(a value that fell between the scales, which only the machine's load can cause, is held at",
+              "the largest scale's); with one scale, proportional. Stages whose size does not change with",
+              "the training set (the steps, the fits: set by the split files, already real at 1,000",
+              "classes) keep the largest scale's value; test-set stages are scaled to 50,000 images.",
+              "Only `imagenet_subsets1` holds a `1percent.txt` (the authors ship one 1% split), so 1%",
+              "has one split.", "",
               "## Solver fits at the largest scale", "",
               "| call | rows | lambda | iterations | seconds |", "|---|---|---|---|---|"]
     fits = largest["stages"]["eval"]["fits"]
