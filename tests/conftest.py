@@ -9,9 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from msn.config import load_config
-from msn.config_files import CONFIG_DIR
-from msn.dataset_roots import FASHION_MNIST_ROOT
+# as train.py does, before torch is imported: idle OpenMP threads sleep instead of spinning, so
+# the runs made inside this process (tests/cli_in_process.py) leave the other cores alone
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from msn.config import load_config  # noqa: E402
+from msn.config_files import CONFIG_DIR  # noqa: E402
+from msn.dataset_roots import FASHION_MNIST_ROOT  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 #: The standard ImageNet low-shot split files: ``../shared/data/imagenet_subsets`` beside the

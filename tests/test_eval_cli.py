@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,7 +17,7 @@ from msn.eval.config import load_eval_config
 from msn.eval.lowshot import run_lowshot
 from msn.models import build_network
 
-ROOT = Path(__file__).resolve().parents[1]
+from cli_in_process import run_in_process
 def synthetic(**overrides) -> dict:
     """``configs/data/synthetic.yaml`` (what ``data=synthetic`` selects) with overrides."""
     return {**OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "data" / "synthetic.yaml")), **overrides}
@@ -49,9 +47,8 @@ def checkpoint(tmp_path_factory) -> Path:
 
 
 def run_cli(*overrides: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HYDRA_FULL_ERROR": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, str(ROOT / "eval_lowshot.py"), *overrides], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+    """``python eval_lowshot.py overrides...``, run in this process."""
+    return run_in_process("eval_lowshot.py", *overrides, env={"HYDRA_FULL_ERROR": "1"})
 
 
 @pytest.fixture(scope="module")

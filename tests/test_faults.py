@@ -20,7 +20,8 @@ import torch
 from msn import checkpoint
 from msn.train import Trainer, TrainingDivergedError
 
-from conftest import ROOT, TINY_OVERRIDES, run_script
+from conftest import ROOT, TINY_OVERRIDES
+from cli_in_process import run_in_process
 
 #: 400 synthetic images in batches of 8: 50 steps per epoch, a record every step.
 LONG_EPOCH = [*TINY_OVERRIDES, "data.synthetic_size=400", "train.log_every=1"]
@@ -48,24 +49,24 @@ def test_kill_9_before_the_first_checkpoint_then_resume_logs_every_step_once(tmp
     logged = steps_logged(out)
     assert len(logged) >= 3 and checkpoint.find_latest(out) is None, logged  # killed before step 50
     killed_records = (out / "metrics.jsonl").read_text()
-    again = run_script("train.py", *LONG_EPOCH, "train.max_steps=5", f"output_dir={out}")
+    again = run_in_process("train.py", *LONG_EPOCH, "train.max_steps=5", f"output_dir={out}")
     assert again.returncode == 0, again.stderr
     assert steps_logged(out) == [1, 2, 3, 4, 5]  # the killed run's records are set aside, none twice
     assert (out / "metrics.jsonl.1.old").read_text() == killed_records  # kept, not deleted
     assert "is kept as metrics.jsonl.1.old" in again.stdout + again.stderr
     (out / "checkpoints" / "latest.pt").unlink()
     (out / "checkpoints" / "previous.pt").unlink(missing_ok=True)
-    third = run_script("train.py", *LONG_EPOCH, "train.max_steps=2", f"output_dir={out}")
+    third = run_in_process("train.py", *LONG_EPOCH, "train.max_steps=2", f"output_dir={out}")
     assert third.returncode == 0 and (out / "metrics.jsonl.2.old").is_file()  # a second fresh start: .2.old
 
 
 def test_resume_never_refuses_a_directory_holding_a_run(tmp_path):
     out = tmp_path / "run"
-    first = run_script("train.py", *TINY_OVERRIDES, "train.max_steps=2", f"output_dir={out}")
+    first = run_in_process("train.py", *TINY_OVERRIDES, "train.max_steps=2", f"output_dir={out}")
     assert first.returncode == 0, first.stderr
     latest = out / "checkpoints" / "latest.pt"
     before, metrics = latest.read_bytes(), (out / "metrics.jsonl").read_text()
-    again = run_script("train.py", *TINY_OVERRIDES, "train.max_steps=4", "resume=never", f"output_dir={out}")
+    again = run_in_process("train.py", *TINY_OVERRIDES, "train.max_steps=4", "resume=never", f"output_dir={out}")
     assert again.returncode == 2
     assert last_line(again) == (f"error: resume=never: {out} already holds a run ({latest}); choose another "
                                 "output_dir, or resume=auto to continue it")
@@ -75,7 +76,7 @@ def test_resume_never_refuses_a_directory_holding_a_run(tmp_path):
 def test_corrupt_latest_falls_back_to_the_newest_epoch_copy_and_litter_is_removed(tmp_path):
     out = tmp_path / "run"
     keep_epochs = [*TINY_OVERRIDES, "data.synthetic_size=32", "train.checkpoint_every_epochs=1"]
-    first = run_script("train.py", *keep_epochs, "train.max_steps=6", f"output_dir={out}")
+    first = run_in_process("train.py", *keep_epochs, "train.max_steps=6", f"output_dir={out}")
     assert first.returncode == 0, first.stderr
     folder = out / "checkpoints"
     assert checkpoint.load_checkpoint(folder / "epoch_0001.pt")["step"] == 4
@@ -85,7 +86,7 @@ def test_corrupt_latest_falls_back_to_the_newest_epoch_copy_and_litter_is_remove
     litter.write_bytes(b"\0" * 4096)
     foreign = folder / ".notes.tmp"  # not a name this project gives: never deleted
     foreign.write_text("mine")
-    again = run_script("train.py", *keep_epochs, "train.max_steps=8", f"output_dir={out}")
+    again = run_in_process("train.py", *keep_epochs, "train.max_steps=8", f"output_dir={out}")
     assert again.returncode == 0, again.stderr
     printed = again.stdout + again.stderr  # Hydra's log goes to stdout
     assert "latest.pt: not a readable checkpoint" in printed and f"continuing from {folder / 'previous.pt'}" in printed
@@ -95,23 +96,23 @@ def test_corrupt_latest_falls_back_to_the_newest_epoch_copy_and_litter_is_remove
 
     (folder / "latest.pt").write_bytes(b"garbage")
     (folder / "previous.pt").unlink()
-    epochs = run_script("train.py", *keep_epochs, "train.max_steps=8", f"output_dir={out}")
+    epochs = run_in_process("train.py", *keep_epochs, "train.max_steps=8", f"output_dir={out}")
     assert epochs.returncode == 0 and f"continuing from {folder / 'epoch_0002.pt'}" in epochs.stdout + epochs.stderr
 
     (folder / "latest.pt").write_bytes(b"garbage")
-    named = run_script("train.py", *TINY_OVERRIDES, f"resume={folder / 'latest.pt'}", f"output_dir={out}")
+    named = run_in_process("train.py", *TINY_OVERRIDES, f"resume={folder / 'latest.pt'}", f"output_dir={out}")
     assert named.returncode == 2
     assert last_line(named).startswith(f"error: resume: {folder / 'latest.pt'}: not a readable checkpoint")
 
 
 def test_resuming_with_another_model_or_prototype_count_is_one_line(tmp_path):
     out = tmp_path / "run"
-    assert run_script("train.py", *TINY_OVERRIDES, "train.max_steps=2", f"output_dir={out}").returncode == 0
+    assert run_in_process("train.py", *TINY_OVERRIDES, "train.max_steps=2", f"output_dir={out}").returncode == 0
     latest = out / "checkpoints" / "latest.pt"
     for change, first in (("model.embed_dim=48", "encoder.backbone.vit.cls_token: shape (1, 1, 32) in the checkpoint, (1, 1, 48) here"),
                           ("model.depth=3", "encoder.backbone.vit.blocks.2.norm1.weight: missing in the checkpoint"),
                           ("loss.num_prototypes=12", "prototypes.weight: shape (8, 16) in the checkpoint, (12, 16) here")):
-        result = run_script("train.py", *TINY_OVERRIDES, "train.max_steps=3", change, "resume=force", f"output_dir={out}")
+        result = run_in_process("train.py", *TINY_OVERRIDES, "train.max_steps=3", change, "resume=force", f"output_dir={out}")
         assert result.returncode == 2, result.stderr
         line = last_line(result)
         assert line.startswith(f"error: resume: {latest} does not fit this config's model, head or prototypes ({first}"), line
@@ -145,19 +146,19 @@ def test_a_second_experiment_in_the_same_folder_is_refused_unless_forced(tmp_pat
     """``output_dir`` defaults to ``outputs/${name}`` and ``resume`` to ``auto``: a run with
     another recipe in that folder must not silently continue the first one."""
     out = tmp_path / "run"
-    assert run_script("train.py", *TINY_OVERRIDES, "train.max_steps=2", f"output_dir={out}").returncode == 0
+    assert run_in_process("train.py", *TINY_OVERRIDES, "train.max_steps=2", f"output_dir={out}").returncode == 0
     latest = out / "checkpoints" / "latest.pt"
     before = latest.read_bytes()
-    other = run_script("train.py", *TINY_OVERRIDES, "train.max_steps=4", "mask.ratio=0.7", f"output_dir={out}")
+    other = run_in_process("train.py", *TINY_OVERRIDES, "train.max_steps=4", "mask.ratio=0.7", f"output_dir={out}")
     assert other.returncode == 2
     assert last_line(other) == (f"error: resume=auto: {latest} holds a run with another config (mask.ratio: 0.5 -> 0.7); "
                                 "choose another output_dir for a new run, or resume=force to continue this one")
     assert latest.read_bytes() == before
     # run length, logging, the monitor and paths may change: a requeued or extended run resumes silently
-    same = run_script("train.py", *TINY_OVERRIDES, "train.max_steps=3", "train.log_every=1", "logging.project=x",
+    same = run_in_process("train.py", *TINY_OVERRIDES, "train.max_steps=3", "train.log_every=1", "logging.project=x",
                       f"output_dir={out}")
     assert same.returncode == 0 and "changed config" not in same.stdout + same.stderr
-    forced = run_script("train.py", *TINY_OVERRIDES, "train.max_steps=4", "mask.ratio=0.7", "resume=force", f"output_dir={out}")
+    forced = run_in_process("train.py", *TINY_OVERRIDES, "train.max_steps=4", "mask.ratio=0.7", "resume=force", f"output_dir={out}")
     assert forced.returncode == 0 and "with a changed config: mask.ratio: 0.5 -> 0.7" in forced.stdout + forced.stderr
     assert checkpoint.load_checkpoint(latest)["step"] == 4
 
@@ -265,7 +266,7 @@ def test_an_unwritable_checkpoint_folder_is_one_line(tmp_path):
     out = tmp_path / "run"
     out.mkdir()
     (out / "checkpoints").write_text("in the way")
-    result = run_script("train.py", *TINY_OVERRIDES, "train.max_steps=4", f"output_dir={out}")
+    result = run_in_process("train.py", *TINY_OVERRIDES, "train.max_steps=4", f"output_dir={out}")
     assert result.returncode == 2, result.stderr
     assert last_line(result).startswith("error: cannot write the run's files: ") and "checkpoints" in last_line(result)
     assert "Traceback" not in result.stderr
@@ -274,9 +275,9 @@ def test_an_unwritable_checkpoint_folder_is_one_line(tmp_path):
 def test_a_record_after_a_resume_says_how_many_steps_it_averages(tmp_path):
     out = tmp_path / "run"
     common = [*TINY_OVERRIDES, "data.synthetic_size=32", "optim.epochs=4", "train.log_every=4", f"output_dir={out}"]
-    assert run_script("train.py", *common, "train.max_steps=4").returncode == 0
-    assert run_script("train.py", *common, "train.max_steps=7").returncode == 0  # stopped mid-window
-    assert run_script("train.py", *common, "train.max_steps=8").returncode == 0
+    assert run_in_process("train.py", *common, "train.max_steps=4").returncode == 0
+    assert run_in_process("train.py", *common, "train.max_steps=7").returncode == 0  # stopped mid-window
+    assert run_in_process("train.py", *common, "train.max_steps=8").returncode == 0
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [(r["step"], r["window_steps"]) for r in records] == [(4, 4), (7, 3), (8, 1)]
 

@@ -21,6 +21,7 @@ from msn.export.cli import main as export_main
 from msn.train.state import rng_state, set_rng_state
 
 from conftest import TINY_OVERRIDES, run_script
+from cli_in_process import run_in_process
 from test_safe_load import planted
 from weights_helpers import small_config, write_run
 
@@ -66,7 +67,7 @@ def test_a_weights_file_that_runs_code_is_refused_by_every_entry_point(tmp_path,
             "train resume=FILE": ("train.py", [*TINY_OVERRIDES, f"resume={weights}"]),
             "train resume=auto": ("train.py", list(TINY_OVERRIDES)),
         }[entry]
-        result = run_script(script, *override, f"output_dir={out}", "train.max_steps=1" if script == "train.py" else "progress=false")
+        result = run_in_process(script, *override, f"output_dir={out}", "train.max_steps=1" if script == "train.py" else "progress=false")
         assert result.returncode == 2, result.stderr[-2000:]
         assert "refused: it needs full unpickling" in last_line(result) and "trust_pickle=true" in last_line(result)
         assert len(last_line(result)) < 400 and "Traceback" not in result.stderr
@@ -128,7 +129,7 @@ def test_hub_layouts_still_load(tmp_path, hf_folder):
 
 def test_our_checkpoints_are_plain_data_and_resume_bitwise(tmp_path):
     out = tmp_path / "run"
-    first = run_script("train.py", *TINY_OVERRIDES, "train.max_steps=2", f"output_dir={out}")
+    first = run_in_process("train.py", *TINY_OVERRIDES, "train.max_steps=2", f"output_dir={out}")
     assert first.returncode == 0, first.stderr[-2000:]
     state = torch.load(out / "checkpoints" / "latest.pt", weights_only=True)  # no allow-list, nothing extra
     assert state["version"] == 2 and state["step"] == 2
@@ -144,7 +145,7 @@ def test_a_version_1_checkpoint_is_refused_with_how_to_convert_and_converts_when
     import numpy as np
 
     out = tmp_path / "run"
-    assert run_script("train.py", *TINY_OVERRIDES, "train.max_steps=2", f"output_dir={out}").returncode == 0
+    assert run_in_process("train.py", *TINY_OVERRIDES, "train.max_steps=2", f"output_dir={out}").returncode == 0
     latest = out / "checkpoints" / "latest.pt"
     state = torch.load(latest, weights_only=True)
     name, keys, position, has_gauss, cached = state["rng"]["numpy"]
@@ -154,10 +155,10 @@ def test_a_version_1_checkpoint_is_refused_with_how_to_convert_and_converts_when
         per_rank["numpy"] = old_numpy
     state["version"] = 1
     torch.save(state, latest)  # what the previous release wrote: numpy objects in the pickle
-    refused = run_script("train.py", *TINY_OVERRIDES, "train.max_steps=4", f"output_dir={out}")
+    refused = run_in_process("train.py", *TINY_OVERRIDES, "train.max_steps=4", f"output_dir={out}")
     assert refused.returncode == 2
     assert "numpy" in last_line(refused) and "resuming once with trust_pickle=true rewrites them" in last_line(refused)
-    converted = run_script("train.py", *TINY_OVERRIDES, "train.max_steps=4", "trust_pickle=true", f"output_dir={out}")
+    converted = run_in_process("train.py", *TINY_OVERRIDES, "train.max_steps=4", "trust_pickle=true", f"output_dir={out}")
     assert converted.returncode == 0, converted.stderr[-2000:]
     assert torch.load(latest, weights_only=True)["version"] == 2
 
@@ -175,16 +176,16 @@ def test_a_run_folder_with_planted_links(tmp_path):
     out = tmp_path / "run"
     out.mkdir()
     victims = [plant_link(out / "config.yaml"), plant_link(out / "metrics.tmp"), plant_link(out / "checkpoints" / "latest.pt")]
-    result = run_script("train.py", *TINY_OVERRIDES, "train.max_steps=2", "resume=never", f"output_dir={out}")
+    result = run_in_process("train.py", *TINY_OVERRIDES, "train.max_steps=2", "resume=never", f"output_dir={out}")
     assert result.returncode == 2  # resume=never: a folder holding a checkpoint name is someone's run
     (out / "checkpoints" / "latest.pt").unlink()
-    result = run_script("train.py", *TINY_OVERRIDES, "train.max_steps=2", f"output_dir={out}")
+    result = run_in_process("train.py", *TINY_OVERRIDES, "train.max_steps=2", f"output_dir={out}")
     assert result.returncode == 0, result.stderr[-2000:]
     assert all(victim.read_text() == "precious\n" for victim in victims)
     assert not (out / "config.yaml").is_symlink() and "max_steps: 2" in (out / "config.yaml").read_text()
 
     metrics_victim = plant_link(tmp_path / "run2" / "metrics.jsonl")
-    refused = run_script("train.py", *TINY_OVERRIDES, "train.max_steps=2", f"output_dir={tmp_path / 'run2'}")
+    refused = run_in_process("train.py", *TINY_OVERRIDES, "train.max_steps=2", f"output_dir={tmp_path / 'run2'}")
     assert refused.returncode == 2 and "is a symbolic link" in last_line(refused)
     assert metrics_victim.read_text() == "precious\n"
 
@@ -306,12 +307,12 @@ def test_hydra_never_writes_its_log_or_config_through_a_planted_link(tmp_path, s
         victim.write_text("precious\n")
         (out / name).symlink_to(victim)
     overrides = [*TINY_OVERRIDES, "train.max_steps=1"] if script == "train.py" else ["baseline=pixels", "data=synthetic"]
-    result = run_script(script, *overrides, f"output_dir={out}")
+    result = run_in_process(script, *overrides, f"output_dir={out}")
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [f"error: {out / name}: is a symbolic link; a run folder's files are never written "
                                                   f"through links (remove it, or choose another output_dir)"]
     assert victim.read_text() == "precious\n"
-    clean = run_script(script, *overrides, f"output_dir={tmp_path / 'clean'}")  # no link: Hydra's hooks run quietly
+    clean = run_in_process(script, *overrides, f"output_dir={tmp_path / 'clean'}")  # no link: Hydra's hooks run quietly
     assert clean.returncode == 0 and "Callback" not in clean.stderr, clean.stderr[-2000:]
 
 
@@ -374,7 +375,7 @@ def test_a_fifo_or_a_linked_checkpoints_folder_in_a_run_folder_is_one_line(tmp_p
     linked.mkdir()
     (tmp_path / "elsewhere").mkdir()
     (linked / "checkpoints").symlink_to(tmp_path / "elsewhere")
-    refused = run_script("train.py", *TINY_OVERRIDES, "train.max_steps=1", f"output_dir={linked}")
+    refused = run_in_process("train.py", *TINY_OVERRIDES, "train.max_steps=1", f"output_dir={linked}")
     assert refused.returncode == 2 and "checkpoints: is a symbolic link" in last_line(refused)
     assert not any((tmp_path / "elsewhere").iterdir())
 
