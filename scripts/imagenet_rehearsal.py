@@ -68,9 +68,7 @@ def default_subsets() -> Path:
 
 # ----------------------------------------------------------------------------------- the tree
 def split_names(subsets: Path) -> dict[str, list[Path]]:
-    """Every ``*.txt`` of the three split folders, by folder name (read and checked)."""
-    from msn.eval.subsets import read_subset_file  # noqa: F401 - checked format
-
+    """Every ``*.txt`` of the three split folders, by folder name."""
     found = {}
     for folder in SPLIT_FOLDERS:
         path = subsets / folder
