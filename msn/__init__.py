@@ -4,6 +4,7 @@ Sub-packages own one concern each: ``msn.models`` (encoder, head, prototypes),
 ``msn.masking`` (token drop), ``msn.losses`` (the MSN objective), ``msn.data``
 (datasets and multi-view augmentation), ``msn.train`` (optimisation loop),
 ``msn.checkpoint`` (atomic save/resume) and ``msn.metrics_log`` (metrics, wandb, progress).
+"The reference" in the docstrings is the authors' code, named in docs/method.md Sec. 0.
 """
 
 from msn.version import __version__  # noqa: F401 (re-exported)
