@@ -124,7 +124,7 @@ def protocol(x, y, classes, grid, options, test_rows: int, dim: int) -> dict[str
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=12811, help="labelled rows (the 1% split: 12,811)")
+    parser.add_argument("--n", type=int, default=12811, help="labelled rows (the 1%% split: 12,811)")
     parser.add_argument("--dims", type=int, nargs="+", default=[384, 768], help="feature sizes (ViT-S/16, ViT-B/16)")
     parser.add_argument("--classes", type=int, default=1000)
     parser.add_argument("--lambdas", type=float, nargs="+", default=list(DEFAULT_LAMBDA_GRID),
