@@ -7,9 +7,7 @@ values; code below the entry points only sees these dataclasses.
 
 from __future__ import annotations
 
-import dataclasses
 import os
-import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -17,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from msn.architectures import ARCHITECTURES, MODELS, POS_EMBEDS
+from msn.config_values import literal, plain_dict  # noqa: F401 (re-exported: the config API)
 from msn.dataset_roots import FASHION_MNIST_ROOT
 
 
@@ -253,17 +252,17 @@ def _check(condition: bool, key: str, message: str) -> None:
 
 def validate(cfg: MSNConfig, world_size: int = 1) -> MSNConfig:
     """Check values that the schema's types cannot; raise :class:`ConfigError` naming the key."""
-    m, d, v = cfg.model, cfg.data, cfg.data.views
-    _check(m.arch is not None and m.patch_size is not None, "model.name",
-           f"unknown preset {m.name!r}; choose from {sorted(MODELS)} or set model.arch and model.patch_size")
-    _check(m.arch in ARCHITECTURES, "model.arch", f"unknown model {m.arch!r}; choose from {sorted(ARCHITECTURES)}")
-    _check(m.patch_size > 0, "model.patch_size", f"must be positive, got {m.patch_size}")
-    _check(0.0 <= m.drop_path_rate < 1.0, "model.drop_path_rate", f"must be in [0, 1), got {m.drop_path_rate}")
-    _check(m.attention in ("sdpa", "eager"), "model.attention", f"must be sdpa or eager, got {m.attention!r}")
-    _check(m.pos_embed in POS_EMBEDS, "model.pos_embed", f"must be one of {list(POS_EMBEDS)}, got {m.pos_embed!r}")
-    for key, size in (("data.views.rand_size", v.rand_size), ("data.views.focal_size", v.focal_size)):
-        _check(size > 0 and size % m.patch_size == 0, key, f"{size} px is not a positive multiple of model.patch_size={m.patch_size}")
-    _check(v.num_focal >= 0, "data.views.num_focal", f"must be >= 0, got {v.num_focal}")
+    model, data, views = cfg.model, cfg.data, cfg.data.views
+    _check(model.arch is not None and model.patch_size is not None, "model.name",
+           f"unknown preset {model.name!r}; choose from {sorted(MODELS)} or set model.arch and model.patch_size")
+    _check(model.arch in ARCHITECTURES, "model.arch", f"unknown model {model.arch!r}; choose from {sorted(ARCHITECTURES)}")
+    _check(model.patch_size > 0, "model.patch_size", f"must be positive, got {model.patch_size}")
+    _check(0.0 <= model.drop_path_rate < 1.0, "model.drop_path_rate", f"must be in [0, 1), got {model.drop_path_rate}")
+    _check(model.attention in ("sdpa", "eager"), "model.attention", f"must be sdpa or eager, got {model.attention!r}")
+    _check(model.pos_embed in POS_EMBEDS, "model.pos_embed", f"must be one of {list(POS_EMBEDS)}, got {model.pos_embed!r}")
+    for key, size in (("data.views.rand_size", views.rand_size), ("data.views.focal_size", views.focal_size)):
+        _check(size > 0 and size % model.patch_size == 0, key, f"{size} px is not a positive multiple of model.patch_size={model.patch_size}")
+    _check(views.num_focal >= 0, "data.views.num_focal", f"must be >= 0, got {views.num_focal}")
     _check(0.0 <= cfg.mask.ratio < 1.0, "mask.ratio", f"must be in [0, 1), got {cfg.mask.ratio}")
     _check(cfg.optim.batch_size > 0, "optim.batch_size", f"must be positive, got {cfg.optim.batch_size}")
     _check(
@@ -278,20 +277,20 @@ def validate(cfg: MSNConfig, world_size: int = 1) -> MSNConfig:
     _check(cfg.loss.num_prototypes > 1, "loss.num_prototypes", f"must be > 1, got {cfg.loss.num_prototypes}")
     _check(cfg.loss.temperature > 0, "loss.temperature", f"must be positive, got {cfg.loss.temperature}")
     _check(cfg.loss.sharpen_start > 0 and cfg.loss.sharpen_final > 0, "loss.sharpen_start", "sharpen temperatures must be positive")
-    _check(d.name in DATA_SETS, "data.name", f"unknown data set {d.name!r}; choose from {list(DATA_SETS)}")
-    _check(d.on_bad_image in ("skip", "error"), "data.on_bad_image", f"must be skip or error, got {d.on_bad_image!r}")
-    _check(d.subset is None or d.subset > 0, "data.subset", f"must be positive, got {d.subset}")
-    _check(d.long_tail_ratio is None or d.long_tail_ratio >= 1, "data.long_tail_ratio", f"must be >= 1 (or null), got {d.long_tail_ratio}")
-    _check(d.long_tail_ratio is None or d.shard_order == "global", "data.long_tail_ratio", "needs data.shard_order=global (a subset is not shard-local)")
-    _check(d.augment in AUGMENT_MODES, "data.augment", f"must be one of {list(AUGMENT_MODES)}, got {d.augment!r}")
-    _check(d.num_workers is None or d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}")
-    if d.name in ("imagenet", "folder"):
-        _check(d.root is not None, "data.root", f"is required for data={d.name} (an ImageFolder root)")
-    _check(d.name != "shards" or d.root is not None, "data.root", "is required for data=shards (a folder written by msn-shards)")
-    if d.name != "synthetic" and d.root not in (None, FASHION_MNIST_ROOT):  # the default one is fetched when missing
-        _check(os.path.isdir(d.root), "data.root", f"directory not found: {d.root}")
-    _check(d.shard_order in SHARD_ORDERS, "data.shard_order", f"must be global or local, got {d.shard_order!r}")
-    _check(d.shard_order == "global" or d.name == "shards", "data.shard_order", f"local needs data=shards, got data={d.name}")
+    _check(data.name in DATA_SETS, "data.name", f"unknown data set {data.name!r}; choose from {list(DATA_SETS)}")
+    _check(data.on_bad_image in ("skip", "error"), "data.on_bad_image", f"must be skip or error, got {data.on_bad_image!r}")
+    _check(data.subset is None or data.subset > 0, "data.subset", f"must be positive, got {data.subset}")
+    _check(data.long_tail_ratio is None or data.long_tail_ratio >= 1, "data.long_tail_ratio", f"must be >= 1 (or null), got {data.long_tail_ratio}")
+    _check(data.long_tail_ratio is None or data.shard_order == "global", "data.long_tail_ratio", "needs data.shard_order=global (a subset is not shard-local)")
+    _check(data.augment in AUGMENT_MODES, "data.augment", f"must be one of {list(AUGMENT_MODES)}, got {data.augment!r}")
+    _check(data.num_workers is None or data.num_workers >= 0, "data.num_workers", f"must be >= 0, got {data.num_workers}")
+    if data.name in ("imagenet", "folder"):
+        _check(data.root is not None, "data.root", f"is required for data={data.name} (an ImageFolder root)")
+    _check(data.name != "shards" or data.root is not None, "data.root", "is required for data=shards (a folder written by msn-shards)")
+    if data.name != "synthetic" and data.root not in (None, FASHION_MNIST_ROOT):  # the default one is fetched when missing
+        _check(os.path.isdir(data.root), "data.root", f"directory not found: {data.root}")
+    _check(data.shard_order in SHARD_ORDERS, "data.shard_order", f"must be global or local, got {data.shard_order!r}")
+    _check(data.shard_order == "global" or data.name == "shards", "data.shard_order", f"local needs data=shards, got data={data.name}")
     _check(cfg.device == "auto" or cfg.device == "cpu" or cfg.device.startswith("cuda"), "device", f"must be auto, cpu or cuda[:N], got {cfg.device!r}")
     _check(cfg.precision in ("auto", "fp32", "bf16", "fp64"), "precision",
            f"must be auto, fp32, bf16 or fp64, got {cfg.precision!r}")
@@ -307,21 +306,21 @@ def validate(cfg: MSNConfig, world_size: int = 1) -> MSNConfig:
     _check(cfg.dist.requeue in ("auto", "never"), "dist.requeue", f"must be auto or never, got {cfg.dist.requeue!r}")
     for name in cfg.dist.preempt_signals:
         _check(name.upper().removeprefix("SIG") in PREEMPT_SIGNALS, "dist.preempt_signals", f"unknown signal {name!r}; choose from {list(PREEMPT_SIGNALS)}")
-    mon = cfg.monitor
-    _check(mon.every > 0, "monitor.every", f"must be positive, got {mon.every}")
-    _check(mon.root is None or os.path.isdir(mon.root), "monitor.root", f"directory not found: {mon.root}")
-    _check(mon.train_images > 0, "monitor.train_images", f"must be positive, got {mon.train_images}")
-    _check(mon.test_images > 0, "monitor.test_images", f"must be positive, got {mon.test_images}")
-    _check(len(mon.shots) > 0 and all(k > 0 for k in mon.shots) and len(set(mon.shots)) == len(mon.shots),
-           "monitor.shots", f"must be distinct positive counts, got {list(mon.shots)}")
-    _check(mon.splits > 0, "monitor.splits", f"must be positive, got {mon.splits}")
-    _check(mon.knn_k > 0, "monitor.knn_k", f"must be positive, got {mon.knn_k}")
-    al = cfg.alarm
-    _check(0 < al.max_t <= 1, "alarm.max_t", f"must be in (0, 1], got {al.max_t}")
-    _check(0 <= al.prototypes < 1, "alarm.prototypes", f"must be in [0, 1), got {al.prototypes}")
-    _check(0 <= al.rank < 1, "alarm.rank", f"must be in [0, 1), got {al.rank}")
-    _check(al.uniform >= 1, "alarm.uniform", f"must be >= 1 (a multiple of 1/K), got {al.uniform}")
-    _check(al.patience > 0, "alarm.patience", f"must be positive, got {al.patience}")
+    monitor = cfg.monitor
+    _check(monitor.every > 0, "monitor.every", f"must be positive, got {monitor.every}")
+    _check(monitor.root is None or os.path.isdir(monitor.root), "monitor.root", f"directory not found: {monitor.root}")
+    _check(monitor.train_images > 0, "monitor.train_images", f"must be positive, got {monitor.train_images}")
+    _check(monitor.test_images > 0, "monitor.test_images", f"must be positive, got {monitor.test_images}")
+    _check(len(monitor.shots) > 0 and all(k > 0 for k in monitor.shots) and len(set(monitor.shots)) == len(monitor.shots),
+           "monitor.shots", f"must be distinct positive counts, got {list(monitor.shots)}")
+    _check(monitor.splits > 0, "monitor.splits", f"must be positive, got {monitor.splits}")
+    _check(monitor.knn_k > 0, "monitor.knn_k", f"must be positive, got {monitor.knn_k}")
+    alarm = cfg.alarm
+    _check(0 < alarm.max_t <= 1, "alarm.max_t", f"must be in (0, 1], got {alarm.max_t}")
+    _check(0 <= alarm.prototypes < 1, "alarm.prototypes", f"must be in [0, 1), got {alarm.prototypes}")
+    _check(0 <= alarm.rank < 1, "alarm.rank", f"must be in [0, 1), got {alarm.rank}")
+    _check(alarm.uniform >= 1, "alarm.uniform", f"must be >= 1 (a multiple of 1/K), got {alarm.uniform}")
+    _check(alarm.patience > 0, "alarm.patience", f"must be positive, got {alarm.patience}")
     _check(cfg.resume in ("auto", "force", "never") or os.path.isfile(cfg.resume), "resume",
            f"must be auto, force, never or an existing checkpoint file, got {cfg.resume!r}")
     return cfg
@@ -344,18 +343,6 @@ def load_config(raw: DictConfig | dict[str, Any], world_size: int = 1) -> MSNCon
     return validate(cfg, world_size)
 
 
-def plain_dict(typed: Any) -> dict[str, Any]:
-    """Plain-container form (JSON/YAML friendly, tuples as lists) of a typed config dataclass:
-    its values as they are (a typed config holds no interpolation left to resolve; a ``${...}``
-    in it is literal text, never resolved again)."""
-    def plain(value: Any) -> Any:
-        if isinstance(value, dict):
-            return {key: plain(item) for key, item in value.items()}
-        return [plain(item) for item in value] if isinstance(value, (list, tuple)) else value
-
-    return plain(dataclasses.asdict(typed))
-
-
 def to_dict(cfg: MSNConfig) -> dict[str, Any]:
     """:func:`plain_dict` of a training config."""
     return plain_dict(cfg)
@@ -376,18 +363,6 @@ def shareable_dict(cfg: MSNConfig) -> dict[str, Any]:
             section = section.get(parent, {})
         section.pop(leaf, None)
     return values
-
-
-def literal(value: Any) -> Any:
-    """``value`` with every string escaped so that OmegaConf reads it as the same literal text:
-    ``${`` (and the backslashes before it) can no longer start an interpolation."""
-    if isinstance(value, str):
-        return re.sub(r"(\\*)\$\{", lambda match: match.group(1) * 2 + "\\${", value)
-    if isinstance(value, dict):
-        return {key: literal(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [literal(item) for item in value]
-    return value
 
 
 def from_dict(values: dict[str, Any], where: str = "config") -> MSNConfig:
