@@ -43,6 +43,8 @@ def installed(tmp_path_factory):
                            cwd=base)
     assert build.returncode == 0, build.stderr[-3000:]
     (wheel,) = wheels.glob("msn-*.whl")
+    from msn.version import __version__
+    assert wheel.name.startswith(f"msn-{__version__}-"), f"{wheel.name}: not the version of msn/version.py"
     names = zipfile.ZipFile(wheel).namelist()
     shipped = {name.removeprefix("msn/") for name in names if name.startswith("msn/configs/")}
     assert shipped == {str(path.relative_to(ROOT)) for path in (ROOT / "configs").rglob("*.yaml")}
