@@ -88,7 +88,7 @@ def test_shards_hold_the_folders_images_and_labels_in_its_order(written):
     src, dst = written
     folder, shards = ImageFolderDataset(str(src)), ShardedImages(dst)
     assert len(shards) == len(folder) == sum(PER_CLASS)
-    assert shards.classes == folder.classes == list(CLASSES) and shards.targets == folder.targets
+    assert shards.classes == folder.classes == list(CLASSES) and shards.targets == folder.targets.tolist()
     assert shards.shard_sizes == [5] * 6 + [2]
     assert shards.image_names() == folder.image_names()
     for i in range(len(folder)):

@@ -1,7 +1,7 @@
 """Image data sets that yield ``(uint8 tensor [3, H, W] or None, label)`` (docs/formats.md).
 
 * :class:`ImageFolderDataset`: any torchvision ImageFolder tree (ImageNet's ``train/`` or a
-  user folder), decoded by :func:`msn.data.decode.decode_rgb`; unreadable files are skipped
+  user folder), listed into a compact index, decoded by :func:`msn.data.decode.decode_rgb`; unreadable files are skipped
   with one warning per file (``on_bad_image: skip``).
 * :class:`SyntheticImages`: deterministic class-structured random images for tests.
 * :class:`LongTailSubset` and :func:`training_subset`: the subsets ``data.long_tail_ratio``
@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 
+import numpy as np
 import torch
-from torchvision.datasets import ImageFolder
-from torchvision.datasets.folder import has_file_allowed_extension
+from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, has_file_allowed_extension
 
 from msn.data.decode import BadImageError, decode_rgb
 
@@ -44,8 +45,72 @@ def _walk_each_folder_once(top: str) -> list[tuple[str, list[str], list[str]]]:
     return walked
 
 
-class ImageFolderDataset(ImageFolder):
-    """torchvision ``ImageFolder`` returning uint8 tensors, robust to unreadable files.
+def _scan(directory: str, class_to_idx: dict[str, int], extensions: tuple[str, ...]
+          ) -> tuple[bytes, np.ndarray, np.ndarray]:
+    """torchvision's listing (sorted classes, then the sorted walk of each class folder, links
+    to folders followed, files kept by their extension, none opened), except that each real
+    folder is walked once: a link back up the tree (``a/x -> .``) would make the walk endless.
+
+    Returns the compact index: the paths relative to ``directory`` (file-system encoded, one
+    after the other), their int64 ``offsets`` (``n + 1``) and the labels (int16 up to 32,767
+    classes). No Python object per image outlives one class folder.
+
+    Raises:
+        FileNotFoundError: a class folder has no file with one of ``extensions``.
+    """
+    prefix = len(os.path.join(directory, ""))
+    chunks, lengths, labels, empty = [], [], [], []
+    label_type = np.int16 if len(class_to_idx) <= np.iinfo(np.int16).max else np.int32
+    for name in sorted(class_to_idx):
+        walked = _walk_each_folder_once(os.path.join(directory, name))
+        kept = [os.fsencode(os.path.join(root, file)[prefix:])
+                for root, _, files in sorted(walked) for file in sorted(files)
+                if has_file_allowed_extension(file, extensions)]
+        if not kept:
+            empty.append(name)
+        chunks.append(b"".join(kept))
+        lengths.append(np.fromiter(map(len, kept), np.int64, len(kept)))
+        labels.append(np.full(len(kept), class_to_idx[name], label_type))
+    if empty:
+        raise FileNotFoundError(f"Found no valid file for the classes {', '.join(empty)}. "
+                                f"Supported extensions are: {', '.join(extensions)}")
+    offsets = np.zeros(sum(map(len, lengths)) + 1, np.int64)
+    np.cumsum(np.concatenate(lengths), out=offsets[1:])
+    return b"".join(chunks), offsets, np.concatenate(labels)
+
+
+class _Samples(Sequence):
+    """torchvision's ``samples``, made on demand: item ``i`` is ``(path, label)`` of image ``i``
+    of an :class:`ImageFolderDataset` (no per-image list is kept)."""
+
+    def __init__(self, dataset: ImageFolderDataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        return self.dataset.path(index), int(self.dataset.labels[index])
+
+    def __eq__(self, other) -> bool:
+        if not isinstance(other, Sequence) or isinstance(other, (str, bytes)):
+            return NotImplemented
+        return len(self) == len(other) and all(mine == theirs for mine, theirs in zip(self, other))
+
+    __hash__ = None
+
+
+class ImageFolderDataset(torch.utils.data.Dataset):
+    """A torchvision ``ImageFolder`` tree (same classes, same images, same order) returning uint8
+    tensors, robust to unreadable files, indexed compactly (docs/formats.md).
+
+    The index holds, per image, its path relative to ``root`` (bytes in one buffer), an int64
+    offset and a small-int label: the listing of ImageNet's 1.28 million images costs tens of
+    bytes each, and forked loader workers do not copy it page by page as they would a list of
+    Python objects. ``labels`` (numpy, also ``targets``), ``path(i)``, ``image_names()`` and the
+    on-demand ``samples`` view read it.
 
     Args:
         root: folder with one sub-folder per class.
@@ -56,40 +121,35 @@ class ImageFolderDataset(ImageFolder):
             :func:`msn.data.view_params.min_decode_pixels`), or in full when ``None``.
     """
 
+    extensions = IMG_EXTENSIONS
+
     def __init__(self, root: str, on_bad_image: str = "skip", min_pixels: int | None = None):
-        try:
-            super().__init__(root, loader=decode_rgb)
-        except FileNotFoundError as error:  # torchvision's message names the class, not the folder
+        self.root = os.path.expanduser(root) if isinstance(root, str) else root
+        try:  # torchvision's messages name the class, not the folder
+            self.classes, self.class_to_idx = find_classes(self.root)
+            self._paths, self._offsets, self.labels = _scan(self.root, self.class_to_idx, self.extensions)
+        except FileNotFoundError as error:
             raise FileNotFoundError(f"data.root={root}: {str(error).splitlines()[0]}") from None
+        self._prefix = os.path.join(self.root, "")
+        self.targets = self.labels
+        self.samples = _Samples(self)
         self.on_bad_image, self.min_pixels = on_bad_image, min_pixels
         self._warned: set[str] = set()
 
-    @staticmethod
-    def make_dataset(directory, class_to_idx: dict[str, int], extensions=None, is_valid_file=None,
-                     allow_empty: bool = False) -> list[tuple[str, int]]:
-        """torchvision's listing (sorted classes, then the sorted walk of each class folder, links
-        to folders followed), except that each real folder is walked once: a link back up the
-        tree (``a/x -> .``) would make the walk endless."""
-        if is_valid_file is None:
-            def is_valid_file(name: str) -> bool:
-                return has_file_allowed_extension(name, extensions)
-        samples, found = [], set()
-        for name in sorted(class_to_idx):
-            walked = _walk_each_folder_once(os.path.join(directory, name))
-            for root, _, files in sorted(walked):
-                for file in sorted(files):
-                    path = os.path.join(root, file)
-                    if is_valid_file(path):
-                        samples.append((path, class_to_idx[name]))
-                        found.add(name)
-        empty = sorted(set(class_to_idx) - found)
-        if empty and not allow_empty:
-            raise FileNotFoundError(f"Found no valid file for the classes {', '.join(empty)}. "
-                                    f"Supported extensions are: {', '.join(extensions or ())}")
-        return samples
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def path(self, index: int) -> str:
+        """The file of image ``index`` (``root`` joined with its relative path)."""
+        count = len(self.labels)
+        if not -count <= index < count:
+            raise IndexError(f"image {index} of a data set of {count}")
+        index = int(index) % count
+        start, stop = self._offsets[index : index + 2].tolist()
+        return self._prefix + os.fsdecode(self._paths[start:stop])
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor | None, int]:
-        path, label = self.samples[index]
+        path, label = self.path(index), int(self.labels[index])
         try:
             return decode_rgb(path, self.min_pixels), label
         except BadImageError as error:
@@ -102,8 +162,8 @@ class ImageFolderDataset(ImageFolder):
 
     def image_names(self) -> list[str]:
         """File names (no folder), e.g. ``n01440764_10026.JPEG``, in dataset order."""
-        return [os.path.basename(path) for path, _ in self.samples]
-
+        paths, bounds = self._paths, self._offsets.tolist()
+        return [os.path.basename(os.fsdecode(paths[start:stop])) for start, stop in zip(bounds, bounds[1:])]
 
 
 class SyntheticImages(torch.utils.data.Dataset):
