@@ -35,14 +35,11 @@ from typing import Callable, Sequence
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run as a script from anywhere
-    sys.path.insert(0, str(ROOT))
-
-from msn.architectures import ARCHITECTURES  # noqa: E402
-from msn.eval.features import backbone_features  # noqa: E402
-from msn.export import load_backbone  # noqa: E402
-from msn.models import MSNViT  # noqa: E402
+from msn.architectures import ARCHITECTURES
+from msn.tables import markdown_table
+from msn.eval.features import backbone_features
+from msn.export import load_backbone
+from msn.models import MSNViT
 
 #: What the table calls each architecture (patch 16, 224 px).
 LABELS = {"vit_tiny": "ViT-Ti/16", "vit_small": "ViT-S/16", "vit_base": "ViT-B/16", "vit_large": "ViT-L/16"}
@@ -162,14 +159,12 @@ def bench_one(arch: str, batches: Sequence[int], rounds: int, warmup: int, devic
 
 
 def markdown(rows: Sequence[Row], device: str, dtype: str) -> str:
-    lines = [f"| model | batch | transformers eager (ms/batch) | transformers SDPA (ms/batch) | ours (ms/batch) "
-             f"| SDPA / ours (median of rounds; quartiles) | max abs diff of the features |",
-             "|---|---|---|---|---|---|---|"]
-    for row in rows:
-        low, high = row.speedup_spread
-        lines.append(f"| {row.model} | {row.batch} | {row.eager_ms:.1f} | {row.sdpa_ms:.1f} | {row.ours_ms:.1f} "
-                     f"| **{row.speedup:.2f}x** ({low:.2f}-{high:.2f}) | {row.max_abs_diff:.1e} |")
-    return "\n".join(lines) + f"\n\n({device}, {dtype}, torch {torch.__version__}, {torch.get_num_threads()} threads)\n"
+    header = ["model", "batch", "transformers eager (ms/batch)", "transformers SDPA (ms/batch)", "ours (ms/batch)",
+              "SDPA / ours (median of rounds; quartiles)", "max abs diff of the features"]
+    cells = [[row.model, str(row.batch), f"{row.eager_ms:.1f}", f"{row.sdpa_ms:.1f}", f"{row.ours_ms:.1f}",
+              f"**{row.speedup:.2f}x** ({row.speedup_spread[0]:.2f}-{row.speedup_spread[1]:.2f})", f"{row.max_abs_diff:.1e}"]
+             for row in rows]
+    return markdown_table(header, cells) + f"\n\n({device}, {dtype}, torch {torch.__version__}, {torch.get_num_threads()} threads)\n"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

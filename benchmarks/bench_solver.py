@@ -30,15 +30,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.bench_logreg import make_features  # noqa: E402 - one home for the synthetic features
+from bench_logreg import make_features  # one home for the synthetic features (a sibling script)
 from msn.eval.classifier import (  # noqa: E402
     SolverOptions,
     fit_logistic_regression,

@@ -38,7 +38,6 @@ from pathlib import Path
 from typing import Any, Optional
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 #: ImageNet-1k's training and validation sizes.
 TRAIN_IMAGES = 1_281_167

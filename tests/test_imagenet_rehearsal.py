@@ -5,14 +5,12 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import IMAGENET_SUBSETS, ROOT, require_dir
+from conftest import IMAGENET_SUBSETS, require_dir
 
-sys.path.insert(0, str(ROOT / "scripts"))
-import imagenet_rehearsal  # noqa: E402
+import imagenet_rehearsal  # scripts/ is on pytest's path (pyproject.toml)
 
 from msn.eval.subsets import class_of, read_subset_file  # noqa: E402
 
