@@ -147,3 +147,15 @@ def test_reference_folders_are_independent_draws(split_files):
     fives = [set(scan_subset_dir(split_files / f"imagenet_subsets{i}").shots(5)[0]) for i in (1, 2, 3)]
     for a, b in ((0, 1), (1, 2), (0, 2)):
         assert len(fives[a] & fives[b]) < len(fives[a]) // 4
+
+
+def test_name_index_keeps_only_the_names_asked_for_and_flags_several_matches():
+    names = ["a_1.JPEG", "a_1.png", "b_1.JPEG", "c_1.JPEG", "c_1.JPEG", "d_1"]
+    index = NameIndex(names)
+    assert index.resolve(["a_1.png", "d_1", "b_1"], "f") == [1, 5, 2]  # the exact name wins over its stem
+    assert index.resolve(["b_1.JPEG", "d_1.JPEG"], "g") == [2, 5]
+    assert set(index.exact) == {"a_1.png", "d_1", "b_1", "b_1.JPEG", "d_1.JPEG"}  # no table of every name
+    assert set(index.stem) == {"b_1", "d_1"}
+    for ambiguous in ("c_1.JPEG", "a_1", "c_1"):
+        with pytest.raises(SubsetError, match=f"1 names in h match several images of the data set, e.g. {ambiguous}$"):
+            index.resolve([ambiguous], "h")

@@ -230,7 +230,10 @@ class NameIndex:
     """Map reference-format names to data set indices.
 
     A name matches a data set image with the same file name, or with the same name without
-    extension (``n01440764_10026`` matches ``n01440764_10026.JPEG``).
+    extension (``n01440764_10026`` matches ``n01440764_10026.JPEG``). Only the names asked for
+    are indexed: each :meth:`resolve` with names not seen before reads the data set's names once,
+    keeping those names' places (a name that matches no file exactly costs a second read, by
+    stems), so no table over the whole training split is built.
 
     Args:
         dataset_names: ``dataset.image_names()``, in data set order.
@@ -239,13 +242,19 @@ class NameIndex:
 
     def __init__(self, dataset_names: Sequence[str], description: str = "the data set"):
         self.description = description
-        self.exact: dict[str, int] = {}
-        self.stem: dict[str, int] = {}
-        ambiguous = -1
-        for index, name in enumerate(dataset_names):
-            self.exact[name] = ambiguous if name in self.exact else index
-            stem = os.path.splitext(name)[0]
-            self.stem[stem] = ambiguous if stem in self.stem else index
+        self.names = dataset_names
+        self.exact: dict[str, Optional[int]] = {}  # asked-for name -> index, -1 (several) or None (none)
+        self.stem: dict[str, Optional[int]] = {}  # the same, by name without extension
+
+    def _find(self, table: dict[str, Optional[int]], wanted: set[str], stems: bool) -> None:
+        """Record in ``table`` where each of ``wanted`` is among the data set names (or their stems)."""
+        if not wanted:
+            return
+        table.update(dict.fromkeys(wanted))
+        keys = (os.path.splitext(name)[0] for name in self.names) if stems else self.names
+        for index, name in enumerate(keys):
+            if name in wanted:
+                table[name] = -1 if table[name] is not None else index
 
     def resolve(self, names: Sequence[str], source: str) -> list[int]:
         """Indices of ``names``.
@@ -254,11 +263,14 @@ class NameIndex:
             SubsetError: names that are not in the data set (their count and the first few),
                 or that match several images.
         """
+        self._find(self.exact, {name for name in names if name not in self.exact}, stems=False)
+        stems = {os.path.splitext(name)[0] for name in names if self.exact[name] is None}
+        self._find(self.stem, stems - self.stem.keys(), stems=True)
         indices, missing, ambiguous = [], [], []
         for name in names:
-            index = self.exact.get(name)
+            index = self.exact[name]
             if index is None:
-                index = self.stem.get(os.path.splitext(name)[0])
+                index = self.stem[os.path.splitext(name)[0]]
             if index is None:
                 missing.append(name)
             elif index < 0:
