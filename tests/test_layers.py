@@ -11,6 +11,7 @@ module names (``"msn.train.step"``) are imports of the modules they name.
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 from conftest import ROOT
@@ -163,3 +164,37 @@ def test_the_checker_finds_a_cycle_inside_a_package(tmp_path):
     (package / "c.py").write_text("from msn.pkg import helper\nthing = 1\n")
     (package / "d.py").write_text("from msn.pkg.a import f\n")
     assert sorted(package_cycles(tmp_path)) == [["msn.pkg", "msn.pkg.c"], ["msn.pkg.a", "msn.pkg.b"]]
+
+
+ARCHITECTURE_PAGE = ROOT / "docs" / "architecture.md"
+
+
+def floors_on_the_page(text: str) -> dict[str, int]:
+    """unit -> floor as the page's "Floors" table states it."""
+    section = text.split("## Floors", 1)[1].split("\n## ", 1)[0]
+    stated = {}
+    for line in section.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if len(cells) >= 2 and cells[0].isdigit():
+            for unit in re.findall(r"`([a-z_]+)`", cells[1]):
+                stated["msn" if unit == "msn" else f"msn.{unit}"] = int(cells[0])
+    return stated
+
+
+def test_the_architecture_page_matches_the_tree():
+    """docs/architecture.md names every module of ``msn/``, every path it names exists, and its
+    floors table is FLOORS."""
+    text = ARCHITECTURE_PAGE.read_text(encoding="utf-8")
+    modules = {str(path.relative_to(ROOT)) for path in (ROOT / "msn").rglob("*.py")}
+    named = set(re.findall(r"`(msn/[A-Za-z0-9_/]+\.py)`", text))
+    assert not modules - named, f"docs/architecture.md does not name {sorted(modules - named)}"
+    assert not named - modules, f"docs/architecture.md names modules that do not exist: {sorted(named - modules)}"
+    top_paths = set(re.findall(r"^\| `([^`]+)`", text, flags=re.MULTILINE))
+    missing = [path for path in top_paths if not path.startswith("msn/") and not (ROOT / path).exists()]
+    assert not missing, f"docs/architecture.md names paths that do not exist: {missing}"
+    assert floors_on_the_page(text) == FLOORS
+
+
+def test_the_page_check_sees_a_wrong_floor():
+    page = "## Floors\n| floor | units | what |\n|---|---|---|\n| 0 | `files`, `tables` | x |\n| 7 | `msn` | root |\n## Next\n"
+    assert floors_on_the_page(page) == {"msn.files": 0, "msn.tables": 0, "msn": 7}
