@@ -196,7 +196,7 @@ def with_job_output_dir(raw: DictConfig) -> DictConfig:
     if not HydraConfig.initialized():
         return raw
     hydra_cfg = HydraConfig.get()
-    swept = any(o.lstrip("+").startswith("output_dir=") for o in hydra_cfg.overrides.task)
+    swept = any(override.lstrip("+").startswith("output_dir=") for override in hydra_cfg.overrides.task)
     if hydra_cfg.mode != RunMode.MULTIRUN or swept:
         return raw
     raw = raw.copy()

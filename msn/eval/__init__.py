@@ -5,7 +5,8 @@ One concern per module: :mod:`msn.eval.config` (typed options), :mod:`msn.eval.s
 extraction and cache), :mod:`msn.eval.classifier` (logistic regression and k-NN),
 :mod:`msn.eval.baselines` (what is evaluated, by ``baseline`` name; the names in
 :mod:`msn.eval.baseline_names`), :mod:`msn.eval.report` (the ``results.json`` document,
-table, chart) and :mod:`msn.eval.lowshot` (the pipeline run by ``eval_lowshot.py``).
+table, chart), :mod:`msn.eval.lowshot` (the pipeline run by ``eval_lowshot.py``) and
+:mod:`msn.eval.finetune` (the fine-tuning comparison behind ``scripts/finetune.py``).
 """
 
 from msn.eval.classifier import (

@@ -196,16 +196,7 @@ HF_CLASSIFIER = ("classifier.weight", "classifier.bias")
 #: timm names ARE our backbone names: the identity table.
 TIMM = prefix_table("timm", "")
 
-# --- the authors' files (facebookresearch/msn) -----------------------------------------------------
-#: The authors' encoder state dicts (DDP): ``module.`` + timm names ...
-REFERENCE_BACKBONE = prefix_table("reference encoder", "module.")
-#: ... and the projection head under ``module.fc.`` (fc1, bn1, fc2, bn2, fc3; BN running stats).
-REFERENCE_HEAD = prefix_table("reference head", "module.fc.")
-
 # --- ours -----------------------------------------------------------------------------------------
-#: ``msn.models.MSNNetwork.state_dict()`` (training checkpoints).
-NETWORK_BACKBONE = prefix_table("MSNNetwork backbone", "backbone.vit.")
-NETWORK_HEAD = prefix_table("MSNNetwork head", "head.")
 #: ``--format msn`` export file (``weights.safetensors``).
 MSN_EXPORT_BACKBONE = prefix_table("msn export backbone", "backbone.")
 MSN_EXPORT_HEAD = prefix_table("msn export head", "head.")

@@ -124,15 +124,15 @@ class MSNStep:
             # and no later step recompiles (tests/test_train_step.py counts it)
             for module in (network.backbone, target.backbone):
                 module.compile(dynamic=False, backend=cfg.train.compile_backend)
-        o = cfg.optim
+        optim = cfg.optim
         # PyTorch's fused AdamW kernel exists for CPU and CUDA tensors (4x the default
         # per-tensor kernel on a CPU: benchmarks/bench_train.py --sections profile)
-        fused = o.fused == "true" or (o.fused == "auto" and device.type in ("cpu", "cuda"))
-        optimizer = build_optimizer(parameter_groups(network, prototypes.weight, o.decay_pos_embed), o.betas, o.eps, fused)
+        fused = optim.fused == "true" or (optim.fused == "auto" and device.type in ("cpu", "cuda"))
+        optimizer = build_optimizer(parameter_groups(network, prototypes.weight, optim.decay_pos_embed), optim.betas, optim.eps, fused)
         masks = AnchorMasks(network.backbone.num_patches(cfg.data.views.rand_size), cfg.mask.ratio, cfg.mask.shared,
-                            cfg.seed, o.batch_size, rank, world_size)
+                            cfg.seed, optim.batch_size, rank, world_size)
         return cls(cfg, network, target, prototypes, online, optimizer,
-                   Schedules.from_config(o, cfg.loss, steps_per_epoch), masks, device)
+                   Schedules.from_config(optim, cfg.loss, steps_per_epoch), masks, device)
 
     def autocast(self):
         """The autocast context of the encoder forwards (``precision``)."""

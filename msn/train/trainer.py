@@ -205,10 +205,10 @@ class Trainer:
         self.maybe_resume()  # before anything is written: resume=never may refuse the directory
         if self.is_main:
             files.write_text(self.output_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(to_dict(cfg))))
-        lg = cfg.logging
-        logger = MetricsLogger(self.output_dir, lg.wandb, to_dict(cfg), lg.project, lg.run_name or cfg.name,
-                               enabled=self.is_main, run_id=self.wandb_run_id, entity=lg.entity, tags=lg.tags,
-                               group=lg.group)
+        logging_cfg = cfg.logging
+        logger = MetricsLogger(self.output_dir, logging_cfg.wandb, to_dict(cfg), logging_cfg.project, logging_cfg.run_name or cfg.name,
+                               enabled=self.is_main, run_id=self.wandb_run_id, entity=logging_cfg.entity, tags=logging_cfg.tags,
+                               group=logging_cfg.group)
         self.wandb_run_id = logger.run_id  # kept in the checkpoint: a resumed run continues this wandb run
         self.msn_step.train()
         bar = progress_bar(self.max_steps, self.global_step, enabled=cfg.train.progress and self.is_main)
