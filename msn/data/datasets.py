@@ -104,7 +104,7 @@ class _Samples(Sequence):
 
 class ImageFolderDataset(torch.utils.data.Dataset):
     """A torchvision ``ImageFolder`` tree (same classes, same images, same order) returning uint8
-    tensors, robust to unreadable files, indexed compactly (docs/formats.md).
+    tensors, robust to unreadable files, indexed compactly (docs/results/imagenet_rehearsal.md).
 
     The index holds, per image, its path relative to ``root`` (bytes in one buffer), an int64
     offset and a small-int label: the listing of ImageNet's 1.28 million images costs tens of
