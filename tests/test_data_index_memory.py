@@ -64,6 +64,7 @@ def test_accessors_agree_and_out_of_range_is_an_index_error(tmp_path):
     assert dataset.targets is dataset.labels and dataset.labels.tolist() == [0, 0, 1]
     assert [dataset.path(i) for i in range(3)] == [p for p, _ in expected] and dataset.image_names() == ["0.png", "1.png", "2.png"]
     assert dataset[-1] == (None, 1) and isinstance(dataset[0][1], int)  # empty files: unreadable, skipped
+    assert repr(dataset).endswith(": 3 images, 2 classes)")
     with pytest.raises(IndexError):
         dataset.path(3)
     with pytest.raises(IndexError):

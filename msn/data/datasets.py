@@ -139,6 +139,9 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.root!r}: {len(self)} images, {len(self.classes)} classes)"
+
     def path(self, index: int) -> str:
         """The file of image ``index`` (``root`` joined with its relative path)."""
         count = len(self.labels)
