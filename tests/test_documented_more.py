@@ -276,13 +276,13 @@ def test_small_logistic_regressions_run_on_one_thread(monkeypatch, rows, expect_
     C = 100, so 499 rows are 4.99e7 (one thread) and 500 rows are 5e7 (threads kept)."""
     assert classifier.SINGLE_THREAD_WORK == 5e7
     seen = []
-    real_step = torch.optim.LBFGS.step
+    real_lbfgs = classifier._lbfgs
 
-    def step(self, closure):
+    def lbfgs(*args, **kwargs):
         seen.append(torch.get_num_threads())
-        return real_step(self, closure)
+        return real_lbfgs(*args, **kwargs)
 
-    monkeypatch.setattr(torch.optim.LBFGS, "step", step)
+    monkeypatch.setattr(classifier, "_lbfgs", lbfgs)
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:

@@ -16,16 +16,15 @@ with ViT-S/16) means the same here. It is also scikit-learn's ``1/C``:
 ``LogisticRegression(C=1/lambda, fit_intercept=False)`` minimises
 ``C * sum_i CE_i + ||W||^2 / 2 = C * N * J(W)``, the same minimiser.
 
-The solver is full-batch L-BFGS with strong-Wolfe line search (``torch.optim.LBFGS``) on an
-analytic gradient, in float64 by default, on the GPU when there is one. It stops when
-``max_c,d |dJ/dW_cd| <= tol`` (the same criterion as scikit-learn's ``gtol`` on the same
-objective), or after ``max_iter`` iterations. It is deterministic: the start is ``W = 0``
-(or a given warm start) and there is no sampling. L-BFGS works on ``W / s`` with
-``s = ||g0||_1 / ||g0||_2`` (``g0`` the gradient at the start), so that its first step, the
-gradient over its L1 norm, has the length of scipy's (the gradient over its L2 norm) instead
-of one that the line search spends evaluations growing; the iterations after the first do not
-depend on ``s`` and the stopping test is on ``dJ/dW``. An evaluation at the point the search
-already evaluated is reused, not recomputed (docs/eval.md, "Solver at ImageNet's size").
+The solver is full-batch L-BFGS (two-loop recursion, :func:`_lbfgs`) with its own strong-Wolfe
+line search on an analytic gradient, in float64 by default, on the GPU when there is one. It
+stops when ``max_c,d |dJ/dW_cd| <= tol`` (the same criterion as scikit-learn's ``gtol`` on
+the same objective), or after ``max_iter`` iterations. It is deterministic: the start is
+``W = 0`` (or a given warm start) and there is no sampling. The first step along ``-g`` has
+the length that minimises the quadratic model of ``J`` there (one extra product with the
+softmax Hessian); every later line search tries the unit step first. The returned point is
+the best one the search evaluated, never evaluated twice (docs/eval.md, "Solver at
+ImageNet's size").
 
 Lambda selection (:func:`select_lambda`): cross-validation on the labelled subset only (the
 test set is never seen). Within every class the labelled images, in subset order, are dealt
@@ -165,7 +164,7 @@ def fit_logistic_regression(
     options: SolverOptions | None = None,
     init: torch.Tensor | None = None,
 ) -> LogRegResult:
-    """Minimise ``J(W)`` (module docstring) by full-batch L-BFGS with strong-Wolfe line search.
+    """Minimise ``J(W)`` (module docstring) by full-batch L-BFGS with a strong-Wolfe line search.
 
     Args:
         features: ``[N, D]`` rows (normalise them first with :func:`normalize_rows`).
@@ -186,10 +185,11 @@ def fit_logistic_regression(
     weight = torch.zeros(num_classes, x.shape[1], dtype=options.dtype, device=device)
     if init is not None:
         weight.copy_(init)
-    state: dict = {"lambd": float(lambd)}
+    state: dict = {}
 
-    def evaluate(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # one pass of exp: probs = softmax(logits) in place, loss from its normaliser
+    def evaluate(w: torch.Tensor) -> tuple[float, torch.Tensor]:
+        state["residual"] = None
+        # one matmul for the logits, softmax in place (one pass of exp), one for the gradient
         logits = torch.mm(x, w.T)
         logits.sub_(logits.amax(dim=1, keepdim=True))
         picked = logits[rows, y].sum()
@@ -200,62 +200,149 @@ def fit_logistic_regression(
         logits[rows, y] -= 1.0
         grad = torch.mm(logits.T, x)
         grad.div_(n).add_(w, alpha=lambd / n)
-        state.update(at=w.clone(), loss_t=loss, grad=grad, grad_max=float(grad.abs().max()), loss=float(loss))
-        return loss, grad
+        state["residual"] = logits  # softmax minus one-hot at w, until the next evaluation
+        return float(loss), grad
 
-    # L-BFGS runs on V = W / scale: its first step (the gradient over its L1 norm) then has the
-    # length of scipy's first step (the gradient over its L2 norm) instead of a far too short
-    # one that the line search spends evaluations growing; later steps do not depend on the scale
+    def curvature(direction: torch.Tensor) -> float:
+        """``d' H d`` at the point last evaluated (softmax Hessian from its probabilities)."""
+        probs = state["residual"]
+        probs[rows, y] += 1.0
+        z = torch.mm(x, direction.T)
+        pz = (probs * z).sum(dim=1)
+        return float(((probs * z).mul_(z).sum() - pz.pow(2).sum()) / n + lambd / n * direction.pow(2).sum())
+
     with cpu_threads(device, float(n) * x.shape[1] * num_classes):
-        return _lbfgs(evaluate, weight, state, options)
+        return _lbfgs(evaluate, curvature, weight, float(lambd), options)
 
 
-def _lbfgs(evaluate, weight: torch.Tensor, state: dict, options: SolverOptions) -> LogRegResult:
-    """L-BFGS of :func:`fit_logistic_regression` on ``evaluate`` (objective and gradient at W)."""
-    lambd = state["lambd"]
-    with torch.no_grad():
-        _, grad0 = evaluate(weight)
-    scale = float(grad0.abs().sum() / grad0.norm()) if float(grad0.norm()) > 0 else 1.0
-    variable = (weight / scale).requires_grad_(True)
-    state["evaluations"] = 1
+def _dot(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.dot(a.reshape(-1), b.reshape(-1)))
 
-    def closure() -> torch.Tensor:
-        with torch.no_grad():
-            w = variable.detach() * scale
-            if torch.equal(w, state["at"]):
-                loss, grad = state["loss_t"], state["grad"]
+
+def _cubic_min(t1: float, f1: float, d1: float, t2: float, f2: float, d2: float, lo: float, hi: float) -> float:
+    """Minimiser of the cubic through two points with their slopes, clamped to ``[lo, hi]``."""
+    d3 = d1 + d2 - 3 * (f1 - f2) / (t1 - t2)
+    disc = d3 * d3 - d1 * d2
+    if disc < 0:
+        return (lo + hi) / 2
+    root = math.sqrt(disc)
+    if t1 > t2:  # same formula with the points swapped
+        t1, f1, d1, t2, f2, d2 = t2, f2, d2, t1, f1, d1
+    denom = d2 - d1 + 2 * root
+    if denom == 0:
+        return (lo + hi) / 2
+    return min(max(t2 - (t2 - t1) * (d2 + root - d3) / denom, lo), hi)
+
+
+def _line_search(evaluate, weight, f0: float, direction, slope0: float, step: float, budget: int,
+                 c1: float = 1e-4, c2: float = 0.9):
+    """Strong-Wolfe line search along ``direction`` that tries ``step`` first.
+
+    Returns ``(step, f, grad, evaluations)`` of the best point it evaluated (the accepted one
+    when the conditions hold). Extrapolation and zoom use safeguarded cubic interpolation.
+    """
+    direction_max = float(direction.abs().max())
+    prev_t, prev_f, prev_d = 0.0, f0, slope0
+    best = (0.0, f0, None)
+    used = 0
+    bracket = None
+    t = step
+    while used < budget:
+        f, g = evaluate(weight + t * direction)
+        used += 1
+        d = _dot(g, direction)
+        if f < best[1]:
+            best = (t, f, g)
+        if bracket is None:
+            if f > f0 + c1 * t * slope0 or (used > 1 and f >= prev_f):
+                bracket = [(prev_t, prev_f, prev_d), (t, f, d)]
+            elif abs(d) <= -c2 * slope0:
+                return t, f, g, used
+            elif d >= 0:
+                bracket = [(t, f, d), (prev_t, prev_f, prev_d)]
+            else:  # still descending steeply: extrapolate
+                new_t = _cubic_min(prev_t, prev_f, prev_d, t, f, d, t + 0.01 * (t - prev_t), 10 * t)
+                prev_t, prev_f, prev_d = t, f, d
+                t = new_t
+                continue
+        else:  # zoom: bracket[0] is the low end (Armijo holds, lowest f), bracket[1] the other
+            lo, hi = bracket
+            if f > f0 + c1 * t * slope0 or f >= lo[1]:
+                bracket = [lo, (t, f, d)]
+            elif abs(d) <= -c2 * slope0:
+                return t, f, g, used
             else:
-                loss, grad = evaluate(w)
-                state["evaluations"] += 1
-            variable.grad = grad * scale
-        return loss
+                bracket = [(t, f, d), hi if d * (hi[0] - lo[0]) < 0 else lo]
+        (t_lo, f_lo, d_lo), (t_hi, f_hi, d_hi) = bracket
+        width = abs(t_hi - t_lo)
+        if width * direction_max < 1e-12:  # the bracket no longer moves any weight
+            break
+        a, b = min(t_lo, t_hi), max(t_lo, t_hi)
+        t = _cubic_min(t_lo, f_lo, d_lo, t_hi, f_hi, d_hi, a + 0.1 * width, b - 0.1 * width)
+    if best[2] is None:
+        return 0.0, f0, None, used
+    return best[0], best[1], best[2], used
 
-    eps = torch.finfo(options.dtype).eps
-    optimizer = torch.optim.LBFGS(
-        [variable],
-        lr=1.0,
-        max_iter=options.max_iter,
-        max_eval=int(options.max_iter * 1.25) + 25,
-        tolerance_grad=options.tol * scale,  # max|dJ/dV| = scale * max|dJ/dW|
-        tolerance_change=10 * eps,
-        history_size=options.history_size,
-        line_search_fn="strong_wolfe",
-    )
-    optimizer.step(closure)
-    evaluations = state["evaluations"]
+
+def _lbfgs(evaluate, curvature, weight: torch.Tensor, lambd: float, options: SolverOptions) -> LogRegResult:
+    """L-BFGS of :func:`fit_logistic_regression` on ``evaluate`` (objective and gradient at W).
+
+    Two-loop recursion over the last ``history_size`` pairs, initial inverse Hessian
+    ``(s.y / y.y) I``; the first step is the gradient over its L2 norm, every later line
+    search tries the unit step first (docs/eval.md, "Solver at ImageNet's size").
+    """
+    tol_change = 10 * torch.finfo(options.dtype).eps
+    max_eval = int(options.max_iter * 1.25) + 25
     with torch.no_grad():
-        weight = variable.detach() * scale
-        if not torch.equal(weight, state["at"]):
-            evaluate(weight)  # the line search ended elsewhere: objective and gradient at the returned point
-    iterations = int(optimizer.state[optimizer._params[0]].get("n_iter", 0))
+        f, grad = evaluate(weight)
+        evaluations, iterations = 1, 0
+        history: list[tuple[torch.Tensor, torch.Tensor, float]] = []
+        while float(grad.abs().max()) > options.tol and iterations < options.max_iter and evaluations < max_eval:
+            q = grad.neg()
+            alphas = []
+            for s, y, rho in reversed(history):
+                a = rho * _dot(s, q)
+                alphas.append(a)
+                q.add_(y, alpha=-a)
+            if history:
+                s, y, rho = history[-1]
+                q.mul_(1.0 / (rho * _dot(y, y)))
+                for (s, y, rho), a in zip(history, reversed(alphas)):
+                    q.add_(s, alpha=a - rho * _dot(y, q))
+            slope = _dot(grad, q)
+            if slope > -tol_change:  # not a descent direction: restart from the gradient
+                history.clear()
+                q = grad.neg()
+                slope = _dot(grad, q)
+            step = 1.0
+            if iterations == 0:  # the minimiser of the quadratic model along the gradient
+                step = -slope / max(curvature(q), 1e-300)
+            t, f_new, g_new, used = _line_search(evaluate, weight, f, q, slope, step, max_eval - evaluations)
+            evaluations += used
+            iterations += 1
+            if g_new is None:
+                break
+            s = q.mul_(t)
+            y = g_new - grad
+            ys = _dot(y, s)
+            if ys > 1e-10:
+                if len(history) == options.history_size:
+                    history.pop(0)
+                history.append((s, y, 1.0 / ys))
+            weight = weight + s
+            done = abs(f - f_new) < tol_change or float(s.abs().max()) <= tol_change
+            f, grad = f_new, g_new
+            if done:
+                break
+    grad_max = float(grad.abs().max())
     return LogRegResult(
         weight=weight.cpu(),
         lambd=float(lambd),
-        objective=state["loss"],
-        grad_max=state["grad_max"],
+        objective=f,
+        grad_max=grad_max,
         iterations=iterations,
         evaluations=evaluations,
-        converged=state["grad_max"] <= options.tol,
+        converged=grad_max <= options.tol,
     )
 
 
