@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, has_file_allowed_extension
 
-from msn.data.decode import BadImageError, decode_rgb
+from msn.data.decode import BadImageError, decode_rgb, skip_or_raise
 
 log = logging.getLogger(__name__)
 
@@ -156,11 +156,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         try:
             return decode_rgb(path, self.min_pixels), label
         except BadImageError as error:
-            if self.on_bad_image == "error":
-                raise
-            if path not in self._warned:
-                self._warned.add(path)
-                log.warning("skipping unreadable image %s", error)
+            skip_or_raise(error, self.on_bad_image, self._warned, path)
             return None, label
 
     def image_names(self) -> list[str]:

@@ -8,6 +8,8 @@ mode as 8-bit RGB (:func:`to_rgb8`).
 
 from __future__ import annotations
 
+import logging
+
 import math
 
 import numpy as np
@@ -39,6 +41,16 @@ EXIF_ORIENTATION = 0x0112
 ALPHA_BACKGROUND = (255, 255, 255)
 
 _FLOAT_CHUNK = 2**20  # pixels of a 16-bit or float image scaled at once (8 MB of float64)
+
+
+def skip_or_raise(error: BadImageError, on_bad_image: str, warned: set, key) -> None:
+    """``data.on_bad_image`` applied to one unreadable image: ``error`` raises it again, ``skip``
+    logs it once per image (``key``; ``warned`` holds the keys already logged) and returns."""
+    if on_bad_image == "error":
+        raise error
+    if key not in warned:
+        warned.add(key)
+        logging.getLogger(__name__).warning("skipping unreadable image %s", error)
 
 
 def check_image_size(image: Image.Image, name) -> None:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from msn.data.decode import BadImageError, decode_rgb
+from msn.data.decode import BadImageError, decode_rgb, skip_or_raise
 from msn.data.shard_index import INDEX_FILE, ShardError, read_index
 
 log = logging.getLogger(__name__)
@@ -130,11 +130,7 @@ class ShardedImages(Dataset):
                                     "of the source folder, not an image, or too large)")
             return decode_rgb(io.BytesIO(data), self.min_pixels, name=source), label
         except BadImageError as error:
-            if self.on_bad_image == "error":
-                raise
-            if source not in self._warned:
-                self._warned.add(source)
-                log.warning("skipping unreadable image %s", error)
+            skip_or_raise(error, self.on_bad_image, self._warned, source)
             return None, label
 
     def image_names(self) -> list[str]:
