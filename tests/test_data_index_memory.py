@@ -71,13 +71,9 @@ def test_accessors_agree_and_out_of_range_is_an_index_error(tmp_path):
         dataset[-4]
 
 
-@pytest.mark.skipif(os.name != "posix", reason="a file name that is not UTF-8 needs a POSIX file system")
 def test_a_file_name_that_is_not_utf8_keeps_its_bytes(tmp_path):
     (tmp_path / "a").mkdir()
     raw = os.path.join(os.fsencode(tmp_path / "a"), b"caf\xe9.png")
-    try:
-        open(raw, "wb").close()
-    except OSError:
-        pytest.skip("this file system refuses names that are not UTF-8")
+    open(raw, "wb").close()  # the project's machines are Linux: any byte but / and NUL is a name
     dataset = ImageFolderDataset(str(tmp_path))
     assert os.fsencode(dataset.path(0)) == raw and os.path.exists(dataset.path(0))

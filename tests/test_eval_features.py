@@ -139,7 +139,7 @@ def _transformers_and_ours(seed: int = 0):
     of a trained ViT, not the init's std 0.02, under which attention is nearly uniform and a
     wrong query would barely change the output), and ours with its weights through the import
     that benchmarks/bench_features.py uses."""
-    transformers = pytest.importorskip("transformers")
+    import transformers  # a test dependency (pyproject.toml)
     import bench_features
 
     config = transformers.ViTMSNConfig(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=256,
