@@ -35,7 +35,7 @@ import time
 import torch
 
 from bench_logreg import make_features  # one home for the synthetic features (a sibling script)
-from msn.eval.classifier import (  # noqa: E402
+from msn.eval.classifier import (
     SolverOptions,
     fit_logistic_regression,
     knn_predict,
@@ -44,7 +44,7 @@ from msn.eval.classifier import (  # noqa: E402
     normalize_rows,
     select_lambda,
 )
-from msn.eval.config import DEFAULT_LAMBDA_GRID, EvalConfig  # noqa: E402
+from msn.eval.config import DEFAULT_LAMBDA_GRID, EvalConfig
 
 #: Relative objective difference accepted as "the same optimum" (tests/test_eval_classifier.py).
 SAME_OPTIMUM = 1e-4
